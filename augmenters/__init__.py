@@ -1,0 +1,1 @@
+"""One augmenter per task: entities, context, template, response schema, parser."""

@@ -1,0 +1,1 @@
+"""CTR backbones (deepctr-torch), the knowledge adaptor, training and the report."""

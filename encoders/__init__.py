@@ -1,0 +1,1 @@
+"""Text -> vectors, written as embedding tables."""

@@ -1,0 +1,1 @@
+"""Config, engines, runners, cache, snapshots, scheduler and the CLI."""

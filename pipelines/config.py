@@ -1,0 +1,243 @@
+"""One YAML file per pipeline, validated with pydantic.
+
+Every section forbids unknown keys so that a typo fails loudly (`ConfigError` names the key and,
+for choices, the allowed values) instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message is meant for the person who wrote it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TableSource(_Section):
+    """A bring-your-own table: a parquet or csv file and how its columns map to ours."""
+
+    path: str
+    format: Literal["parquet", "csv"] | None = None  # default: from the file suffix
+    # ours -> theirs, e.g. {user_id: customer, timestamp: event_time}
+    columns: dict[str, str] = Field(default_factory=dict)
+    csv_delimiter: str = ","
+    # for list columns stored as text (e.g. "Action|Comedy")
+    list_separator: str = "|"
+    # how a non-numeric timestamp column is parsed (strftime format); numbers are unix seconds
+    timestamp_format: str | None = None
+
+
+class DatasetConfig(_Section):
+    kind: Literal["ml100k", "files"] = "ml100k"
+    domain: Literal["movies", "books", "news"] = "movies"
+    users: TableSource | None = None
+    items: TableSource | None = None
+    interactions: TableSource | None = None
+
+    @model_validator(mode="after")
+    def _files_need_tables(self):
+        if self.kind == "files":
+            missing = [n for n in ("users", "items", "interactions") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"dataset.kind 'files' needs dataset.{', dataset.'.join(missing)}")
+        return self
+
+
+class InputGateConfig(_Section):
+    # share of rows (per table) that may be quarantined before the run stops
+    max_quarantine_share: float = Field(0.01, ge=0.0, le=1.0)
+    rating_min: float = 0.0
+    rating_max: float = 5.0
+    timestamp_min: int = 0  # 1970
+    # rows dated after `as_of` (or now) + this slack are quarantined as future timestamps
+    future_slack_s: int = 86_400
+    max_text_chars: int = Field(20_000, gt=0)
+
+
+class SplitConfig(_Section):
+    # KAR protocol: per user, the oldest part of the history is prompt context only
+    prompt_share: float = Field(0.5, gt=0.0, lt=1.0)
+    prompt_cap: int = Field(30, ge=1)
+    # the CTR samples after it are split by global time quantiles
+    valid_share: float = Field(0.1, gt=0.0, lt=0.5)
+    test_share: float = Field(0.1, gt=0.0, lt=0.5)
+    click_threshold: float = 3.0  # label = rating > click_threshold
+
+
+class EngineConfig(_Section):
+    kind: Literal["transformers", "vllm", "http", "fake"] = "transformers"
+    # "smollm2" is the packaged SmolLM2-135M-Instruct; otherwise a local folder or a served model name
+    model: str = "smollm2"
+    revision: str = "packaged"
+    device: str = "cpu"
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    max_attempts: int = Field(2, ge=1, le=10)
+    # http engine
+    base_url: str | None = None
+    api_key_env: str = "RECAUG_API_KEY"
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    # vllm engine
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+
+
+class AugmenterConfig(_Section):
+    name: str
+    enabled: bool = True
+    # at most this many entities per run (None = all); picks a deterministic sample
+    max_entities: int | None = Field(None, ge=1)
+    # token budget of the history part of the prompt (oldest items dropped first)
+    history_token_budget: int = Field(600, ge=16)
+    max_new_tokens: int | None = Field(None, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunnerConfig(_Section):
+    kind: Literal["local", "ray", "beam"] = "local"
+    shard_size: int = Field(32, ge=1)  # rows committed to the cache at a time
+    # ray
+    num_actors: int | None = None
+    cpus_per_actor: float = Field(0.5, gt=0.0)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    # beam: extra pipeline options passed through verbatim (e.g. --runner=DataflowRunner ...)
+    beam_options: list[str] = Field(default_factory=list)
+
+
+class EncoderConfig(_Section):
+    # "minilm" is the packaged all-MiniLM-L6-v2; otherwise a local folder
+    model: str = "minilm"
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    normalize: bool = True
+    batch_size: int = Field(64, ge=1)
+    max_length: int = Field(256, ge=8)
+    pca_dim: int | None = Field(None, ge=1)
+    device: str = "cpu"
+
+
+class OutputGateConfig(_Section):
+    min_coverage: float = Field(0.95, ge=0.0, le=1.0)
+    min_parse_rate: float = Field(0.8, ge=0.0, le=1.0)
+    max_dead_letter_share: float = Field(0.2, ge=0.0, le=1.0)
+    min_norm: float = Field(0.5, ge=0.0)
+    max_norm: float = Field(1.5, gt=0.0)
+    min_text_chars: int = Field(1, ge=0)
+    max_text_chars: int = Field(20_000, ge=1)
+
+
+class PublishConfig(_Section):
+    keep_snapshots: int = Field(5, ge=1)
+
+
+class ScheduleConfig(_Section):
+    long_every_s: int = Field(7 * 86_400, ge=60)
+    short_every_s: int = Field(86_400, ge=60)
+    long_max_entities: int | None = Field(None, ge=1)
+    long_max_tokens: int | None = Field(None, ge=1)
+
+
+class CTRConfig(_Section):
+    models: list[str] = Field(default_factory=lambda: ["deepfm", "dcn", "din", "autoint", "xdeepfm", "wdl"])
+    adaptor: Literal["hybrid", "mlp", "raw", "none"] = "hybrid"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    epochs: int = Field(10, ge=1)
+    patience: int = Field(2, ge=0)
+    batch_size: int = Field(1024, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    embedding_dim: int = Field(16, ge=1)
+    synthetic_rate: float = Field(0.0, ge=0.0)
+    history_len: int = Field(20, ge=1)
+
+
+class PipelineConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # where caches, runs and snapshots live; relative paths are relative to the config file
+    workdir: str = ".recaug/{name}"
+    dataset: DatasetConfig = DatasetConfig()
+    input_gate: InputGateConfig = InputGateConfig()
+    split: SplitConfig = SplitConfig()
+    engine: EngineConfig = EngineConfig()
+    runner: RunnerConfig = RunnerConfig()
+    augmenters: list[AugmenterConfig] = Field(default_factory=list)
+    encoder: EncoderConfig = EncoderConfig()
+    output_gate: OutputGateConfig = OutputGateConfig()
+    publish: PublishConfig = PublishConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    ctr: CTRConfig = CTRConfig()
+
+    # set by load_config, not by the file
+    source_path: str | None = Field(None, exclude=True)
+
+    @field_validator("augmenters")
+    @classmethod
+    def _unique_augmenters(cls, v: list[AugmenterConfig]):
+        names = [a.name for a in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"augmenter listed twice: {', '.join(dup)}")
+        return v
+
+    def workdir_path(self) -> Path:
+        return self.resolve_path(self.workdir.format(name=self.name))
+
+    def resolve_path(self, path: str) -> Path:
+        """A data path from the config: relative paths are relative to the config file."""
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.source_path:
+            p = Path(self.source_path).parent / p
+        return p.resolve()
+
+    def hash_view(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"  - {loc}: unknown key (check the spelling; see docs/config.md for the keys)")
+        elif kind == "literal_error":
+            allowed = err.get("ctx", {}).get("expected", "")
+            lines.append(f"  - {loc}: {err['input']!r} is not allowed; expected {allowed}")
+        elif kind == "missing":
+            lines.append(f"  - {loc}: required key is missing")
+        else:
+            lines.append(f"  - {loc}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, origin: str = "<dict>", source_path: str | None = None) -> PipelineConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {origin}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+    if source_path:
+        cfg = cfg.model_copy(update={"source_path": str(Path(source_path).resolve())})
+    return cfg
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    return parse_config(data, origin=str(path), source_path=str(path))

@@ -1,0 +1,1 @@
+"""LLM engines behind one seam: load() and generate(batch)."""

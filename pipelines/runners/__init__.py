@@ -1,0 +1,1 @@
+"""Runners execute augmenter requests through an engine: local, Ray Data, Beam."""
