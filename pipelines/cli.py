@@ -1,0 +1,169 @@
+"""The `recaug` command line: what cron, Airflow and people call.
+
+Exit codes (stable, for schedulers): 0 ok; 2 usage or config error; 3 input unusable (a table
+cannot be read or lacks required columns); 4 input gate stopped the run (too many quarantined rows);
+5 output gate failed (nothing published); 6 another run holds the lock; 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_INPUT, EXIT_INPUT_GATE, EXIT_OUTPUT_GATE, EXIT_LOCKED = 0, 1, 2, 3, 4, 5, 6
+
+
+def _quiet_third_party() -> None:
+    # Offline by contract: nothing may reach a hub, and GX must not send analytics.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_time(value: str | None) -> int | None:
+    """`--as-of` / `--now`: unix seconds, or an ISO date/datetime (UTC unless it says otherwise)."""
+    if value is None:
+        return None
+    if value.lstrip("-").isdigit():
+        return int(value)
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {value!r} (use 2026-11-22, 2026-11-22T06:00 or unix seconds)")
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    return int(parsed.timestamp())
+
+
+def _fmt_ts(ts: int | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _table(rows: list[list[object]], header: list[str]) -> str:
+    cells = [[str(c) for c in header]] + [[f"{c:,}" if isinstance(c, int) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    out = []
+    for n, r in enumerate(cells):
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+# --- verbs --------------------------------------------------------------------------------------
+
+
+def cmd_validate(args) -> int:
+    from recaug.pipelines.config import load_config
+    import pyarrow.compute as pc
+
+    from recaug.pipelines.inputs import prepare_inputs
+
+    cfg = load_config(args.config)
+    quarantine_path = cfg.workdir_path() / "validate" / "quarantine.parquet"
+    prep = prepare_inputs(cfg, as_of=args.as_of, quarantine_path=quarantine_path)
+    gate = prep.gate
+    print(f"dataset: {cfg.dataset.kind} ({cfg.name})")
+    rows = []
+    for table in ("users", "items", "interactions"):
+        c = gate.counts[table]
+        rows.append([table, c["rows_in"], c["rows_ok"], c["rows_quarantined"], f"{c['share']:.2%}"])
+    print(_table(rows, ["table", "rows", "clean", "quarantined", "share"]))
+    print(f"quarantine threshold: {cfg.input_gate.max_quarantine_share:.2%} per table -> ok")
+    print(f"quarantine table: {quarantine_path} ({gate.quarantine.num_rows:,} rows)")
+    if prep.not_yet_visible:
+        print(f"not yet visible at --as-of {_fmt_ts(args.as_of)}: {prep.not_yet_visible:,} interactions")
+    sizes = prep.sizes()
+    print()
+    print("splits (KAR protocol: per-user oldest part is prompt context only; CTR samples by global time):")
+    print(
+        _table(
+            [[name, sizes[name]] for name in ("prompt", "train", "valid", "test")],
+            ["split", "interactions"],
+        )
+    )
+    if prep.bounds:
+        print(f"valid from {_fmt_ts(prep.bounds.valid_from)}; test from {_fmt_ts(prep.bounds.test_from)}")
+    n_samples = prep.samples.num_rows
+    pos = int(pc.sum(prep.samples.column("label")).as_py() or 0)
+    print(f"CTR samples: {n_samples:,} (positive share {pos / max(n_samples, 1):.1%}, label = rating > {cfg.split.click_threshold:g})")
+    print(f"data cutoff: {_fmt_ts(prep.data_cutoff)}")
+    return EXIT_OK
+
+
+def _not_yet(verb: str):
+    def run(args) -> int:
+        print(f"recaug {verb}: not available in this version yet.", file=sys.stderr)
+        return EXIT_USAGE
+
+    return run
+
+
+VERBS = {
+    "run": ("run the long job: validate input -> augment -> encode -> gate -> publish", None),
+    "preview": ("show rendered prompts, real LLM answers and parsed records for a few entities", None),
+    "validate": ("run the input gate and print row, quarantine and split counts", cmd_validate),
+    "snapshots": ("list or show published feature snapshots", None),
+    "train": ("train a CTR model on a published snapshot", None),
+    "schedule": ("run what is due in the long-short schedule (call from cron)", None),
+    "report": ("print and save the CTR result table", None),
+    "demo": ("run the whole product on the packaged model and data", None),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recaug",
+        description="Offline LLM feature augmentation for recommender systems.",
+        epilog="Exit codes: 0 ok, 2 usage/config, 3 input unusable, 4 input gate, 5 output gate, 6 locked, 1 unexpected.",
+    )
+    from recaug import __version__
+
+    parser.add_argument("--version", action="version", version=f"recaug {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = sub.add_parser("validate", help=VERBS["validate"][0], description=VERBS["validate"][0])
+    p.add_argument("config", help="pipeline config (YAML)")
+    p.add_argument("--as-of", type=parse_time, default=None, help="only interactions up to this time are visible")
+    p.set_defaults(func=cmd_validate)
+
+    for verb, (help_text, func) in VERBS.items():
+        if verb in sub.choices:
+            continue
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=func or _not_yet(verb))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_third_party()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from recaug.pipelines.config import ConfigError
+    from recaug.schemas.input_gate import InputSchemaError, QuarantineThresholdExceeded
+
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"recaug: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except InputSchemaError as exc:
+        print(f"recaug: input unusable: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except QuarantineThresholdExceeded as exc:
+        print(f"recaug: input gate stopped the run: {exc}", file=sys.stderr)
+        return EXIT_INPUT_GATE
+    except KeyboardInterrupt:
+        print("recaug: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
