@@ -1,0 +1,236 @@
+"""The authoring API: an augmenter is a template, a response schema, a context builder and a parser.
+
+A new augmenter is a template in ``prompts/`` plus a few lines of Python::
+
+    @register
+    def item_oneliner() -> Augmenter:
+        return Augmenter(
+            name="item_oneliner", entity_kind="item", template="item_oneliner.j2",
+            build_context=item_context,            # entity rows -> template variables
+            response_model=None,                   # free text; or a pydantic model for JSON
+        )
+
+Versioning is automatic: the template's content hash, the response schema and the parser version
+enter every cache key (DESIGN.md §5), so editing one of them re-generates (or re-parses) exactly
+that augmenter and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Literal
+
+import polars as pl
+from pydantic import BaseModel, ValidationError
+
+from recaug.prompts import PromptTemplate, load_template
+
+EntityKind = Literal["user", "item"]
+
+
+class ParseError(ValueError):
+    """The LLM output cannot be turned into a valid record; the message says why."""
+
+
+@dataclass
+class Parsed:
+    record: dict[str, Any]  # the validated record (what the response model accepted)
+    text: str  # what gets encoded into the vector
+    # extra rows for the synthetic tables: {"synthetic_interactions": [...], "synthetic_items": [...]}
+    synthetic: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+@dataclass
+class AugmentInputs:
+    """Everything a context builder may look at. History is prompt context only (never CTR rows)."""
+
+    users: pl.DataFrame
+    items: pl.DataFrame
+    history: pl.DataFrame  # user_id, item_id, rating, timestamp: prompt split only, oldest first
+    domain: str
+    count_tokens: Callable[[list[str]], list[int]]
+    seed: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. base-recommender candidates
+
+
+# build_context(inputs, entity_ids, options) -> DataFrame with `entity_id` + one column per template variable
+ContextBuilder = Callable[[AugmentInputs, list[str], dict[str, Any]], pl.DataFrame]
+# parse(raw_text, context_row) -> Parsed, raising ParseError
+Parser = Callable[[str, dict[str, Any]], Parsed]
+# select(inputs, options) -> the entity ids this augmenter works on (before max_entities sampling)
+Selector = Callable[[AugmentInputs, dict[str, Any]], list[str]]
+
+
+def _all_entities(kind: EntityKind) -> Selector:
+    def select(inputs: AugmentInputs, options: dict[str, Any]) -> list[str]:
+        frame = inputs.users if kind == "user" else inputs.items
+        return frame[f"{kind}_id"].to_list()
+
+    return select
+
+
+@dataclass
+class Augmenter:
+    name: str
+    entity_kind: EntityKind
+    template: str  # file name in prompts/
+    build_context: ContextBuilder
+    response_model: type[BaseModel] | None = None  # None: free text
+    parse: Parser | None = None  # default: free text, or JSON validated by response_model
+    parser_version: str = "1"
+    select: Selector | None = None
+    family: str = ""  # KAR | LLMRec | ONCE
+    description: str = ""
+    default_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.select is None:
+            self.select = _all_entities(self.entity_kind)
+        if self.parse is None:
+            self.parse = parse_free_text if self.response_model is None else make_json_parser(self.response_model)
+
+    @cached_property
+    def prompt(self) -> PromptTemplate:
+        return load_template(self.template)
+
+    @cached_property
+    def json_schema(self) -> dict[str, Any] | None:
+        return None if self.response_model is None else self.response_model.model_json_schema()
+
+    @cached_property
+    def schema_hash(self) -> str:
+        return _sha(json.dumps(self.json_schema, sort_keys=True)) if self.json_schema else "free-text"
+
+    @property
+    def parser_id(self) -> str:
+        return f"{self.parser_version}:{self.schema_hash[:12]}"
+
+    def options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(overrides) - set(self.default_options))
+        if unknown:
+            raise ValueError(
+                f"augmenter {self.name!r}: unknown option(s) {unknown}; allowed: {sorted(self.default_options) or 'none'}"
+            )
+        return {**self.default_options, **overrides}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --- parsers ------------------------------------------------------------------------------------
+
+
+def parse_free_text(raw: str, context: dict[str, Any]) -> Parsed:
+    text = raw.strip()
+    if not text:
+        raise ParseError("empty answer")
+    return Parsed(record={"text": text}, text=text)
+
+
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
+
+
+def extract_json_object(raw: str) -> Any:
+    """The JSON object in an answer, repairing only what is safe to repair: code fences, prose
+    around the object, trailing commas, and a truncated object missing only closing brackets."""
+    text = raw.strip()
+    fenced = _FENCE.search(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    start = text.find("{")
+    if start < 0:
+        raise ParseError("no JSON object in the answer")
+    text = text[start:]
+    decoder = json.JSONDecoder()
+    candidates = [text, re.sub(r",\s*([}\]])", r"\1", text)]
+    for candidate in candidates:
+        try:
+            obj, _ = decoder.raw_decode(candidate)
+            return obj
+        except json.JSONDecodeError:
+            continue
+    repaired = _close_brackets(candidates[-1])
+    if repaired is not None:
+        try:
+            return json.loads(repaired)
+        except json.JSONDecodeError:
+            pass
+    raise ParseError("the answer is not valid JSON and cannot be safely repaired")
+
+
+def _close_brackets(text: str) -> str | None:
+    # Only closes what is open when the text ends between values; never invents a value.
+    stack, in_str, esc = [], False, False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]":
+            if not stack:
+                return None
+            stack.pop()
+    if in_str or not stack:
+        return None
+    body = text.rstrip()
+    if body.endswith(":"):
+        return None
+    body = body.rstrip(",")
+    return body + "".join(reversed(stack))
+
+
+def make_json_parser(model: type[BaseModel], to_text: Callable[[BaseModel], str] | None = None) -> Parser:
+    def parse(raw: str, context: dict[str, Any]) -> Parsed:
+        obj = extract_json_object(raw)
+        try:
+            record = model.model_validate(obj)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "(object)"
+            raise ParseError(f"schema violation at {loc}: {first['msg']}") from None
+        text = to_text(record) if to_text else json.dumps(record.model_dump(mode="json"), sort_keys=True)
+        return Parsed(record=record.model_dump(mode="json"), text=text)
+
+    return parse
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+REGISTRY: dict[str, Callable[[], Augmenter]] = {}
+
+
+def register(factory: Callable[[], Augmenter]) -> Callable[[], Augmenter]:
+    name = factory.__name__
+    if name in REGISTRY:
+        raise ValueError(f"augmenter {name!r} registered twice")
+    REGISTRY[name] = factory
+    return factory
+
+
+def get_augmenter(name: str) -> Augmenter:
+    import recaug.augmenters.families  # noqa: F401  (registers the built-in families)
+
+    if name not in REGISTRY:
+        raise KeyError(f"unknown augmenter {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    aug = REGISTRY[name]()
+    if aug.name != name:
+        raise ValueError(f"augmenter factory {name!r} returned an augmenter named {aug.name!r}")
+    return aug
+
+
+def known_augmenters() -> list[str]:
+    import recaug.augmenters.families  # noqa: F401
+
+    return sorted(REGISTRY)

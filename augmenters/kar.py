@@ -1,0 +1,55 @@
+"""KAR (Xi et al. 2023): user preference reasoning and item factual knowledge, factorization
+prompting, free text. KAR encodes the user's history text together with the answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from recaug.augmenters.base import Augmenter, ParseError, Parsed, register
+from recaug.augmenters.context import item_context, user_context
+
+
+def parse_user_reasoning(raw: str, context: dict[str, Any]) -> Parsed:
+    answer = raw.strip()
+    if not answer:
+        raise ParseError("empty answer")
+    history = "\n".join(context.get("history") or [])
+    # `encode: history+answer` (KAR's choice) or `answer`
+    text = f"{history}\n{answer}" if context.get("encode", "history+answer") == "history+answer" and history else answer
+    return Parsed(record={"reasoning": answer}, text=text)
+
+
+def parse_item_knowledge(raw: str, context: dict[str, Any]) -> Parsed:
+    answer = raw.strip()
+    if not answer:
+        raise ParseError("empty answer")
+    return Parsed(record={"knowledge": answer}, text=f"{context['title']}. {answer}")
+
+
+@register
+def kar_user_preference() -> Augmenter:
+    return Augmenter(
+        name="kar_user_preference",
+        family="KAR",
+        entity_kind="user",
+        template="kar_user_preference.j2",
+        build_context=user_context,
+        parse=parse_user_reasoning,
+        parser_version="1",
+        default_options={"encode": "history+answer"},
+        description="user preference reasoning along the domain's factors (free text)",
+    )
+
+
+@register
+def kar_item_knowledge() -> Augmenter:
+    return Augmenter(
+        name="kar_item_knowledge",
+        family="KAR",
+        entity_kind="item",
+        template="kar_item_knowledge.j2",
+        build_context=item_context,
+        parse=parse_item_knowledge,
+        parser_version="1",
+        description="item factual knowledge along the domain's factors (free text)",
+    )

@@ -1,0 +1,145 @@
+"""LLMRec (Wei et al., WSDM'24): implicit-feedback augmentation, item attribute completion and a
+structured user profile. Unlike the reference code we validate what comes back: indices against the
+candidate list, fields against the schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+from recaug.augmenters.base import Augmenter, ParseError, Parsed, extract_json_object, make_json_parser, register
+from recaug.augmenters.context import history_context, item_context, item_lines, user_context
+from recaug.augmenters.recall import genre_popularity_candidates
+from recaug.augmenters.vocab import canonical
+
+
+class ImplicitFeedback(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    liked: int = Field(ge=0)
+    disliked: int = Field(ge=0)
+
+
+def implicit_feedback_context(inputs, user_ids: list[str], options: dict) -> pl.DataFrame:
+    n = int(options["n_candidates"])
+    hist = history_context(inputs, user_ids, options["history_token_budget"])
+    cands = genre_popularity_candidates(inputs.history, inputs.items, user_ids, n=n)
+    lines = item_lines(inputs.items)
+    cand_lines = (
+        cands.explode("candidates")
+        .join(lines, left_on="candidates", right_on="item_id", how="left")
+        .group_by("user_id", maintain_order=True)
+        .agg(pl.col("candidates").alias("candidate_ids"), pl.col("item_line").alias("candidates"))
+    )
+    return hist.join(cand_lines, on="user_id", how="inner").rename({"user_id": "entity_id"})
+
+
+def parse_implicit_feedback(raw: str, context: dict[str, Any]) -> Parsed:
+    from pydantic import ValidationError
+
+    try:
+        choice = ImplicitFeedback.model_validate(extract_json_object(raw))
+    except ValidationError as exc:
+        raise ParseError(f"schema violation: {exc.errors()[0]['msg']}") from None
+    ids = list(context["candidate_ids"])
+    for field in ("liked", "disliked"):
+        idx = getattr(choice, field)
+        if idx >= len(ids):
+            raise ParseError(f"{field} index {idx} is not a candidate (0..{len(ids) - 1})")
+    if choice.liked == choice.disliked:
+        raise ParseError(f"liked and disliked are the same candidate ({choice.liked})")
+    pos, neg = ids[choice.liked], ids[choice.disliked]
+    user = context["entity_id"]
+    return Parsed(
+        record={"liked": choice.liked, "disliked": choice.disliked, "liked_item_id": pos, "disliked_item_id": neg},
+        text=f"likes {context['candidates'][choice.liked]}; dislikes {context['candidates'][choice.disliked]}",
+        synthetic={
+            "synthetic_interactions": [
+                {"user_id": user, "item_id": pos, "label": 1},
+                {"user_id": user, "item_id": neg, "label": 0},
+            ]
+        },
+    )
+
+
+class ItemAttributes(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    director: str = Field(min_length=1, max_length=200)
+    country: str = Field(min_length=1, max_length=100)
+    language: str = Field(min_length=1, max_length=100)
+
+
+def _attributes_text(rec: ItemAttributes) -> str:
+    return f"director: {rec.director}; country: {rec.country}; language: {rec.language}"
+
+
+class UserProfile(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    age: int | None = Field(default=None, ge=0, le=120)
+    gender: str = "unknown"
+    liked_genres: list[str] = Field(default_factory=list, max_length=10)
+    disliked_genres: list[str] = Field(default_factory=list, max_length=10)
+    liked_directors: list[str] = Field(default_factory=list, max_length=10)
+    country: str = "unknown"
+    language: str = "unknown"
+
+
+def parse_user_profile(raw: str, context: dict[str, Any]) -> Parsed:
+    base = make_json_parser(UserProfile)(raw, context)
+    rec = dict(base.record)
+    liked, unknown_l = canonical(context["domain"], rec["liked_genres"])
+    disliked, unknown_d = canonical(context["domain"], rec["disliked_genres"])
+    if not liked:
+        raise ParseError("no liked genre from the vocabulary")
+    rec.update(liked_genres=liked, disliked_genres=disliked, off_vocabulary=unknown_l + unknown_d)
+    text = f"likes {', '.join(liked)}" + (f"; dislikes {', '.join(disliked)}" if disliked else "")
+    if rec["liked_directors"]:
+        text += f"; directors: {', '.join(rec['liked_directors'])}"
+    return Parsed(record=rec, text=text)
+
+
+@register
+def llmrec_implicit_feedback() -> Augmenter:
+    return Augmenter(
+        name="llmrec_implicit_feedback",
+        family="LLMRec",
+        entity_kind="user",
+        template="llmrec_implicit_feedback.j2",
+        build_context=implicit_feedback_context,
+        response_model=ImplicitFeedback,
+        parse=parse_implicit_feedback,
+        parser_version="1",
+        default_options={"n_candidates": 10},
+        description="most/least liked of N base-recommender candidates -> synthetic (user, pos, neg)",
+    )
+
+
+@register
+def llmrec_item_attributes() -> Augmenter:
+    return Augmenter(
+        name="llmrec_item_attributes",
+        family="LLMRec",
+        entity_kind="item",
+        template="llmrec_item_attributes.j2",
+        build_context=item_context,
+        response_model=ItemAttributes,
+        parse=make_json_parser(ItemAttributes, _attributes_text),
+        parser_version="1",
+        description="item attribute completion: director, country, language",
+    )
+
+
+@register
+def llmrec_user_profile() -> Augmenter:
+    return Augmenter(
+        name="llmrec_user_profile",
+        family="LLMRec",
+        entity_kind="user",
+        template="llmrec_user_profile.j2",
+        build_context=user_context,
+        response_model=UserProfile,
+        parse=parse_user_profile,
+        parser_version="1",
+        description="structured user profile: age, gender, liked/disliked genres, directors, country, language",
+    )
