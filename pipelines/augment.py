@@ -1,0 +1,308 @@
+"""The augmentation stage: augmenter -> requests -> cache -> runner/engine -> parse -> tables.
+
+This part is the same for every runner; runners only execute the requests the cache lacks. Shards
+are cut deterministically from *all* requests (cached or not), so a resumed, Ray or Beam run sends
+the engine exactly the batches an uninterrupted local run would have, and greedy outputs match.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import polars as pl
+import pyarrow as pa
+
+from recaug.augmenters.base import AugmentInputs, Augmenter, ParseError
+from recaug.augmenters.vocab import VOCABULARY
+from recaug.pipelines.cache import GenerationCache, request_key
+from recaug.pipelines.config import AugmenterConfig, EngineConfig
+from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, Engine, GenerationRequest, GenerationResult
+from recaug.prompts import PromptError
+from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS, SYNTHETIC_INTERACTIONS, SYNTHETIC_ITEMS
+
+RETRY_INSTRUCTION = (
+    "Your previous answer could not be used: {reason}. Reply again with only the JSON object, nothing else."
+)
+
+
+@dataclass
+class Pending:
+    """One entity's request at one attempt."""
+
+    entity_id: str
+    context: dict[str, Any]
+    messages: tuple[dict[str, str], ...]
+    base_key: str
+    key: str
+    attempt: int
+    max_new_tokens: int
+
+
+@dataclass
+class AugmenterStats:
+    augmenter: str
+    entities: int = 0
+    requests: int = 0  # incl. retries
+    cache_hits: int = 0
+    llm_requests: int = 0  # sent to the engine in this run
+    engine_errors: int = 0
+    input_tokens: int = 0  # of this run's LLM requests
+    output_tokens: int = 0
+    generate_seconds: float = 0.0
+    parsed: int = 0
+    dead_letter: int = 0
+    truncated: int = 0  # finish_reason == length among the final answers
+    retries: int = 0
+    render_errors: int = 0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cache_hits / self.requests if self.requests else 1.0
+
+    @property
+    def parse_rate(self) -> float:
+        total = self.parsed + self.dead_letter
+        return self.parsed / total if total else 1.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.generate_seconds if self.generate_seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.update(cache_hit_rate=self.cache_hit_rate, parse_rate=self.parse_rate, tokens_per_s=self.tokens_per_s)
+        return d
+
+
+@dataclass
+class AugmenterOutput:
+    augmenter: Augmenter
+    generated: pa.Table
+    dead_letter: pa.Table
+    synthetic_items: pa.Table
+    synthetic_interactions: pa.Table
+    stats: AugmenterStats
+    expected_entities: list[str] = field(default_factory=list)
+
+
+# A runner executes requests and hands back finished shards as they complete.
+ExecuteFn = Callable[[list[list[GenerationRequest]], Callable[[list[GenerationResult]], None]], None]
+
+
+def sample_entities(ids: list[str], limit: int | None, seed: int) -> list[str]:
+    """A deterministic sample that is stable as the catalogue grows (hash order, not position)."""
+    ids = sorted(set(ids))
+    if limit is None or len(ids) <= limit:
+        return ids
+    ranked = sorted(ids, key=lambda e: hashlib.sha256(f"{seed}:{e}".encode()).hexdigest())
+    return sorted(ranked[:limit])
+
+
+def _key_parts(aug: Augmenter, engine: Engine, messages, max_new_tokens: int) -> dict[str, Any]:
+    return {
+        "augmenter": aug.name,
+        "template": aug.prompt.content_hash,
+        "model": engine.model_id,
+        "sampling": engine.sampling_key(),
+        "schema": aug.schema_hash,
+        "max_new_tokens": max_new_tokens,
+        "messages": list(messages),
+    }
+
+
+def build_pending(
+    aug: Augmenter,
+    aug_cfg: AugmenterConfig,
+    inputs: AugmentInputs,
+    engine: Engine,
+    engine_cfg: EngineConfig,
+    entity_ids: list[str] | None = None,
+) -> tuple[list[Pending], list[dict[str, Any]], list[str]]:
+    """First-attempt requests, plus render failures (as dead-letter dicts) and the expected ids."""
+    options = aug.options(aug_cfg.options)
+    options["history_token_budget"] = aug_cfg.history_token_budget
+    if entity_ids is None:
+        entity_ids = sample_entities(aug.select(inputs, options), aug_cfg.max_entities, inputs.seed)
+    if not entity_ids:
+        return [], [], []
+    ctx = aug.build_context(inputs, entity_ids, options)
+    max_new = aug_cfg.max_new_tokens or engine_cfg.max_new_tokens
+    common = {"domain": inputs.domain, "vocabulary": VOCABULARY[inputs.domain], **options}
+    pending, failed = [], []
+    for row in ctx.to_dicts():  # rendering is per entity by nature; everything around it is columnar
+        variables = {**common, **row}
+        try:
+            messages = aug.prompt.render(variables)
+        except PromptError as exc:
+            failed.append({"entity_id": row["entity_id"], "reason": f"render: {exc}", "prompt": ""})
+            continue
+        key = request_key(_key_parts(aug, engine, messages, max_new))
+        pending.append(Pending(row["entity_id"], variables, messages, key, key, 1, max_new))
+    return pending, failed, list(entity_ids)
+
+
+def retry_of(p: Pending, raw: str, reason: str, aug: Augmenter, engine: Engine) -> Pending:
+    messages = p.messages + (
+        {"role": "assistant", "content": raw},
+        {"role": "user", "content": RETRY_INSTRUCTION.format(reason=reason)},
+    )
+    key = request_key({**_key_parts(aug, engine, messages, p.max_new_tokens), "base": p.base_key, "attempt": p.attempt + 1})
+    return Pending(p.entity_id, p.context, messages, p.base_key, key, p.attempt + 1, p.max_new_tokens)
+
+
+def shard_requests(pending: list[Pending], shard_size: int) -> list[list[Pending]]:
+    # similar lengths together cut padding; the key breaks ties so the order is fully determined
+    ordered = sorted(pending, key=lambda p: (sum(len(m["content"]) for m in p.messages), p.key))
+    return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def run_augmenter(
+    aug: Augmenter,
+    aug_cfg: AugmenterConfig,
+    inputs: AugmentInputs,
+    engine: Engine,
+    engine_cfg: EngineConfig,
+    cache: GenerationCache,
+    execute: ExecuteFn,
+    shard_size: int,
+    progress: Callable[[int, int, int], None] | None = None,
+    entity_ids: list[str] | None = None,
+) -> AugmenterOutput:
+    """Generate, parse, retry (bounded) and assemble this augmenter's tables."""
+    stats = AugmenterStats(augmenter=aug.name)
+    pending, render_failed, expected = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, entity_ids)
+    stats.entities = len(expected)
+    stats.render_errors = len(render_failed)
+    generated_rows: list[dict[str, Any]] = []
+    dead_rows: list[dict[str, Any]] = []
+    synth_items: list[dict[str, Any]] = []
+    synth_inter: list[dict[str, Any]] = []
+    now = _now()
+
+    for f in render_failed:
+        dead_rows.append(
+            dict(entity_id=f["entity_id"], prompt="", raw_text="", reason=f["reason"], finish_reason=FINISH_ERROR,
+                 attempts=0, cache_key="")
+        )
+
+    attempt = 1
+    while pending:
+        stats.requests += len(pending)
+        shards = shard_requests(pending, shard_size)
+        hits = cache.lookup([p.key for p in pending])
+        hit_keys = set(hits["cache_key"].to_list())
+        stats.cache_hits += len(hit_keys)
+        todo = [[p for p in shard if p.key not in hit_keys] for shard in shards]
+        todo = [s for s in todo if s]
+        fresh: dict[str, GenerationResult] = {}
+        if todo:
+            requests = [
+                [GenerationRequest(p.key, p.messages, p.max_new_tokens, aug.json_schema) for p in shard] for shard in todo
+            ]
+            total = sum(len(s) for s in requests)
+            started = time.perf_counter()
+
+            def on_shard(results: list[GenerationResult]) -> None:
+                cache.commit(results, aug.name, engine.model_id)
+                for r in results:
+                    fresh[r.key] = r
+                    stats.input_tokens += r.input_tokens
+                    stats.output_tokens += r.output_tokens
+                    if r.finish_reason == FINISH_ERROR:
+                        stats.engine_errors += 1
+                if progress:
+                    progress(len(results), sum(r.output_tokens for r in results), total)
+
+            execute(requests, on_shard)
+            stats.generate_seconds += time.perf_counter() - started
+            stats.llm_requests += total
+
+        answers = {row["cache_key"]: row for row in hits.to_dicts()}
+        for key, r in fresh.items():
+            if r.finish_reason == FINISH_ERROR:
+                answers[key] = {"error": r.error or "engine error", "finish_reason": FINISH_ERROR}
+            else:
+                answers[key] = {
+                    "raw_text": r.text, "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+                    "finish_reason": r.finish_reason, "latency_s": r.latency_s,
+                }
+
+        retry: list[Pending] = []
+        for p in pending:
+            ans = answers.get(p.key)
+            prompt_text = json.dumps(list(p.messages), ensure_ascii=False)
+            if ans is None or ans.get("finish_reason") == FINISH_ERROR:
+                # engine errors are not retried in this run (they are not cached either: the next run retries)
+                reason = ans.get("error", "no result") if ans else "no result from the runner"
+                dead_rows.append(dict(entity_id=p.entity_id, prompt=prompt_text, raw_text="", reason=f"engine: {reason}",
+                                      finish_reason=FINISH_ERROR, attempts=p.attempt, cache_key=p.key))
+                continue
+            raw = ans["raw_text"]
+            try:
+                parsed = aug.parse(raw, p.context)
+            except ParseError as exc:
+                reason = str(exc)
+                if ans["finish_reason"] == FINISH_LENGTH:
+                    reason += " (answer truncated at max_new_tokens)"
+                if p.attempt < engine_cfg.max_attempts and aug.response_model is not None:
+                    retry.append(retry_of(p, raw, reason, aug, engine))
+                else:
+                    dead_rows.append(dict(entity_id=p.entity_id, prompt=prompt_text, raw_text=raw, reason=reason,
+                                          finish_reason=ans["finish_reason"], attempts=p.attempt, cache_key=p.key))
+                continue
+            if ans["finish_reason"] == FINISH_LENGTH:
+                stats.truncated += 1
+            generated_rows.append(
+                dict(
+                    entity_id=p.entity_id, cache_key=p.key, prompt=prompt_text, raw_text=raw, text=parsed.text,
+                    parsed_json=json.dumps(parsed.record, ensure_ascii=False, sort_keys=True),
+                    input_tokens=int(ans["input_tokens"]), output_tokens=int(ans["output_tokens"]),
+                    finish_reason=ans["finish_reason"], latency_s=float(ans["latency_s"]), attempts=p.attempt,
+                )
+            )
+            for row in parsed.synthetic.get("synthetic_items", []):
+                synth_items.append({**row, "augmenter": aug.name, "cache_key": p.key})
+            for row in parsed.synthetic.get("synthetic_interactions", []):
+                synth_inter.append({**row, "source": aug.name, "cache_key": p.key})
+        stats.retries += len(retry)
+        pending = retry
+        attempt += 1
+
+    stats.parsed = len(generated_rows)
+    stats.dead_letter = len(dead_rows)
+    common = {
+        "entity_kind": aug.entity_kind,
+        "augmenter": aug.name,
+        "template_hash": aug.prompt.content_hash,
+        "model": engine.model_id,
+        "created_at": now,
+    }
+    gen = pl.DataFrame([{**common, "parser_version": aug.parser_id, **r} for r in generated_rows]) if generated_rows else None
+    dead = pl.DataFrame([{**common, **r} for r in dead_rows]) if dead_rows else None
+    return AugmenterOutput(
+        augmenter=aug,
+        generated=_to_table(gen, GENERATED_TEXTS, "entity_id"),
+        dead_letter=_to_table(dead, DEAD_LETTER, "entity_id"),
+        synthetic_items=_to_table(pl.DataFrame(synth_items) if synth_items else None, SYNTHETIC_ITEMS, "item_id"),
+        synthetic_interactions=_to_table(
+            pl.DataFrame(synth_inter) if synth_inter else None, SYNTHETIC_INTERACTIONS, "user_id"
+        ),
+        stats=stats,
+        expected_entities=expected,
+    )
+
+
+def _to_table(df: pl.DataFrame | None, schema: pa.Schema, sort_by: str) -> pa.Table:
+    if df is None or df.height == 0:
+        return schema.empty_table()
+    df = df.select(schema.names).sort([sort_by] + [c for c in ("item_id", "cache_key") if c in df.columns and c != sort_by])
+    return df.to_arrow().select(schema.names).cast(schema)

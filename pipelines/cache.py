@@ -1,0 +1,122 @@
+"""Content-addressed generation cache (DESIGN.md §5).
+
+Raw LLM outputs are stored by request key in small Parquet shards, each written to a temporary
+name and renamed into place, so a kill at any moment leaves only whole shards. Resume is simply
+"look up every key first": finished shards are never regenerated, an unfinished shard is regenerated
+whole, and readers de-duplicate by key so an overlap after a crash can never duplicate a row.
+Engine errors are not cached (the next run retries them); parse results are not cached either, so a
+new parser re-parses cached raw text without any LLM call.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recaug.pipelines.engines.base import FINISH_ERROR, GenerationResult
+
+CACHE_SCHEMA = pa.schema(
+    [
+        pa.field("cache_key", pa.string(), nullable=False),
+        pa.field("augmenter", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("raw_text", pa.string(), nullable=False),
+        pa.field("input_tokens", pa.int32(), nullable=False),
+        pa.field("output_tokens", pa.int32(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("latency_s", pa.float32(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+
+def request_key(parts: dict[str, Any]) -> str:
+    """sha256 over a canonical JSON of everything that changes the model's answer."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class GenerationCache:
+    def __init__(self, root: Path):
+        self.dir = Path(root) / "generations"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def shards(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob("*.parquet") if not p.name.startswith("."))
+
+    def lookup(self, keys: Iterable[str]) -> pl.DataFrame:
+        """Cached rows for the given keys (one per key: the first committed)."""
+        keys = list(keys)
+        shards = self.shards()
+        if not keys or not shards:
+            return pl.from_arrow(CACHE_SCHEMA.empty_table())
+        wanted = pl.Series("cache_key", keys, dtype=pl.String).unique()
+        found = (
+            pl.scan_parquet(shards)
+            .filter(pl.col("cache_key").is_in(wanted.implode()))
+            .collect()
+            .sort("created_at")
+            .unique("cache_key", keep="first", maintain_order=True)
+        )
+        return found
+
+    def commit(self, results: list[GenerationResult], augmenter: str, model: str) -> int:
+        """Write finished results as one shard; returns how many were stored (errors are not)."""
+        ok = [r for r in results if r.finish_reason != FINISH_ERROR]
+        if not ok:
+            return 0
+        now = dt.datetime.now(dt.timezone.utc)
+        table = pa.table(
+            {
+                "cache_key": [r.key for r in ok],
+                "augmenter": [augmenter] * len(ok),
+                "model": [model] * len(ok),
+                "raw_text": [r.text for r in ok],
+                "input_tokens": [r.input_tokens for r in ok],
+                "output_tokens": [r.output_tokens for r in ok],
+                "finish_reason": [r.finish_reason for r in ok],
+                "latency_s": [r.latency_s for r in ok],
+                "created_at": [now] * len(ok),
+            },
+            schema=CACHE_SCHEMA,
+        )
+        name = f"{now.strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        write_parquet_atomic(table, self.dir / name)
+        return len(ok)
+
+    def compact(self, min_shards: int = 64) -> bool:
+        """Merge many small shards into one. Safe under a kill: the merged shard is complete before
+        any source is removed, and duplicates in between are de-duplicated by `lookup`."""
+        shards = self.shards()
+        if len(shards) < min_shards:
+            return False
+        merged = (
+            pl.scan_parquet(shards).collect().sort("created_at").unique("cache_key", keep="first", maintain_order=True)
+        )
+        name = f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-compacted-{uuid.uuid4().hex[:8]}.parquet"
+        write_parquet_atomic(merged.to_arrow().cast(CACHE_SCHEMA), self.dir / name)
+        for shard in shards:
+            shard.unlink(missing_ok=True)
+        return True

@@ -1,0 +1,192 @@
+"""The long job: validate input -> augment -> (encode -> gate -> publish).
+
+Every table of a run is written into a private run folder that is renamed into place only when the
+whole stage succeeded, so no partial output is ever visible.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from recaug.augmenters.base import AugmentInputs, get_augmenter
+from recaug.pipelines.augment import AugmenterOutput, run_augmenter
+from recaug.pipelines.cache import GenerationCache, write_parquet_atomic
+from recaug.pipelines.config import AugmenterConfig, PipelineConfig
+from recaug.pipelines.engines.base import Engine
+from recaug.pipelines.inputs import PreparedInputs
+from recaug.pipelines.splits import prompt_context
+
+
+@dataclass
+class AugmentationResult:
+    run_id: str
+    run_dir: Path
+    outputs: dict[str, AugmenterOutput]
+    seconds: float
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def augment_inputs(cfg: PipelineConfig, prep: PreparedInputs, engine: Engine) -> AugmentInputs:
+    return AugmentInputs(
+        users=pl.from_arrow(prep.users),
+        items=pl.from_arrow(prep.items),
+        history=prompt_context(prep.split),
+        domain=cfg.dataset.domain,
+        count_tokens=engine.count_tokens,
+        seed=cfg.engine.seed,
+    )
+
+
+def enabled_augmenters(cfg: PipelineConfig, only: list[str] | None = None) -> list[AugmenterConfig]:
+    chosen = [a for a in cfg.augmenters if a.enabled]
+    if only:
+        names = {a.name for a in cfg.augmenters}
+        unknown = sorted(set(only) - names)
+        if unknown:
+            raise ValueError(f"augmenter(s) {unknown} are not in the config; configured: {sorted(names)}")
+        chosen = [a for a in chosen if a.name in only]
+    for a in chosen:
+        get_augmenter(a.name)  # fail before any work on a misspelt name
+    return chosen
+
+
+class _Progress:
+    """rows/s and tokens/s on long work; quiet when stderr is not a terminal unless forced."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled, self.bar = label, enabled, None
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def __call__(self, rows: int, tokens: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.label, unit="row", file=sys.stderr, dynamic_ncols=True)
+        self.tokens += tokens
+        self.bar.update(rows)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed:.0f} tok/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_augmentation(
+    cfg: PipelineConfig,
+    prep: PreparedInputs,
+    engine: Engine,
+    runner,
+    only: list[str] | None = None,
+    progress: bool | None = None,
+    log=print,
+) -> AugmentationResult:
+    workdir = cfg.workdir_path()
+    cache = GenerationCache(workdir / "cache")
+    inputs = augment_inputs(cfg, prep, engine)
+    run_id = new_run_id()
+    started = time.perf_counter()
+    show = sys.stderr.isatty() if progress is None else progress
+    outputs: dict[str, AugmenterOutput] = {}
+    for aug_cfg in enabled_augmenters(cfg, only):
+        aug = get_augmenter(aug_cfg.name)
+        bar = _Progress(aug.name, show)
+        try:
+            out = run_augmenter(aug, aug_cfg, inputs, engine, cfg.engine, cache, runner.execute, cfg.runner.shard_size, bar)
+        finally:
+            bar.close()
+        outputs[aug.name] = out
+        s = out.stats
+        log(
+            f"  {aug.name:<26} {s.entities:>6} entities  {s.cache_hits:>6} cached  {s.llm_requests:>6} LLM calls  "
+            f"parsed {s.parse_rate:6.1%}  dead-letter {s.dead_letter:>4}  truncated {s.truncated:>4}"
+            + (f"  {s.tokens_per_s:6.1f} tok/s" if s.llm_requests else "")
+        )
+    cache.compact()
+    result = AugmentationResult(run_id, workdir / "runs" / run_id, outputs, time.perf_counter() - started)
+    result.report = augmentation_report(cfg, engine, result)
+    write_run(result)
+    return result
+
+
+def augmentation_report(cfg: PipelineConfig, engine: Engine, result: AugmentationResult) -> dict[str, Any]:
+    per = {name: out.stats.as_dict() for name, out in result.outputs.items()}
+    tot = {k: sum(p[k] for p in per.values()) for k in (
+        "entities", "requests", "cache_hits", "llm_requests", "engine_errors", "input_tokens", "output_tokens",
+        "parsed", "dead_letter", "truncated", "retries", "generate_seconds",
+    )}
+    tot["cache_hit_rate"] = tot["cache_hits"] / tot["requests"] if tot["requests"] else 1.0
+    tot["parse_rate"] = tot["parsed"] / (tot["parsed"] + tot["dead_letter"]) if tot["parsed"] + tot["dead_letter"] else 1.0
+    tot["tokens_per_s"] = tot["output_tokens"] / tot["generate_seconds"] if tot["generate_seconds"] else 0.0
+    return {
+        "run_id": result.run_id,
+        "pipeline": cfg.name,
+        "model": engine.model_id,
+        "engine": engine.kind,
+        "sampling": engine.sampling_key(),
+        "runner": cfg.runner.kind,
+        "wall_seconds": result.seconds,
+        "augmenters": per,
+        "templates": {name: out.augmenter.prompt.content_hash for name, out in result.outputs.items()},
+        "totals": tot,
+    }
+
+
+def write_run(result: AugmentationResult) -> None:
+    """Write every table into a hidden folder, then rename it into place (all or nothing)."""
+    final = result.run_dir
+    tmp = final.parent / f".{final.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    synth_items, synth_inter = [], []
+    for name, out in result.outputs.items():
+        write_parquet_atomic(out.generated, tmp / "generated" / f"{name}.parquet")
+        write_parquet_atomic(out.dead_letter, tmp / "dead_letter" / f"{name}.parquet")
+        synth_items.append(out.synthetic_items)
+        synth_inter.append(out.synthetic_interactions)
+        exp = pa.table({"entity_id": pa.array(out.expected_entities, pa.string())})
+        write_parquet_atomic(exp, tmp / "expected" / f"{name}.parquet")
+    if result.outputs:
+        write_parquet_atomic(pa.concat_tables(synth_items), tmp / "synthetic_items.parquet")
+        write_parquet_atomic(pa.concat_tables(synth_inter), tmp / "synthetic_interactions.parquet")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "report.json").write_text(json.dumps(result.report, indent=2, default=str))
+    (tmp / "report.md").write_text(report_markdown(result.report))
+    os.replace(tmp, final)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Augmentation run {report['run_id']}",
+        "",
+        f"pipeline `{report['pipeline']}` · model `{report['model']}` ({report['engine']}) · runner {report['runner']}"
+        f" · {report['wall_seconds']:.1f} s",
+        "",
+        "| augmenter | entities | cached | LLM calls | in tok | out tok | tok/s | parse rate | dead-letter | truncated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = list(report["augmenters"].items()) + [("**total**", report["totals"])]
+    for name, s in rows:
+        lines.append(
+            f"| {name} | {s['entities']:,} | {s['cache_hits']:,} | {s['llm_requests']:,} | {s['input_tokens']:,} | "
+            f"{s['output_tokens']:,} | {s['tokens_per_s']:.1f} | {s['parse_rate']:.1%} | {s['dead_letter']:,} | {s['truncated']:,} |"
+        )
+    return "\n".join(lines) + "\n"
