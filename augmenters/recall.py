@@ -12,7 +12,7 @@ def genre_popularity_candidates(
     """user_id -> `candidates` (list of n item ids, most popular first), unseen by the user."""
     hist = history.filter(pl.col("user_id").is_in(user_ids)).select("user_id", "item_id")
     item_genre = items.select("item_id", "genres").explode("genres").rename({"genres": "genre"}).drop_nulls("genre")
-    popularity = history.group_by("item_id").len("pop")
+    popularity = history.group_by("item_id").len("pop").with_columns(pl.col("pop").cast(pl.Int64))
     genre_items = item_genre.join(popularity, on="item_id", how="left").with_columns(pl.col("pop").fill_null(0))
 
     user_genres = (

@@ -58,7 +58,10 @@ class PromptTemplate:
         env = _environment(tuple(_search_path()))
         try:
             template = env.from_string(self.source)
-            ctx = template.new_context(dict(variables))
+            # top-level `{% set %}` (e.g. the factor lists) runs once and is visible in every block
+            exported = template.make_module(dict(variables)).__dict__
+            top = {k: v for k, v in exported.items() if not k.startswith("_")}
+            ctx = template.new_context({**dict(variables), **top})
             messages = []
             for role in ("system", "user"):
                 if role in template.blocks:
