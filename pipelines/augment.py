@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from recaug.augmenters.base import AugmentInputs, Augmenter, ParseError
 from recaug.augmenters.vocab import VOCABULARY
-from recaug.pipelines.cache import GenerationCache, request_key
+from recaug.pipelines.cache import CacheSink, GenerationCache, request_key
 from recaug.pipelines.config import AugmenterConfig, EngineConfig
 from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, Engine, GenerationRequest, GenerationResult
 from recaug.prompts import PromptError
@@ -90,8 +90,10 @@ class AugmenterOutput:
     expected_entities: list[str] = field(default_factory=list)
 
 
-# A runner executes requests and hands back finished shards as they complete.
-ExecuteFn = Callable[[list[list[GenerationRequest]], Callable[[list[GenerationResult]], None]], None]
+# A runner executes shards of requests and calls on_shard(results, committed) as each completes;
+# `committed` says the runner already wrote them to the cache through the sink (Beam workers do).
+OnShard = Callable[..., None]
+ExecuteFn = Callable[[list[list[GenerationRequest]], OnShard, CacheSink], None]
 
 
 def sample_entities(ids: list[str], limit: int | None, seed: int) -> list[str]:
@@ -211,8 +213,9 @@ def run_augmenter(
             total = sum(len(s) for s in requests)
             started = time.perf_counter()
 
-            def on_shard(results: list[GenerationResult]) -> None:
-                cache.commit(results, aug.name, engine.model_id)
+            def on_shard(results: list[GenerationResult], committed: bool = False) -> None:
+                if not committed:
+                    cache.commit(results, aug.name, engine.model_id)
                 for r in results:
                     fresh[r.key] = r
                     stats.input_tokens += r.input_tokens
@@ -222,7 +225,7 @@ def run_augmenter(
                 if progress:
                     progress(len(results), sum(r.output_tokens for r in results), total)
 
-            execute(requests, on_shard)
+            execute(requests, on_shard, cache.sink(aug.name, engine.model_id))
             stats.generate_seconds += time.perf_counter() - started
             stats.llm_requests += total
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -58,10 +59,26 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
             tmp.unlink()
 
 
+@dataclass(frozen=True)
+class CacheSink:
+    """A picklable handle that lets a remote worker (Beam) commit finished shards itself."""
+
+    root: str
+    augmenter: str
+    model: str
+
+    def commit(self, results: list[GenerationResult]) -> int:
+        return GenerationCache(Path(self.root)).commit(results, self.augmenter, self.model)
+
+
 class GenerationCache:
     def __init__(self, root: Path):
-        self.dir = Path(root) / "generations"
+        self.root = Path(root)
+        self.dir = self.root / "generations"
         self.dir.mkdir(parents=True, exist_ok=True)
+
+    def sink(self, augmenter: str, model: str) -> CacheSink:
+        return CacheSink(str(self.root), augmenter, model)
 
     def shards(self) -> list[Path]:
         return sorted(p for p in self.dir.glob("*.parquet") if not p.name.startswith("."))

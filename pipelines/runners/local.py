@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from recaug.pipelines.cache import CacheSink
 from recaug.pipelines.engines.base import Engine, GenerationRequest, GenerationResult
 
 
@@ -14,7 +15,10 @@ class LocalRunner:
         self.engine = engine
 
     def execute(
-        self, shards: list[list[GenerationRequest]], on_shard: Callable[[list[GenerationResult]], None]
+        self,
+        shards: list[list[GenerationRequest]],
+        on_shard: Callable[[list[GenerationResult]], None],
+        sink: CacheSink | None = None,
     ) -> None:
         self.engine.load()
         for shard in shards:
