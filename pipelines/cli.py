@@ -97,6 +97,93 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
+def _engine_and_runner(cfg, runner_kind: str | None):
+    from recaug.pipelines.engines import make_engine
+    from recaug.pipelines.runners import make_runner
+
+    if runner_kind:
+        cfg = cfg.model_copy(update={"runner": cfg.runner.model_copy(update={"kind": runner_kind})})
+    engine = make_engine(cfg.engine)
+    return cfg, engine, make_runner(cfg.runner, engine, cfg.engine)
+
+
+def cmd_run(args) -> int:
+    from recaug.pipelines.config import load_config
+    from recaug.pipelines.inputs import prepare_inputs
+    from recaug.pipelines.locking import RunLock
+    from recaug.pipelines.long_job import run_augmentation
+
+    cfg = load_config(args.config)
+    cfg, engine, runner = _engine_and_runner(cfg, args.runner)
+    workdir = cfg.workdir_path()
+    with RunLock(workdir / "run.lock", wait=args.wait):
+        print(f"recaug run {cfg.name}: workdir {workdir}")
+        prep = prepare_inputs(cfg, as_of=args.as_of, quarantine_path=workdir / "quarantine" / "latest.parquet")
+        c = prep.gate.counts
+        print(
+            f"input: {c['users']['rows_ok']:,} users, {c['items']['rows_ok']:,} items, "
+            f"{c['interactions']['rows_ok']:,} interactions ({prep.gate.quarantine.num_rows:,} quarantined); "
+            f"data cutoff {_fmt_ts(prep.data_cutoff)}"
+        )
+        print(f"augment: engine {engine.kind} ({engine.model_id}), runner {runner.kind}")
+        try:
+            result = run_augmentation(cfg, prep, engine, runner, only=args.only, progress=args.progress)
+        finally:
+            runner.close()
+        t = result.report["totals"]
+        print(
+            f"augmentation done in {result.seconds:.1f} s: {t['llm_requests']:,} LLM calls, "
+            f"cache hit rate {t['cache_hit_rate']:.1%}, parse rate {t['parse_rate']:.1%}, "
+            f"{t['dead_letter']:,} dead-letter rows, {t['output_tokens']:,} tokens out"
+        )
+        print(f"generated-text tables and report: {result.run_dir}")
+    return EXIT_OK
+
+
+def cmd_preview(args) -> int:
+    import json
+
+    from recaug.augmenters.base import ParseError, get_augmenter
+    from recaug.pipelines.augment import build_pending
+    from recaug.pipelines.config import AugmenterConfig, load_config
+    from recaug.pipelines.engines.base import GenerationRequest
+    from recaug.pipelines.inputs import prepare_inputs
+    from recaug.pipelines.long_job import augment_inputs
+
+    cfg = load_config(args.config)
+    from recaug.pipelines.engines import make_engine
+
+    engine = make_engine(cfg.engine)
+    aug = get_augmenter(args.augmenter)
+    aug_cfg = next((a for a in cfg.augmenters if a.name == args.augmenter), AugmenterConfig(name=args.augmenter))
+    aug_cfg = aug_cfg.model_copy(update={"max_entities": args.n})
+    prep = prepare_inputs(cfg, as_of=args.as_of)
+    pending, failed, _ = build_pending(aug, aug_cfg, augment_inputs(cfg, prep, engine), engine, cfg.engine)
+    for f in failed:
+        print(f"== {aug.entity_kind} {f['entity_id']}: cannot render: {f['reason']}")
+    if not pending:
+        print(f"{aug.name}: no entities selected (check the augmenter's options)")
+        return EXIT_OK
+    engine.load()
+    results = engine.generate([GenerationRequest(p.key, p.messages, p.max_new_tokens, aug.json_schema) for p in pending])
+    for p, r in zip(pending, results):
+        print(f"=================== {aug.name} · {aug.entity_kind} {p.entity_id} ===================")
+        for m in p.messages:
+            print(f"--- prompt [{m['role']}]\n{m['content']}")
+        print(f"--- LLM answer ({r.input_tokens} tokens in, {r.output_tokens} out, finish={r.finish_reason}, {r.latency_s:.2f} s)")
+        print(r.text if r.finish_reason != "error" else f"ERROR: {r.error}")
+        try:
+            parsed = aug.parse(r.text, p.context)
+            print("--- parsed record")
+            print(json.dumps(parsed.record, indent=2, ensure_ascii=False))
+            print("--- text to encode")
+            print(parsed.text)
+        except ParseError as exc:
+            print(f"--- validation error: {exc}")
+        print()
+    return EXIT_OK
+
+
 def _not_yet(verb: str):
     def run(args) -> int:
         print(f"recaug {verb}: not available in this version yet.", file=sys.stderr)
@@ -106,8 +193,8 @@ def _not_yet(verb: str):
 
 
 VERBS = {
-    "run": ("run the long job: validate input -> augment -> encode -> gate -> publish", None),
-    "preview": ("show rendered prompts, real LLM answers and parsed records for a few entities", None),
+    "run": ("run the long job: validate input -> augment -> encode -> gate -> publish", cmd_run),
+    "preview": ("show rendered prompts, real LLM answers and parsed records for a few entities", cmd_preview),
     "validate": ("run the input gate and print row, quarantine and split counts", cmd_validate),
     "snapshots": ("list or show published feature snapshots", None),
     "train": ("train a CTR model on a published snapshot", None),
@@ -133,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-of", type=parse_time, default=None, help="only interactions up to this time are visible")
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("run", help=VERBS["run"][0], description=VERBS["run"][0])
+    p.add_argument("config", help="pipeline config (YAML)")
+    p.add_argument("--as-of", type=parse_time, default=None, help="only interactions up to this time are visible")
+    p.add_argument("--runner", choices=["local", "ray", "beam"], default=None, help="override runner.kind")
+    p.add_argument("--only", nargs="+", metavar="AUGMENTER", help="run only these configured augmenters")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another run's lock (default: fail at once)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when stderr is a terminal)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("preview", help=VERBS["preview"][0], description=VERBS["preview"][0])
+    p.add_argument("config", help="pipeline config (YAML)")
+    p.add_argument("augmenter", help="augmenter name (see the config or docs/augmenters.md)")
+    p.add_argument("-n", type=int, default=5, help="how many sample entities (default 5)")
+    p.add_argument("--as-of", type=parse_time, default=None)
+    p.set_defaults(func=cmd_preview)
+
     for verb, (help_text, func) in VERBS.items():
         if verb in sub.choices:
             continue
@@ -147,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from recaug.pipelines.config import ConfigError
+    from recaug.pipelines.locking import RunLocked
     from recaug.schemas.input_gate import InputSchemaError, QuarantineThresholdExceeded
 
     try:
@@ -160,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except QuarantineThresholdExceeded as exc:
         print(f"recaug: input gate stopped the run: {exc}", file=sys.stderr)
         return EXIT_INPUT_GATE
+    except RunLocked as exc:
+        print(f"recaug: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
     except KeyboardInterrupt:
         print("recaug: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -1,0 +1,47 @@
+"""One job at a time per workdir: an flock that the kernel releases when the process dies, so a
+crashed job never leaves a stale lock behind."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+
+class RunLocked(RuntimeError):
+    pass
+
+
+class RunLock:
+    def __init__(self, path: Path, wait: float = 0.0):
+        self.path, self.wait, self.fh = Path(path), wait, None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "a+")
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self.fh.seek(0)
+                    holder = self.fh.read().strip() or "another process"
+                    self.fh.close()
+                    raise RunLocked(f"{self.path} is held by {holder}; another run is in progress (use --wait SECONDS to wait)") from None
+                time.sleep(0.2)
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fh:
+            self.fh.seek(0)
+            self.fh.truncate()
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
