@@ -154,6 +154,7 @@ def cmd_preview(args) -> int:
     from recaug.pipelines.engines import make_engine
 
     engine = make_engine(cfg.engine)
+    cfg.import_augmenter_modules()
     aug = get_augmenter(args.augmenter)
     aug_cfg = next((a for a in cfg.augmenters if a.name == args.augmenter), AugmenterConfig(name=args.augmenter))
     aug_cfg = aug_cfg.model_copy(update={"max_entities": args.n})

@@ -171,6 +171,8 @@ class PipelineConfig(_Section):
     engine: EngineConfig = EngineConfig()
     runner: RunnerConfig = RunnerConfig()
     augmenters: list[AugmenterConfig] = Field(default_factory=list)
+    # extra Python modules (importable, or .py paths relative to this file) that @register augmenters
+    augmenter_modules: list[str] = Field(default_factory=list)
     encoder: EncoderConfig = EncoderConfig()
     output_gate: OutputGateConfig = OutputGateConfig()
     publish: PublishConfig = PublishConfig()
@@ -198,6 +200,29 @@ class PipelineConfig(_Section):
         if not p.is_absolute() and self.source_path:
             p = Path(self.source_path).parent / p
         return p.resolve()
+
+    def import_augmenter_modules(self) -> None:
+        import importlib
+        import importlib.util
+        import sys
+
+        for mod in self.augmenter_modules:
+            if mod.endswith(".py"):
+                path = self.resolve_path(mod)
+                name = f"recaug_user_augmenters_{path.stem}"
+                if name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(name, path)
+                if spec is None or not path.exists():
+                    raise ConfigError(f"augmenter_modules: {path} not found")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+            else:
+                try:
+                    importlib.import_module(mod)
+                except ImportError as exc:
+                    raise ConfigError(f"augmenter_modules: cannot import {mod!r}: {exc}") from None
 
     def hash_view(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -54,6 +54,7 @@ def augment_inputs(cfg: PipelineConfig, prep: PreparedInputs, engine: Engine) ->
 
 
 def enabled_augmenters(cfg: PipelineConfig, only: list[str] | None = None) -> list[AugmenterConfig]:
+    cfg.import_augmenter_modules()
     chosen = [a for a in cfg.augmenters if a.enabled]
     if only:
         names = {a.name for a in cfg.augmenters}
