@@ -59,6 +59,8 @@ class AugmenterStats:
     truncated: int = 0  # finish_reason == length among the final answers
     retries: int = 0
     render_errors: int = 0
+    deferred: int = 0  # over this run's budget: left for a later run
+    carried_over: int = 0  # deferred entities whose previous answer was kept
 
     @property
     def cache_hit_rate(self) -> float:
@@ -88,6 +90,40 @@ class AugmenterOutput:
     synthetic_interactions: pa.Table
     stats: AugmenterStats
     expected_entities: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Incremental long job: at most this many new LLM requests (entities) or tokens per run."""
+
+    max_entities: int | None = None
+    max_tokens: int | None = None
+
+
+def apply_budget(
+    todo: list[Pending], budget: Budget | None, known: set[str], count_tokens: Callable[[list[str]], list[int]]
+) -> tuple[list[Pending], list[Pending]]:
+    """(run now, defer): entities never answered before come first, then changed ones, each in a
+    stable hash order so the same entities are not starved run after run."""
+    if budget is None or (budget.max_entities is None and budget.max_tokens is None):
+        return todo, []
+    ranked = sorted(todo, key=lambda p: (p.entity_id in known, p.key))
+    if budget.max_entities is not None:
+        ranked, over = ranked[: budget.max_entities], ranked[budget.max_entities :]
+    else:
+        over = []
+    if budget.max_tokens is not None and ranked:
+        prompts = ["\n".join(m["content"] for m in p.messages) for p in ranked]
+        costs = [c + p.max_new_tokens for c, p in zip(count_tokens(prompts), ranked)]
+        kept, spent = [], 0
+        for p, cost in zip(ranked, costs):
+            if spent + cost > budget.max_tokens:
+                over.append(p)
+                continue
+            kept.append(p)
+            spent += cost
+        ranked = kept
+    return ranked, over
 
 
 # A runner executes shards of requests and calls on_shard(results, committed) as each completes;
@@ -178,6 +214,8 @@ def run_augmenter(
     shard_size: int,
     progress: Callable[[int, int, int], None] | None = None,
     entity_ids: list[str] | None = None,
+    budget: Budget | None = None,
+    carry_over: pa.Table | None = None,
 ) -> AugmenterOutput:
     """Generate, parse, retry (bounded) and assemble this augmenter's tables."""
     stats = AugmenterStats(augmenter=aug.name)
@@ -185,6 +223,7 @@ def run_augmenter(
     stats.entities = len(expected)
     stats.render_errors = len(render_failed)
     generated_rows: list[dict[str, Any]] = []
+    carried: pl.DataFrame | None = None
     dead_rows: list[dict[str, Any]] = []
     synth_items: list[dict[str, Any]] = []
     synth_inter: list[dict[str, Any]] = []
@@ -203,6 +242,19 @@ def run_augmenter(
         hits = cache.lookup([p.key for p in pending])
         hit_keys = set(hits["cache_key"].to_list())
         stats.cache_hits += len(hit_keys)
+        if attempt == 1 and budget is not None:
+            previous = set() if carry_over is None else set(carry_over.column("entity_id").to_pylist())
+            _, deferred = apply_budget([p for p in pending if p.key not in hit_keys], budget, previous, engine.count_tokens)
+            if deferred:
+                deferred_ids = {p.entity_id for p in deferred}
+                pending = [p for p in pending if p.entity_id not in deferred_ids]
+                shards = shard_requests(pending, shard_size)
+                stats.requests -= len(deferred)
+                stats.deferred = len(deferred)
+                if carry_over is not None:
+                    kept = pl.from_arrow(carry_over).filter(pl.col("entity_id").is_in(list(deferred_ids)))
+                    stats.carried_over = kept.height
+                    carried = kept
         todo = [[p for p in shard if p.key not in hit_keys] for shard in shards]
         todo = [s for s in todo if s]
         fresh: dict[str, GenerationResult] = {}
@@ -290,6 +342,10 @@ def run_augmenter(
         "created_at": now,
     }
     gen = pl.DataFrame([{**common, "parser_version": aug.parser_id, **r} for r in generated_rows]) if generated_rows else None
+    if carried is not None and carried.height:
+        # a deferred entity keeps its previous answer, with the lineage it was made with
+        carried = carried.select(GENERATED_TEXTS.names)
+        gen = carried if gen is None else pl.concat([gen.select(GENERATED_TEXTS.names).cast(carried.schema), carried])
     dead = pl.DataFrame([{**common, **r} for r in dead_rows]) if dead_rows else None
     return AugmenterOutput(
         augmenter=aug,

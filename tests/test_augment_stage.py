@@ -201,3 +201,32 @@ def test_max_entities_is_a_stable_sample(tmp_path, inputs):
     a = run("kar_item_knowledge", inputs, engine, GenerationCache(tmp_path / "a"), cfg)
     b = run("kar_item_knowledge", inputs, engine, GenerationCache(tmp_path / "b"), cfg)
     assert a.expected_entities == b.expected_entities and len(a.expected_entities) == 7
+
+
+def test_budget_defers_changed_entities_and_carries_their_previous_answer(tmp_path, inputs):
+    from recaug.pipelines.augment import Budget
+
+    engine = ScriptedEngine(lambda r: "About " + r.messages[-1]["content"].split('"')[1])
+    cache = GenerationCache(tmp_path)
+    first = run("kar_item_knowledge", inputs, engine, cache)
+    # five items change (a new year is known), three new items arrive
+    changed = inputs.items.with_columns(
+        pl.when(pl.col("item_id").is_in([f"i{n}" for n in range(5)])).then(pl.col("year") + 1).otherwise(pl.col("year")).alias("year")
+    )
+    new = pl.DataFrame({"item_id": ["n1", "n2", "n3"], "title": ["New A", "New B", "New C"], "year": [2000] * 3,
+                        "genres": [["Drama"]] * 3, "description": [None] * 3}, schema=changed.schema)
+    inputs.items = pl.concat([changed, new])
+    engine.requests_seen = 0
+    aug = get_augmenter("kar_item_knowledge")
+    out = run_augmenter(aug, AugmenterConfig(name="kar_item_knowledge"), inputs, engine, EngineConfig(kind="fake"), cache,
+                        LocalRunner(engine).execute, shard_size=4, budget=Budget(max_entities=4), carry_over=first.generated)
+    assert engine.requests_seen == 4 and out.stats.deferred == 4 and out.stats.carried_over == 4
+    gen = pl.from_arrow(out.generated)
+    assert gen.height == 23 and gen["entity_id"].n_unique() == 23  # nothing lost, nothing duplicated
+    fresh_ids = set(gen.filter(pl.col("attempts") > 0).join(pl.from_arrow(first.generated).select("entity_id", "cache_key"),
+                                                            on=["entity_id", "cache_key"], how="anti")["entity_id"])
+    assert {"n1", "n2", "n3"} <= fresh_ids and len(fresh_ids) == 4  # new entities first, then one changed
+    next_run = run_augmenter(aug, AugmenterConfig(name="kar_item_knowledge"), inputs, engine, EngineConfig(kind="fake"),
+                             cache, LocalRunner(engine).execute, shard_size=4, budget=Budget(max_entities=4),
+                             carry_over=out.generated)
+    assert next_run.stats.deferred == 0 and engine.requests_seen == 8
