@@ -358,6 +358,7 @@ def publish_snapshot(
     manifest: dict[str, Any],
     keep: int = 5,
     lock_timeout: float = 600.0,
+    gate=None,
 ) -> SnapshotInfo:
     """Write `tables` + a manifest as a new immutable snapshot and make it `latest` atomically.
 
@@ -365,7 +366,12 @@ def publish_snapshot(
     ids, gate results, counts, tokens) and must hold `data_cutoff`. Table names may contain `/`
     (folders), e.g. `embeddings/kar_user_preference`. Every table's schema metadata gets
     `recaug.snapshot` = the new id. Afterwards the last `keep` snapshots plus every pinned one remain.
+    Pass the output gate's result as `gate`: a failed gate raises `OutputGateFailed` before anything
+    is written, a passed one is recorded in the manifest under `output_gate`.
     """
+    if gate is not None:
+        gate.raise_for_failure()
+        manifest = {**manifest, "output_gate": gate.as_dict()}
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     root = Path(root)
