@@ -84,6 +84,7 @@ class Augmenter:
     parser_version: str = "1"
     select: Selector | None = None
     family: str = ""  # KAR | LLMRec | ONCE
+    encodes: bool = True  # False: the output is synthetic rows only, not a text worth a vector
     description: str = ""
     default_options: dict[str, Any] = field(default_factory=dict)
 

@@ -111,6 +111,7 @@ def llmrec_implicit_feedback() -> Augmenter:
         parse=parse_implicit_feedback,
         parser_version="1",
         default_options={"n_candidates": 10},
+        encodes=False,
         description="most/least liked of N base-recommender candidates -> synthetic (user, pos, neg)",
     )
 

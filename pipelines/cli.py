@@ -111,7 +111,7 @@ def cmd_run(args) -> int:
     from recaug.pipelines.config import load_config
     from recaug.pipelines.inputs import prepare_inputs
     from recaug.pipelines.locking import RunLock
-    from recaug.pipelines.long_job import run_augmentation
+    from recaug.pipelines.long_job import run_long_job
 
     cfg = load_config(args.config)
     cfg, engine, runner = _engine_and_runner(cfg, args.runner)
@@ -127,16 +127,18 @@ def cmd_run(args) -> int:
         )
         print(f"augment: engine {engine.kind} ({engine.model_id}), runner {runner.kind}")
         try:
-            result = run_augmentation(cfg, prep, engine, runner, only=args.only, progress=args.progress)
+            result = run_long_job(cfg, prep, engine, runner, only=args.only, progress=args.progress)
         finally:
             runner.close()
-        t = result.report["totals"]
+        t = result.augmentation.report["totals"]
         print(
-            f"augmentation done in {result.seconds:.1f} s: {t['llm_requests']:,} LLM calls, "
-            f"cache hit rate {t['cache_hit_rate']:.1%}, parse rate {t['parse_rate']:.1%}, "
-            f"{t['dead_letter']:,} dead-letter rows, {t['output_tokens']:,} tokens out"
+            f"augmentation: {t['llm_requests']:,} LLM calls, cache hit rate {t['cache_hit_rate']:.1%}, "
+            f"parse rate {t['parse_rate']:.1%}, {t['dead_letter']:,} dead-letter rows, {t['output_tokens']:,} tokens out"
         )
-        print(f"generated-text tables and report: {result.run_dir}")
+        print(f"run report: {result.augmentation.run_dir / 'report.md'}")
+        print(f"published snapshot {result.snapshot_id}: {result.snapshot_path}")
+        if result.removed_by_retention:
+            print(f"retention removed: {', '.join(result.removed_by_retention)}")
     return EXIT_OK
 
 
@@ -185,6 +187,58 @@ def cmd_preview(args) -> int:
     return EXIT_OK
 
 
+def cmd_snapshots(args) -> int:
+    import json
+
+    from recaug.pipelines.config import load_config
+    from recaug.pipelines.snapshots import list_pins, list_snapshots, resolve_snapshot, snapshot_root
+
+    cfg = load_config(args.config)
+    root = snapshot_root(cfg)
+    if args.action == "list":
+        snaps = list_snapshots(root) if root.exists() else []
+        if not snaps:
+            print(f"no snapshots under {root} yet (run `recaug run {args.config}`)")
+            return EXIT_OK
+        latest = resolve_snapshot(root, "latest").snapshot_id
+        rows = []
+        for info in snaps:
+            m = info.manifest
+            n_emb = sum(e["rows"] for k, e in m["tables"].items() if k.startswith("embeddings/"))
+            rows.append([
+                info.snapshot_id + (" (latest)" if info.snapshot_id == latest else ""),
+                _fmt_ts(m["data_cutoff"]), len([k for k in m["tables"] if k.startswith("embeddings/")]), n_emb,
+                "pinned" if info.pinned else "",
+            ])
+        print(_table(rows, ["snapshot", "data cutoff", "tables", "vectors", ""]))
+        return EXIT_OK
+    info = resolve_snapshot(root, args.snapshot or "latest")
+    m = info.manifest
+    if args.json:
+        print(json.dumps(m, indent=2, default=str))
+        return EXIT_OK
+    print(f"snapshot {info.snapshot_id}  ({info.path})")
+    print(f"created {m['created_at']} by run {m.get('run_id')} · code {m.get('code_version')} · runner {m.get('runner')}")
+    print(f"data cutoff {_fmt_ts(m['data_cutoff'])}")
+    model = m.get("model", {})
+    print(f"model {model.get('id')} ({model.get('engine')}, sampling {model.get('sampling')})")
+    print(f"encoder {m.get('encoder', {}).get('id')} (dim {m.get('encoder', {}).get('dim')})")
+    print("templates: " + ", ".join(f"{k}={v[:12]}" for k, v in (m.get("templates") or {}).items()))
+    tok = m.get("tokens", {})
+    print(f"tokens: {tok.get('input_tokens', 0):,} in, {tok.get('output_tokens', 0):,} out, "
+          f"{tok.get('llm_requests', 0):,} LLM calls, {tok.get('cache_hits', 0):,} cache hits")
+    rows = [[name, e["rows"], e.get("kind", ""), e["sha256"][:12]] for name, e in m["tables"].items()]
+    print(_table(rows, ["table", "rows", "kind", "sha256"]))
+    gate = m.get("output_gate", {})
+    if gate:
+        failed = [c["name"] for c in gate.get("checks", []) if not c["success"]]
+        print(f"output gate: {'passed' if gate.get('success') else 'FAILED'} ({len(gate.get('checks', []))} checks{', failed: ' + ', '.join(failed) if failed else ''})")
+    pins = list_pins(root, info.snapshot_id)
+    if pins:
+        print("pinned by: " + "; ".join(p.get("reason", "?") for p in pins))
+    return EXIT_OK
+
+
 def _not_yet(verb: str):
     def run(args) -> int:
         print(f"recaug {verb}: not available in this version yet.", file=sys.stderr)
@@ -197,7 +251,7 @@ VERBS = {
     "run": ("run the long job: validate input -> augment -> encode -> gate -> publish", cmd_run),
     "preview": ("show rendered prompts, real LLM answers and parsed records for a few entities", cmd_preview),
     "validate": ("run the input gate and print row, quarantine and split counts", cmd_validate),
-    "snapshots": ("list or show published feature snapshots", None),
+    "snapshots": ("list or show published feature snapshots", cmd_snapshots),
     "train": ("train a CTR model on a published snapshot", None),
     "schedule": ("run what is due in the long-short schedule (call from cron)", None),
     "report": ("print and save the CTR result table", None),
@@ -230,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when stderr is a terminal)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("snapshots", help=VERBS["snapshots"][0], description=VERBS["snapshots"][0])
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("config", help="pipeline config (YAML)")
+    p.add_argument("snapshot", nargs="?", default=None, help="snapshot id or 'latest' (show)")
+    p.add_argument("--json", action="store_true", help="show: print the whole manifest as JSON")
+    p.set_defaults(func=cmd_snapshots)
+
     p = sub.add_parser("preview", help=VERBS["preview"][0], description=VERBS["preview"][0])
     p.add_argument("config", help="pipeline config (YAML)")
     p.add_argument("augmenter", help="augmenter name (see the config or docs/augmenters.md)")
@@ -246,31 +307,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_code(exc: BaseException) -> int | None:
+    """Map the product's own errors to exit codes; imported lazily so `--help` stays fast."""
+    from recaug.pipelines.config import ConfigError
+    from recaug.pipelines.locking import RunLocked
+
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    if isinstance(exc, RunLocked):
+        return EXIT_LOCKED
+    name = type(exc).__name__
+    if isinstance(exc, (KeyError, ValueError)) and "augmenter" in str(exc):
+        return EXIT_USAGE
+    if name == "InputSchemaError":
+        return EXIT_INPUT
+    if name == "QuarantineThresholdExceeded":
+        return EXIT_INPUT_GATE
+    if name in ("OutputGateBlocked", "OutputGateFailed"):
+        return EXIT_OUTPUT_GATE
+    if name in ("PackagedAssetMissing", "SnapshotNotFound", "PromptError", "EngineError"):
+        return EXIT_USAGE
+    return None
+
+
+_PREFIX = {
+    EXIT_INPUT: "input unusable: ",
+    EXIT_INPUT_GATE: "input gate stopped the run: ",
+    EXIT_OUTPUT_GATE: "nothing published: ",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_third_party()
     parser = build_parser()
     args = parser.parse_args(argv)
-    from recaug.pipelines.config import ConfigError
-    from recaug.pipelines.locking import RunLocked
-    from recaug.schemas.input_gate import InputSchemaError, QuarantineThresholdExceeded
-
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"recaug: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except InputSchemaError as exc:
-        print(f"recaug: input unusable: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except QuarantineThresholdExceeded as exc:
-        print(f"recaug: input gate stopped the run: {exc}", file=sys.stderr)
-        return EXIT_INPUT_GATE
-    except RunLocked as exc:
-        print(f"recaug: {exc}", file=sys.stderr)
-        return EXIT_LOCKED
     except KeyboardInterrupt:
-        print("recaug: interrupted; re-run the same command to resume", file=sys.stderr)
+        print("recaug: interrupted; re-run the same command to resume (finished shards are kept)", file=sys.stderr)
         return 130
+    except Exception as exc:
+        code = _exit_code(exc)
+        if code is None:
+            raise
+        msg = str(exc) if not isinstance(exc, KeyError) else str(exc.args[0])
+        print(f"recaug: {_PREFIX.get(code, '')}{msg}", file=sys.stderr)
+        run_dir = getattr(exc, "run_dir", None)
+        if run_dir:
+            print(f"recaug: the gate report is in {run_dir}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

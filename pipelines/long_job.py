@@ -99,6 +99,8 @@ def run_augmentation(
     only: list[str] | None = None,
     progress: bool | None = None,
     log=print,
+    budget=None,
+    carry_over: dict[str, pa.Table] | None = None,
 ) -> AugmentationResult:
     workdir = cfg.workdir_path()
     cache = GenerationCache(workdir / "cache")
@@ -111,7 +113,10 @@ def run_augmentation(
         aug = get_augmenter(aug_cfg.name)
         bar = _Progress(aug.name, show)
         try:
-            out = run_augmenter(aug, aug_cfg, inputs, engine, cfg.engine, cache, runner.execute, cfg.runner.shard_size, bar)
+            out = run_augmenter(
+                aug, aug_cfg, inputs, engine, cfg.engine, cache, runner.execute, cfg.runner.shard_size, bar,
+                budget=budget, carry_over=(carry_over or {}).get(aug.name),
+            )
         finally:
             bar.close()
         outputs[aug.name] = out
@@ -119,6 +124,7 @@ def run_augmentation(
         log(
             f"  {aug.name:<26} {s.entities:>6} entities  {s.cache_hits:>6} cached  {s.llm_requests:>6} LLM calls  "
             f"parsed {s.parse_rate:6.1%}  dead-letter {s.dead_letter:>4}  truncated {s.truncated:>4}"
+            + (f"  deferred {s.deferred} (kept {s.carried_over})" if s.deferred else "")
             + (f"  {s.tokens_per_s:6.1f} tok/s" if s.llm_requests else "")
         )
     cache.compact()
@@ -191,3 +197,131 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"{s['output_tokens']:,} | {s['tokens_per_s']:.1f} | {s['parse_rate']:.1%} | {s['dead_letter']:,} | {s['truncated']:,} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# --- the whole long job ---------------------------------------------------------------------------
+
+
+class OutputGateBlocked(RuntimeError):
+    """The output gate failed: nothing was published. The message is the gate's summary."""
+
+    def __init__(self, summary: str, run_dir: Path):
+        super().__init__(summary)
+        self.run_dir = run_dir
+
+
+@dataclass
+class LongJobResult:
+    augmentation: AugmentationResult
+    snapshot_id: str
+    snapshot_path: Path
+    encoding: dict[str, Any]
+    gate_summary: str
+    removed_by_retention: tuple[str, ...] = ()
+
+
+def code_version() -> str:
+    """The package version plus the git commit when running from a checkout (lineage)."""
+    import subprocess
+
+    from recaug import __version__
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+            text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def previous_generated(cfg: PipelineConfig) -> dict[str, pa.Table]:
+    """The generated-text tables of the latest snapshot: what a budgeted run carries over."""
+    from recaug.pipelines.snapshots import SnapshotNotFound, read_table, resolve_snapshot, snapshot_root
+
+    try:
+        info = resolve_snapshot(snapshot_root(cfg), "latest")
+    except SnapshotNotFound:
+        return {}
+    out = {}
+    for name in info.manifest.get("tables", {}):
+        if name.startswith("generated/"):
+            out[name.split("/", 1)[1]] = read_table(snapshot_root(cfg), info.snapshot_id, name)
+    return out
+
+
+def run_long_job(
+    cfg: PipelineConfig,
+    prep: PreparedInputs,
+    engine: Engine,
+    runner,
+    only: list[str] | None = None,
+    progress: bool | None = None,
+    budget=None,
+    log=print,
+) -> LongJobResult:
+    """augment -> encode -> output gate -> publish. Raises OutputGateBlocked (nothing published)."""
+    from recaug.encoders import encode_outputs
+    from recaug.encoders.text_encoder import TextEncoder
+    from recaug.pipelines.snapshots import publish_snapshot, snapshot_root
+    from recaug.schemas.output_gate import GateInput, run_output_gate
+
+    carry = previous_generated(cfg) if budget is not None else {}
+    aug = run_augmentation(cfg, prep, engine, runner, only=only, progress=progress, log=log, budget=budget, carry_over=carry)
+    encoded = {name: out.generated for name, out in aug.outputs.items() if out.augmenter.encodes}
+    encoder = TextEncoder(cfg.encoder, progress=progress)
+    log(f"encode: {encoder.model_id} ({cfg.encoder.pooling} pooling, {'L2-normalised' if cfg.encoder.normalize else 'raw'}) "
+        f"over {sum(t.num_rows for t in encoded.values()):,} texts")
+    enc = encode_outputs(encoded, encoder, cfg.workdir_path() / "cache" / "encodings")
+    log(f"  {enc.cache_misses:,} encoded, {enc.cache_hits:,} from the encoding cache, {enc.seconds:.1f} s")
+
+    gate_inputs = [
+        GateInput(
+            augmenter=name,
+            embeddings=enc.embeddings[name],
+            generated=aug.outputs[name].generated,
+            dead_letter=aug.outputs[name].dead_letter,
+            expected_entities=aug.outputs[name].expected_entities,
+            expected_dim=cfg.encoder.pca_dim or encoder.dim,
+        )
+        for name in encoded
+    ]
+    gate = run_output_gate(gate_inputs, cfg.output_gate)
+    (aug.run_dir / "output_gate.txt").write_text(gate.summary() + "\n")
+    (aug.run_dir / "output_gate.json").write_text(json.dumps(gate.as_dict(), indent=2, default=str))
+    if not gate.success:
+        raise OutputGateBlocked(gate.summary(), aug.run_dir)
+    log(gate.summary().splitlines()[0])
+
+    tables: dict[str, pa.Table] = dict(enc.snapshot_tables())
+    for name, out in aug.outputs.items():
+        tables[f"generated/{name}"] = out.generated
+        tables[f"dead_letter/{name}"] = out.dead_letter
+    tables["synthetic/items"] = pa.concat_tables([o.synthetic_items for o in aug.outputs.values()])
+    tables["synthetic/interactions"] = pa.concat_tables([o.synthetic_interactions for o in aug.outputs.values()])
+    gate_counts = prep.gate.counts
+    manifest = {
+        "pipeline": cfg.name,
+        "data_cutoff": prep.data_cutoff,
+        "run_id": aug.run_id,
+        "code_version": code_version(),
+        "config": cfg.hash_view(),
+        "model": {"engine": engine.kind, "id": engine.model_id, "sampling": engine.sampling_key()},
+        "encoder": {"id": encoder.encoder_id, "dim": cfg.encoder.pca_dim or encoder.dim},
+        "templates": aug.report["templates"],
+        "parsers": {name: out.augmenter.parser_id for name, out in aug.outputs.items()},
+        "runner": runner.kind,
+        "input": {
+            "counts": gate_counts,
+            "quarantined": prep.gate.quarantine.num_rows,
+            "not_yet_visible": prep.not_yet_visible,
+            "splits": prep.sizes(),
+            "sources": prep.sources,
+        },
+        "augmentation": aug.report["augmenters"],
+        "tokens": {k: aug.report["totals"][k] for k in ("input_tokens", "output_tokens", "llm_requests", "cache_hits")},
+        "encoding": enc.stats(),
+    }
+    info = publish_snapshot(snapshot_root(cfg), tables, manifest, keep=cfg.publish.keep_snapshots, gate=gate)
+    return LongJobResult(aug, info.snapshot_id, info.path, enc.stats(), gate.summary(), tuple(info.removed_by_retention))
