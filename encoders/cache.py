@@ -80,9 +80,14 @@ class EncodingCache:
         name = f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         write_parquet_atomic(table, self.dir / name)
 
-    def get_or_encode(self, texts: Sequence[str], encode: Callable[[list[str]], np.ndarray]) -> tuple[np.ndarray, list[str]]:
+    def get_or_encode(
+        self, texts: Sequence[str] | pa.Array | pa.ChunkedArray, encode: Callable[[list[str]], np.ndarray]
+    ) -> tuple[np.ndarray, list[str]]:
         """Vectors for `texts` (rows in input order) and their hashes; only unseen texts reach `encode`."""
-        hashes = text_hashes(texts)
+        if isinstance(texts, pa.ChunkedArray):
+            texts = texts.combine_chunks()
+        texts_arr = texts if isinstance(texts, pa.Array) else pa.array(list(texts), pa.string())
+        hashes = text_hashes(texts_arr.to_pylist())
         if not hashes:
             return np.zeros((0, self.dim), dtype=np.float32), hashes
         hash_arr = pa.array(hashes, pa.string())
@@ -95,7 +100,6 @@ class EncodingCache:
         if len(missing):
             # the first row carrying each missing hash supplies the text
             first_row = pc.index_in(missing, value_set=hash_arr)
-            texts_arr = pa.array(texts, pa.string()) if not isinstance(texts, pa.Array) else texts
             new_vectors = encode(texts_arr.take(first_row).to_pylist())
             if new_vectors.shape != (len(missing), self.dim):
                 raise ValueError(f"encoder returned shape {new_vectors.shape}, expected {(len(missing), self.dim)}")

@@ -60,7 +60,7 @@ def encode_table(
     cache = cache_dir if isinstance(cache_dir, EncodingCache) else EncodingCache(Path(cache_dir), encoder.encoder_id, encoder.dim)
     if cache.encoder_id != encoder.encoder_id:
         raise ValueError(f"cache is for encoder {cache.encoder_id!r}, not {encoder.encoder_id!r}")
-    vectors, hashes = cache.get_or_encode(text_col.to_pylist(), encoder.encode)
+    vectors, hashes = cache.get_or_encode(text_col, encoder.encode)
     templates = sorted(set(pc.unique(generated.column("template_hash")).to_pylist()))
     cfg = encoder.cfg
     meta = {

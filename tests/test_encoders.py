@@ -180,6 +180,53 @@ def test_leftover_temp_files_are_ignored_and_a_corrupt_shard_is_reported(encoder
         EncodingCache(tmp_path, encoder.encoder_id, encoder.dim).lookup(["x"])
 
 
+CACHE_WRITER = r"""
+import hashlib, sys
+import numpy as np
+from pathlib import Path
+from recaug.encoders.cache import EncodingCache
+
+def encode(texts):  # the cache layer alone: a vector that is a pure function of its text
+    return np.stack([np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)).standard_normal(64, dtype=np.float32)
+                     for t in texts])
+
+cache = EncodingCache(Path(sys.argv[1]), "kill-test-encoder", 64)
+print("ready", flush=True)
+for batch in range(100_000):
+    cache.get_or_encode([f"{sys.argv[2]} text {batch} {i}" for i in range(3000)], encode)
+"""
+
+
+def test_a_killed_writer_never_leaves_a_corrupt_shard(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "writer.py"
+    script.write_text(CACHE_WRITER)
+    root = tmp_path / "cache"
+    for run, delay in enumerate((0.4, 0.9, 1.5)):
+        proc = subprocess.Popen([sys.executable, str(script), str(root), f"run{run}"], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+    cache = EncodingCache(root, "kill-test-encoder", 64)
+    shards = cache.shards()
+    assert shards, "the writer never committed a shard; raise the delays"
+    stored = pa.concat_tables([pq.read_table(p) for p in shards])  # every visible shard is whole
+    hashes = stored.column("text_hash").to_pylist()
+    found = cache.lookup(hashes)
+    assert found.num_rows == len(set(hashes))
+    # every stored vector is the one computed for its text (the writer seeds it from the text's hash)
+    stored_vectors = vectors_numpy(stored)
+    for row in np.linspace(0, len(hashes) - 1, 50).astype(int):
+        expected = np.random.default_rng(int(hashes[row][:8], 16)).standard_normal(64, dtype=np.float32)
+        np.testing.assert_array_equal(stored_vectors[row], expected)
+
+
 def test_compaction_keeps_every_vector(encoder, tmp_path):
     cache = EncodingCache(tmp_path, encoder.encoder_id, encoder.dim)
     for t in TEXTS[:4]:
