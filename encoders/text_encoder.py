@@ -14,6 +14,7 @@ never loads it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -164,22 +165,23 @@ class TextEncoder:
         return enc["input_ids"], type_ids
 
     def _pad(self, ids: list[list[int]], type_ids: list[list[int]] | None):
+        """Pad one batch without a per-row loop: scatter the concatenated ids through the mask."""
         import torch
 
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         width = int(lengths.max())
+        positions = np.arange(width)
+        if self.tokenizer.padding_side == "left":
+            mask = positions[None, :] >= (width - lengths)[:, None]
+        else:
+            mask = positions[None, :] < lengths[:, None]
+        total = int(lengths.sum())
         input_ids = np.full((len(ids), width), self.tokenizer.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        left = self.tokenizer.padding_side == "left"
-        types = np.zeros((len(ids), width), dtype=np.int64) if type_ids is not None else None
-        for row, seq in enumerate(ids):  # one copy per text into the padded block
-            start = width - len(seq) if left else 0
-            input_ids[row, start : start + len(seq)] = seq
-            mask[row, start : start + len(seq)] = 1
-            if types is not None:
-                types[row, start : start + len(seq)] = type_ids[row]
-        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
-        if types is not None:
+        input_ids[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total)
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+        if type_ids is not None:
+            types = np.zeros((len(ids), width), dtype=np.int64)
+            types[mask] = np.fromiter(itertools.chain.from_iterable(type_ids), dtype=np.int64, count=total)
             batch["token_type_ids"] = torch.from_numpy(types)
         return {k: v.to(self.cfg.device) for k, v in batch.items()}
 

@@ -96,6 +96,24 @@ def test_pool_cls_and_last_follow_the_mask_for_both_padding_sides():
     assert torch.allclose(pool(tokens, right, "mean")[0], tokens[0, :2].mean(0))
 
 
+def test_padding_places_ids_and_mask_on_the_tokenizer_side(encoder):
+    tok = encoder.tokenizer
+    pad = tok.pad_token_id
+    side = tok.padding_side
+    try:
+        for padding_side, expected_ids, expected_mask in (
+            ("right", [[7, 8, 9], [5, pad, pad]], [[1, 1, 1], [1, 0, 0]]),
+            ("left", [[7, 8, 9], [pad, pad, 5]], [[1, 1, 1], [0, 0, 1]]),
+        ):
+            tok.padding_side = padding_side
+            batch = encoder._pad([[7, 8, 9], [5]], [[0, 0, 0], [1]])
+            assert batch["input_ids"].tolist() == expected_ids
+            assert batch["attention_mask"].tolist() == expected_mask
+            assert batch["token_type_ids"].sum().item() == 1
+    finally:
+        tok.padding_side = side
+
+
 def test_other_poolings_run_on_the_real_model():
     for pooling in ("cls", "last"):
         enc = TextEncoder(EncoderConfig(pooling=pooling, batch_size=4), progress=False)
