@@ -1,0 +1,210 @@
+"""The Beam runner: Create(shards) -> RunInference(engine seam) -> commit each shard to the cache.
+
+A shard is one pipeline element from start to end (RunInference batches exactly one element per
+call), so the engine sees the same batches as under the local runner and greedy outputs match.
+Workers commit finished shards to the cache themselves through the picklable `CacheSink`; a shard
+whose engine call raises goes to RunInference's dead-letter output instead of failing the job.
+Both outcomes are written as JSON lines next to the cache; after the pipeline finishes the driver
+reads them and the committed rows back and hands every shard to `on_shard` exactly once.
+
+`runner.beam_options` are passed verbatim to `PipelineOptions`, so `--runner=DataflowRunner ...`,
+`--runner=FlinkRunner ...` or `--runner=SparkRunner ...` run the same pipeline there. Without a
+`--runner` option the pipeline runs in this process on the FnApiRunner: no job server, no
+download (the DirectRunner may hand pipelines to Prism, which fetches a Go binary).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from recaug.pipelines.cache import CacheSink, GenerationCache
+from recaug.pipelines.config import EngineConfig, RunnerConfig
+from recaug.pipelines.engines.base import FINISH_ERROR, Engine, GenerationRequest, GenerationResult
+from recaug.pipelines.runners import RunnerError, check_shard, error_results
+
+log = logging.getLogger(__name__)
+
+Shard = tuple[int, list[GenerationRequest]]  # (shard index, its requests): one pipeline element
+
+
+class EngineModelHandler(ModelHandler[Shard, tuple[int, list[GenerationResult]], Engine]):
+    """Beam's model seam over ours: load_model() = engine.load(); one inference call = one shard."""
+
+    def __init__(self, engine: Engine):
+        # exactly one element (one shard) per batch: RunInference must never merge or split shards
+        super().__init__(min_batch_size=1, max_batch_size=1)
+        self.engine = engine
+
+    def load_model(self) -> Engine:
+        self.engine.load()
+        return self.engine
+
+    def run_inference(
+        self, batch: Sequence[Shard], model: Engine, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[tuple[int, list[GenerationResult]]]:
+        out = []
+        for index, requests in batch:
+            results = model.generate(list(requests))
+            check_shard(index, requests, results)
+            out.append((index, results))
+        return out
+
+    def get_num_bytes(self, batch: Sequence[Shard]) -> int:
+        return sum(len(m["content"]) for _, requests in batch for r in requests for m in r.messages)
+
+    def get_metrics_namespace(self) -> str:
+        return "recaug"
+
+
+class CommitShard(beam.DoFn):
+    """Writes one finished shard to the cache; emits its outcome (which requests errored)."""
+
+    def __init__(self, sink: CacheSink):
+        self.sink = sink
+
+    def process(self, element: tuple[int, list[GenerationResult]]):
+        index, results = element
+        stored = self.sink.commit(results)  # engine errors are not cached: the next run retries them
+        errors = [{"key": r.key, "error": r.error or "engine error"} for r in results if r.finish_reason == FINISH_ERROR]
+        yield json.dumps({"shard": index, "stored": stored, "errors": errors})
+
+
+def dead_letter_records(failed: tuple[Sequence[Shard], tuple[type, str, list[str]]]) -> Iterable[str]:
+    """RunInference's dead letter (failed batch, (exception type, repr, traceback)) -> one record per shard."""
+    batch, (_exc_type, exc_repr, _traceback) = failed
+    for index, _requests in batch:
+        yield json.dumps({"shard": index, "dead_letter": exc_repr})
+
+
+def pipeline_options(cfg: RunnerConfig) -> PipelineOptions:
+    return PipelineOptions(list(cfg.beam_options))
+
+
+def uses_in_process_runner(options: PipelineOptions) -> bool:
+    return options.view_as(StandardOptions).runner is None
+
+
+class BeamRunner:
+    kind = "beam"
+
+    def __init__(self, cfg: RunnerConfig, engine: Engine, engine_cfg: EngineConfig | None = None):
+        self.cfg = cfg
+        self.engine = engine
+        self.engine_cfg = engine_cfg
+        self.options = pipeline_options(cfg)
+
+    def _pipeline(self) -> beam.Pipeline:
+        if uses_in_process_runner(self.options):
+            from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+            return beam.Pipeline(runner=FnApiRunner(), options=self.options)
+        return beam.Pipeline(options=self.options)
+
+    def build(self, pipeline: beam.Pipeline, shards: list[list[GenerationRequest]], sink: CacheSink, outcome_prefix: str):
+        elements: list[Shard] = list(enumerate(shards))
+        inferred, dead = (
+            pipeline
+            | "Shards" >> beam.Create(elements, reshuffle=True)  # reshuffle spreads shards over workers
+            | "Generate" >> RunInference(EngineModelHandler(self.engine)).with_exception_handling()
+        )
+        committed = inferred | "Commit" >> beam.ParDo(CommitShard(sink))
+        dead_lettered = dead.failed_inferences | "DeadLetter" >> beam.FlatMap(dead_letter_records)
+        _ = (
+            (committed, dead_lettered)
+            | "Outcomes" >> beam.Flatten()
+            | "WriteOutcomes" >> beam.io.WriteToText(outcome_prefix, file_name_suffix=".jsonl")
+        )
+
+    def execute(
+        self,
+        shards: list[list[GenerationRequest]],
+        on_shard: Callable[..., None],
+        sink: CacheSink | None = None,
+    ) -> None:
+        if not shards:
+            return
+        if sink is None:
+            raise ValueError("the Beam runner commits shards on its workers and needs the cache sink (execute(..., sink))")
+        # the outcomes live next to the cache: both must be on storage every worker and the driver share
+        run_dir = FileSystems.join(sink.root, "beam-runs", uuid.uuid4().hex)
+        outcome_prefix = FileSystems.join(run_dir, "outcome")
+        pipeline = self._pipeline()
+        self.build(pipeline, shards, sink, outcome_prefix)
+        result = pipeline.run()
+        state = result.wait_until_finish()
+        if state != "DONE":
+            raise RunnerError(f"the Beam pipeline ended in state {state}; see the runner's logs")
+        try:
+            outcomes = read_outcomes(outcome_prefix)
+            self._deliver(shards, outcomes, sink, on_shard)
+        finally:
+            _remove_run_dir(run_dir)
+
+    def _deliver(self, shards, outcomes: dict[int, dict], sink: CacheSink, on_shard) -> None:
+        missing = sorted(set(range(len(shards))) - set(outcomes))
+        if missing:
+            raise RunnerError(f"the Beam pipeline reported no outcome for shard(s) {missing[:10]} of {len(shards)}")
+        committed_keys = [r.key for i, s in enumerate(shards) if "dead_letter" not in outcomes[i] for r in s]
+        rows = GenerationCache(Path(sink.root)).lookup(committed_keys)
+        cached = {row["cache_key"]: row for row in rows.to_dicts()}
+        for index, shard in enumerate(shards):
+            outcome = outcomes[index]
+            if "dead_letter" in outcome:
+                reason = f"shard dead-lettered by the Beam runner: {outcome['dead_letter']}"
+                on_shard(error_results(shard, reason), False)
+                continue
+            errors = {e["key"]: e["error"] for e in outcome["errors"]}
+            results = []
+            for request in shard:
+                if request.key in errors:
+                    results.append(GenerationResult(request.key, "", 0, 0, FINISH_ERROR, 0.0, error=errors[request.key]))
+                elif request.key in cached:
+                    row = cached[request.key]
+                    results.append(GenerationResult(request.key, row["raw_text"], int(row["input_tokens"]),
+                                                    int(row["output_tokens"]), row["finish_reason"],
+                                                    float(row["latency_s"])))
+                else:
+                    raise RunnerError(
+                        f"shard {index} was committed by a Beam worker but its rows are not in the cache at "
+                        f"{sink.root}; the cache root must be on storage every worker writes and the driver reads "
+                        "(see docs/scaling.md)"
+                    )
+            on_shard(results, True)
+
+    def close(self) -> None:
+        pass
+
+
+def read_outcomes(prefix: str) -> dict[int, dict]:
+    """Outcome records by shard index. A shard both committed and dead-lettered cannot happen in one
+    attempt; if a retried bundle produced both, the committed one wins (its rows are in the cache)."""
+    outcomes: dict[int, dict] = {}
+    matches = FileSystems.match([prefix + "*"])[0].metadata_list
+    for meta in sorted(matches, key=lambda m: m.path):
+        with FileSystems.open(meta.path) as fh:
+            for line in fh.read().decode("utf-8").splitlines():
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                index = int(record["shard"])
+                if index in outcomes and "dead_letter" in record:
+                    continue
+                outcomes[index] = record
+    return outcomes
+
+
+def _remove_run_dir(run_dir: str) -> None:
+    try:
+        if FileSystems.exists(run_dir):
+            FileSystems.delete([run_dir])
+    except Exception as exc:  # leftover outcome files are harmless; say so rather than fail the run
+        log.warning("could not remove the Beam outcome folder %s: %s", run_dir, exc)

@@ -1,0 +1,340 @@
+"""Local, Ray Data and Beam runners: same shards in, same results out, every shard exactly once.
+
+A deterministic, picklable engine defined here logs every batch it receives (from whichever process
+runs it) so the tests see the exact batches the engine saw; the real packaged SmolLM2 runs the same
+comparison in the slow test. One Ray session (with one logical GPU, so GPU requests can be checked
+on a CPU machine) is shared by the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from recaug.augmenters.base import AugmentInputs, get_augmenter
+from recaug.pipelines.augment import run_augmenter
+from recaug.pipelines.cache import GenerationCache
+from recaug.pipelines.config import AugmenterConfig, EngineConfig, RunnerConfig
+from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_STOP, Engine, GenerationRequest, GenerationResult
+from recaug.pipelines.runners import RunnerError, make_runner
+from recaug.pipelines.runners.local import LocalRunner
+from recaug.schemas import GENERATED_TEXTS
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("apache_beam")
+
+from recaug.pipelines.runners.beam_runner import BeamRunner, uses_in_process_runner  # noqa: E402
+from recaug.pipelines.runners.ray_runner import RayRunner, actor_resources, pool_size  # noqa: E402
+
+
+class RecordingEngine(Engine):
+    """Answers are a pure function of the prompt. Each generate() call appends the batch it got to
+    a JSON-lines log; `error_marker` makes that request an error result, `raise_marker` makes the
+    whole call raise (an engine that crashes on a shard)."""
+
+    kind = "recording"
+
+    def __init__(self, log_path: Path, answer: str = "echo", error_marker: str | None = None,
+                 raise_marker: str | None = None):
+        self.log_path = str(log_path)
+        self.answer = answer
+        self.error_marker = error_marker
+        self.raise_marker = raise_marker
+        self.loaded = False
+
+    @property
+    def model_id(self):
+        return "recording@1"
+
+    def sampling_key(self):
+        return {"temperature": 0.0}
+
+    def load(self):
+        self._log({"event": "load"})
+        self.loaded = True
+
+    def _log(self, record):
+        record = {**record, "pid": os.getpid()}
+        with open(self.log_path, "a", encoding="utf-8") as fh:  # one short line per write: appends stay whole
+            fh.write(json.dumps(record) + "\n")
+
+    def generate(self, requests):
+        assert self.loaded, "generate() before load()"
+        resources = None
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            context = sys.modules["ray"].get_runtime_context()
+            if context.get_actor_id() is not None:  # inside a Ray actor
+                resources = context.get_assigned_resources()
+        self._log({"event": "generate", "keys": [r.key for r in requests], "resources": resources})
+        if self.raise_marker and any(self.raise_marker in r.messages[-1]["content"] for r in requests):
+            raise RuntimeError(f"engine crashed on a shard containing {self.raise_marker!r}")
+        return [self._answer(r) for r in requests]
+
+    def _answer(self, r: GenerationRequest) -> GenerationResult:
+        content = r.messages[-1]["content"]
+        if self.error_marker and self.error_marker in content:
+            return GenerationResult(r.key, "", 0, 0, FINISH_ERROR, 0.0, error="HTTP 503 after 4 retries")
+        if self.answer == "attributes":
+            text = self._attributes(r)
+        else:
+            text = f"{len(content)}:{content[::-1][:24]}"
+        return GenerationResult(r.key, text, len(content.split()), len(text.split()), FINISH_STOP, 0.01)
+
+    @staticmethod
+    def _attributes(r: GenerationRequest) -> str:
+        item = r.messages[-1]["content"] if len(r.messages) <= 2 else r.messages[1]["content"]
+        if "Movie 3\"" in item or "Movie 3 " in item:
+            return "I think the director is Steven"  # never valid -> dead letter after retries
+        if len(r.messages) > 2:  # the retry turn fixes it
+            return '{"director": "D", "country": "C", "language": "L"}'
+        if "Movie 5" in item:
+            return '{"director": "D", "country": "C"'  # missing language -> retried
+        return json.dumps({"director": f"Director {len(item) % 7}", "country": "C", "language": "L"})
+
+
+def engine_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def make_shards(sizes: list[int]) -> list[list[GenerationRequest]]:
+    shards, n = [], 0
+    for size in sizes:
+        shard = []
+        for _ in range(size):
+            content = f"Describe item {n} " + "in detail " * (n % 5) + ("(unavailable)" if n == 6 else "")
+            shard.append(GenerationRequest(f"key-{n:03d}", ({"role": "user", "content": content},), 16))
+            n += 1
+        shards.append(shard)
+    return shards
+
+
+def run_shards(runner, shards, sink):
+    calls: list[tuple[list[GenerationResult], bool]] = []
+    runner.execute(shards, lambda results, committed=False: calls.append((results, committed)), sink)
+    return calls
+
+
+def by_key(calls) -> dict[str, tuple]:
+    return {r.key: (r.text, r.input_tokens, r.output_tokens, r.finish_reason, r.error) for rs, _ in calls for r in rs}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray session for the module: 2 CPUs and one *logical* GPU (nothing touches a GPU;
+    it lets the tests see that GPU requests reach the actors)."""
+    import ray.cloudpickle
+
+    # the engine class lives in this test module, which Ray workers cannot import: ship it by value
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    starter = RayRunner(RunnerConfig(kind="ray"), RecordingEngine(Path(os.devnull)), local_num_gpus=1)
+    starter.start()
+    yield
+    starter.close()
+    assert not ray.is_initialized()
+
+
+def test_actor_resources_follow_the_config():
+    assert actor_resources(RunnerConfig(kind="ray")) == {"num_cpus": 0.5, "num_gpus": 0.0}
+    cfg = RunnerConfig(kind="ray", cpus_per_actor=0.25, gpus_per_actor=2)
+    assert actor_resources(cfg) == {"num_cpus": 0.25, "num_gpus": 2.0}
+    # a GPU engine with no GPU request gets one GPU per actor
+    gpu_engine = EngineConfig(kind="vllm")
+    assert actor_resources(RunnerConfig(kind="ray"), gpu_engine)["num_gpus"] == 1.0
+    assert actor_resources(RunnerConfig(kind="ray"), EngineConfig(device="cuda:0"))["num_gpus"] == 1.0
+    # one actor per GPU by default, per CPU slot without GPUs, never more actors than shards
+    one_gpu = actor_resources(RunnerConfig(kind="ray"), gpu_engine)
+    assert pool_size(RunnerConfig(kind="ray"), one_gpu, {"CPU": 32, "GPU": 4}, num_shards=100) == 4
+    cpu_only = actor_resources(RunnerConfig(kind="ray"))
+    assert pool_size(RunnerConfig(kind="ray"), cpu_only, {"CPU": 2}, num_shards=100) == 2
+    assert pool_size(RunnerConfig(kind="ray", num_actors=8), cpu_only, {"CPU": 2}, num_shards=3) == 3
+    with pytest.raises(RunnerError, match="needs more GPUs"):
+        pool_size(RunnerConfig(kind="ray", num_actors=3), one_gpu, {"CPU": 8, "GPU": 2}, num_shards=10)
+
+
+def test_make_runner_picks_the_configured_runner():
+    engine = RecordingEngine(Path(os.devnull))
+    assert isinstance(make_runner(RunnerConfig(kind="local"), engine, EngineConfig()), LocalRunner)
+    ray_runner = make_runner(RunnerConfig(kind="ray", gpus_per_actor=1), engine, EngineConfig())
+    assert ray_runner.kind == "ray" and ray_runner.resources == {"num_cpus": 0.5, "num_gpus": 1.0}
+    beam = make_runner(RunnerConfig(kind="beam"), engine, EngineConfig())
+    assert beam.kind == "beam" and uses_in_process_runner(beam.options)
+
+
+def test_beam_options_pass_through_verbatim():
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
+
+    opts = ["--runner=DataflowRunner", "--project=acme-recs", "--region=europe-west4",
+            "--temp_location=gs://acme-recs/tmp", "--machine_type=g2-standard-8"]
+    runner = BeamRunner(RunnerConfig(kind="beam", beam_options=opts), RecordingEngine(Path(os.devnull)))
+    assert not uses_in_process_runner(runner.options)
+    assert runner.options.view_as(StandardOptions).runner == "DataflowRunner"
+    gcp = runner.options.view_as(GoogleCloudOptions)
+    assert (gcp.project, gcp.region, gcp.temp_location) == ("acme-recs", "europe-west4", "gs://acme-recs/tmp")
+    assert runner.options.get_all_options()["machine_type"] == "g2-standard-8"
+
+
+def test_same_shards_give_the_same_results_exactly_once_on_every_runner(ray_session, tmp_path):
+    shards = make_shards([4, 4, 3, 1, 4, 2])  # uneven on purpose: no runner may regroup them
+    expected_batches = sorted(tuple(r.key for r in s) for s in shards)
+    outcome = {}
+    for kind in ("local", "ray", "beam"):
+        log = tmp_path / f"{kind}.jsonl"
+        engine = RecordingEngine(log, error_marker="(unavailable)")
+        cfg = RunnerConfig(kind=kind, num_actors=2, gpus_per_actor=0.5)
+        runner = make_runner(cfg, engine, EngineConfig(kind="fake"))
+        cache = GenerationCache(tmp_path / f"cache-{kind}")
+        calls = run_shards(runner, shards, cache.sink("test", engine.model_id))
+        runner.close()
+
+        # on_shard: once per shard, with exactly that shard's results in request order
+        assert sorted(tuple(r.key for r in rs) for rs, _ in calls) == expected_batches, kind
+        # the engine saw exactly the shards, never regrouped
+        seen = [rec for rec in engine_log(log) if rec["event"] == "generate"]
+        assert sorted(tuple(rec["keys"]) for rec in seen) == expected_batches, kind
+        outcome[kind] = (calls, seen, engine_log(log), cache)
+
+    reference = by_key(outcome["local"][0])
+    assert reference["key-006"][3] == FINISH_ERROR and reference["key-006"][4] == "HTTP 503 after 4 retries"
+    assert by_key(outcome["ray"][0]) == reference
+    assert by_key(outcome["beam"][0]) == reference
+
+    # who committed: Ray hands results to the driver (which commits), Beam workers commit themselves
+    assert {c for _, c in outcome["local"][0]} == {False}
+    assert {c for _, c in outcome["ray"][0]} == {False} and outcome["ray"][3].shards() == []
+    assert {c for _, c in outcome["beam"][0]} == {True}
+    beam_cache = outcome["beam"][3].lookup(reference)
+    assert sorted(beam_cache["cache_key"].to_list()) == sorted(k for k, v in reference.items() if v[3] != FINISH_ERROR)
+
+    # Ray: the engine ran in actors (not here) that got the configured fractional CPU and GPU share,
+    # and each actor loaded the engine once
+    ray_seen, ray_log = outcome["ray"][1], outcome["ray"][2]
+    assert {rec["pid"] for rec in ray_seen}.isdisjoint({os.getpid()})
+    assert all(rec["resources"] == {"CPU": 0.5, "GPU": 0.5} for rec in ray_seen)
+    loads = [rec["pid"] for rec in ray_log if rec["event"] == "load"]
+    assert len(loads) == len(set(loads)) <= 2
+
+
+def test_ray_session_is_reused_and_left_running(ray_session, tmp_path):
+    runner = RayRunner(RunnerConfig(kind="ray"), RecordingEngine(tmp_path / "log.jsonl"))
+    runner.start()
+    runner.close()
+    assert ray.is_initialized()  # it was not ours to stop
+
+
+def test_a_raising_engine_becomes_error_results_not_a_crash(ray_session, tmp_path):
+    shards = make_shards([3, 3, 3])
+    marker = "Describe item 4 "  # in the second shard only
+    for kind in ("beam", "ray"):
+        engine = RecordingEngine(tmp_path / f"{kind}.jsonl", raise_marker=marker)
+        cache = GenerationCache(tmp_path / f"cache-{kind}")
+        runner = make_runner(RunnerConfig(kind=kind, num_actors=1), engine, EngineConfig(kind="fake"))
+        calls = run_shards(runner, shards, cache.sink("test", engine.model_id))
+        assert sorted(tuple(r.key for r in rs) for rs, _ in calls) == sorted(tuple(r.key for r in s) for s in shards)
+        failed = [(rs, c) for rs, c in calls if rs[0].key == shards[1][0].key]
+        assert len(failed) == 1
+        results, committed = failed[0]
+        assert not committed and {r.finish_reason for r in results} == {FINISH_ERROR}
+        assert all("engine crashed on a shard" in r.error for r in results), results[0].error
+        good = [r for rs, _ in calls for r in rs if r.finish_reason != FINISH_ERROR]
+        assert len(good) == 6
+        if kind == "beam":  # dead letters are not cached (the next run retries them); the rest is
+            stored = cache.lookup([r.key for s in shards for r in s])["cache_key"].to_list()
+            assert sorted(stored) == sorted(r.key for r in good)
+
+
+def test_beam_runs_in_process_without_any_download(tmp_path, monkeypatch):
+    from apache_beam.runners.portability import prism_runner
+
+    attempts = []
+    real_connect = socket.socket.connect
+
+    def guarded_connect(sock, address):
+        # loopback and unix sockets are local plumbing; anything else would be the network
+        if sock.family == socket.AF_UNIX or str(address[0]) in ("127.0.0.1", "::1", "localhost"):
+            return real_connect(sock, address)
+        attempts.append(("connect", address))
+        raise OSError(f"network disabled in this test: {address}")
+
+    def no_urlopen(url, *args, **kwargs):
+        attempts.append(("urlopen", getattr(url, "full_url", url)))
+        raise OSError("network disabled in this test")
+
+    def no_prism(self, *args, **kwargs):
+        attempts.append(("prism", None))
+        raise RuntimeError("the Prism runner must not be used")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(urllib.request, "urlopen", no_urlopen)
+    monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", no_prism)
+    monkeypatch.setattr(prism_runner.PrismJobServer, "local_bin", no_prism)
+    monkeypatch.setattr(prism_runner.PrismJobServer, "_download_to_local_path", no_prism)
+
+    shards = make_shards([2, 2])
+    engine = RecordingEngine(tmp_path / "beam.jsonl")
+    cache = GenerationCache(tmp_path / "cache")
+    calls = run_shards(BeamRunner(RunnerConfig(kind="beam"), engine), shards, cache.sink("test", engine.model_id))
+    assert attempts == []
+    assert len(calls) == 2 and all(c for _, c in calls)
+    assert not list((tmp_path / "cache" / "beam-runs").glob("*/outcome*"))  # the driver cleaned up
+
+
+def test_beam_refuses_a_run_without_a_cache_sink(tmp_path):
+    runner = BeamRunner(RunnerConfig(kind="beam"), RecordingEngine(tmp_path / "log.jsonl"))
+    with pytest.raises(ValueError, match="needs the cache sink"):
+        runner.execute(make_shards([1]), lambda results, committed=False: None, None)
+
+
+@pytest.fixture
+def inputs():
+    items = pl.DataFrame(
+        {"item_id": [f"i{n}" for n in range(12)], "title": [f"Movie {n}" for n in range(12)],
+         "year": [1990 + n for n in range(12)], "genres": [["Comedy"], ["Drama"]] * 6, "description": [None] * 12},
+        schema_overrides={"year": pl.Int32, "description": pl.String},
+    )
+    users = pl.DataFrame(
+        {"user_id": [f"u{n}" for n in range(4)], "age": [30] * 4, "gender": ["M"] * 4, "occupation": ["x"] * 4,
+         "region": [None] * 4},
+        schema_overrides={"age": pl.Int32, "region": pl.String},
+    )
+    history = pl.DataFrame(
+        {"user_id": [f"u{n % 4}" for n in range(20)], "item_id": [f"i{n % 12}" for n in range(20)],
+         "rating": [4.0] * 20, "timestamp": list(range(20))}
+    )
+    return AugmentInputs(users=users, items=items, history=history, domain="movies",
+                         count_tokens=lambda ts: [len(t.split()) for t in ts])
+
+
+def comparable(table) -> pl.DataFrame:
+    return pl.from_arrow(table).drop("created_at", "latency_s", strict=False).sort("entity_id", "cache_key")
+
+
+def test_augmentation_stage_gives_identical_tables_on_every_runner(ray_session, tmp_path, inputs):
+    """Parsing, a retry round and dead letters on top of the runners: the tables must not differ."""
+    aug_cfg = AugmenterConfig(name="llmrec_item_attributes")
+    engine_cfg = EngineConfig(kind="fake", max_attempts=3)
+    tables = {}
+    for kind in ("local", "ray", "beam"):
+        engine = RecordingEngine(tmp_path / f"{kind}.jsonl", answer="attributes")
+        runner = make_runner(RunnerConfig(kind=kind, shard_size=4, num_actors=2), engine, engine_cfg)
+        cache = GenerationCache(tmp_path / f"cache-{kind}")
+        out = run_augmenter(get_augmenter("llmrec_item_attributes"), aug_cfg, inputs, engine, engine_cfg, cache,
+                            runner.execute, shard_size=4)
+        runner.close()
+        assert out.generated.schema.equals(GENERATED_TEXTS)
+        assert out.stats.retries == 3 and out.stats.llm_requests == 15
+        tables[kind] = out
+        # every answer is in the cache once, whoever committed it: a re-run would cost no LLM call
+        assert cache.lookup(pl.from_arrow(out.generated)["cache_key"].to_list()).height == out.generated.num_rows
+
+    local = tables["local"]
+    assert local.generated.num_rows == 11 and local.dead_letter.num_rows == 1
+    for kind in ("ray", "beam"):
+        assert comparable(tables[kind].generated).equals(comparable(local.generated)), kind
+        assert comparable(tables[kind].dead_letter).equals(comparable(local.dead_letter)), kind
