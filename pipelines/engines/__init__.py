@@ -1,1 +1,47 @@
-"""LLM engines behind one seam: load() and generate(batch)."""
+"""LLM engines behind one seam: load() and generate(batch).
+
+`make_engine(cfg)` picks the engine named by `engine.kind`; each engine module is imported only when
+chosen, so a run on the HTTP or fake engine never imports torch, and the vLLM engine imports vLLM only
+when it loads.
+"""
+
+from __future__ import annotations
+
+from recaug.pipelines.config import EngineConfig
+from recaug.pipelines.engines.base import (
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+)
+
+ENGINE_KINDS = ("transformers", "vllm", "http", "fake")
+
+__all__ = [
+    "ENGINE_KINDS", "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP", "Engine", "EngineError",
+    "GenerationRequest", "GenerationResult", "make_engine",
+]
+
+
+def make_engine(cfg: EngineConfig) -> Engine:
+    """A not-yet-loaded engine for `cfg` (cheap: no model is read until load() or count_tokens())."""
+    if cfg.kind == "transformers":
+        from recaug.pipelines.engines.transformers_engine import TransformersEngine
+
+        return TransformersEngine(cfg)
+    if cfg.kind == "vllm":
+        from recaug.pipelines.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(cfg)
+    if cfg.kind == "http":
+        from recaug.pipelines.engines.http_engine import HTTPEngine
+
+        return HTTPEngine(cfg)
+    if cfg.kind == "fake":
+        from recaug.pipelines.engines.fake import FakeEngine
+
+        return FakeEngine(cfg)
+    raise EngineError(f"engine.kind {cfg.kind!r} is not one of {', '.join(ENGINE_KINDS)}")

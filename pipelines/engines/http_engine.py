@@ -1,0 +1,285 @@
+"""Any OpenAI-compatible `/v1/chat/completions` endpoint: a vLLM server (`vllm serve ...`) or a hosted API.
+
+Requests of a batch run on a thread pool of `concurrency` workers (that bounds the requests in
+flight), each with `timeout_s` per connect/read. 429, 5xx, timeouts, dropped connections and
+unreadable bodies are retried up to `max_retries` times with exponential backoff and full jitter,
+honouring Retry-After; any other 4xx is final at once (retrying a bad request cannot help). A request
+that still fails becomes a result with finish_reason "error" and a readable `error`; only a server
+that cannot be reached at all for a whole batch raises EngineError.
+
+The API key is read from the environment variable named by `api_key_env` at each request and sent as
+a Bearer token. It is never stored on the engine (so it is in no repr or pickle), and every error
+text is passed through a redaction of the key before it leaves this module. Ray/Beam workers need
+that variable in their own environment (e.g. Ray `runtime_env={"env_vars": ...}`).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from recaug.pipelines.config import EngineConfig
+from recaug.pipelines.engines.base import (
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+)
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+RETRY_AFTER_CAP_S = 120.0  # a server asking for longer than this is treated as down for this attempt
+_ERROR_BODY_CHARS = 300
+_SCHEMA_NAME = re.compile(r"[^A-Za-z0-9_-]+")
+sleep = time.sleep  # module-level so tests can record the backoff instead of waiting it out
+
+
+def chat_completions_url(base_url: str) -> str:
+    """`http://host:8000`, `.../v1` or the full `.../v1/chat/completions` all work."""
+    url = base_url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    if url.endswith("/v1"):
+        return url + "/chat/completions"
+    return url + "/v1/chat/completions"
+
+
+def response_format(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI structured outputs (also what vLLM's server accepts): a named, strict JSON schema."""
+    name = _SCHEMA_NAME.sub("_", str(schema.get("title") or "response")).strip("_")[:64] or "response"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds (either delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_delay(retry_number: int, retry_after: float | None = None) -> float:
+    """Full-jitter exponential backoff; a server's Retry-After is a floor, not a suggestion."""
+    delay = random.uniform(0.0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * (2 ** retry_number)))
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, RETRY_AFTER_CAP_S))
+    return delay
+
+
+class _Attempt(Exception):
+    """One failed attempt: `retryable` says whether another try may succeed."""
+
+    def __init__(self, message: str, retryable: bool, retry_after: float | None = None, unreachable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.unreachable = unreachable
+
+
+class HTTPEngine(Engine):
+    kind = "http"
+    supports_json_schema = True
+
+    def __init__(self, cfg: EngineConfig):
+        if not cfg.base_url:
+            raise EngineError(
+                "engine.kind 'http' needs engine.base_url, e.g. http://localhost:8000/v1 for `vllm serve` "
+                "or https://api.openai.com/v1 for a hosted API"
+            )
+        self.cfg = cfg
+        self.url = chat_completions_url(cfg.base_url)
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()  # one requests.Session per worker thread
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cfg": self.cfg}  # no sessions, no pool, and never a key
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["cfg"])
+
+    def __repr__(self) -> str:
+        return f"HTTPEngine(url={self.url!r}, model={self.cfg.model!r}, api_key_env={self.cfg.api_key_env!r})"
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.cfg.model}@{self.cfg.revision}"
+
+    def sampling_key(self) -> dict[str, Any]:
+        greedy = self.cfg.temperature == 0
+        return {
+            "temperature": self.cfg.temperature,
+            "top_p": None if greedy else self.cfg.top_p,
+            "seed": None if greedy else self.cfg.seed,
+            "json_constrained": self.supports_json_schema,
+        }
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="recaug-http")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _session(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+
+            session = requests.Session()
+            self._local.session = session
+        return session
+
+    # --- secrets ------------------------------------------------------------------------------------
+
+    def _api_key(self) -> str | None:
+        if not self.cfg.api_key_env:
+            return None
+        return os.environ.get(self.cfg.api_key_env) or None
+
+    def _redact(self, text: str) -> str:
+        key = self._api_key()
+        return text.replace(key, "[REDACTED]") if key else text
+
+    # --- generation -----------------------------------------------------------------------------------
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        if not requests:
+            return []
+        self.load()
+        assert self._pool is not None
+        outcomes = list(self._pool.map(self._run_one, requests))
+        results = [r for r, _ in outcomes]
+        if all(unreachable for _, unreachable in outcomes):
+            raise EngineError(
+                f"cannot reach {self.url} after {self.cfg.max_retries + 1} attempts per request: {results[0].error}; "
+                "check engine.base_url and that the server is running"
+            )
+        return results
+
+    def body(self, request: GenerationRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.cfg.model,
+            "messages": [dict(m) for m in request.messages],
+            "max_tokens": request.max_new_tokens,
+            "temperature": self.cfg.temperature,
+            "top_p": self.cfg.top_p,
+            "seed": self.cfg.seed,
+        }
+        if request.json_schema is not None:
+            body["response_format"] = response_format(request.json_schema)
+        return body
+
+    def _run_one(self, request: GenerationRequest) -> tuple[GenerationResult, bool]:
+        """(result, unreachable): never raises; the flag says the server could not be reached at all."""
+        started = time.perf_counter()
+        attempts = self.cfg.max_retries + 1
+        failure: _Attempt | None = None
+        for attempt in range(attempts):
+            try:
+                result = self._attempt(request)
+                result.latency_s = time.perf_counter() - started
+                result.extra["attempts"] = attempt + 1
+                return result, False
+            except _Attempt as exc:
+                failure = exc
+                if not exc.retryable or attempt == attempts - 1:
+                    break
+                delay = backoff_delay(attempt, exc.retry_after)
+                log.warning("%s (request %s, attempt %d/%d); retrying in %.1f s", exc, request.key[:12], attempt + 1, attempts, delay)
+                sleep(delay)
+        assert failure is not None
+        tries = attempt + 1
+        error = f"{failure} (after {tries} attempt{'s' if tries > 1 else ''})"
+        return (
+            GenerationResult(request.key, "", 0, 0, FINISH_ERROR, time.perf_counter() - started, error=error,
+                             extra={"attempts": tries}),
+            failure.unreachable,
+        )
+
+    def _attempt(self, request: GenerationRequest) -> GenerationResult:
+        import requests
+
+        headers = {"Content-Type": "application/json"}
+        key = self._api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        try:
+            resp = self._session().post(self.url, json=self.body(request), headers=headers,
+                                        timeout=(self.cfg.timeout_s, self.cfg.timeout_s))
+        except requests.Timeout:
+            raise _Attempt(f"no answer from {self.url} within {self.cfg.timeout_s:g} s", retryable=True) from None
+        except requests.ConnectionError as exc:
+            raise _Attempt(self._redact(f"cannot connect to {self.url}: {type(exc).__name__}"), retryable=True,
+                           unreachable=True) from None
+        except requests.RequestException as exc:
+            raise _Attempt(self._redact(f"request to {self.url} failed: {type(exc).__name__}: {exc}"),
+                           retryable=False) from None
+        if resp.status_code != 200:
+            snippet = self._redact(resp.text[:_ERROR_BODY_CHARS].strip())
+            message = f"HTTP {resp.status_code} from {self.url}: {snippet or resp.reason}"
+            retryable = resp.status_code in RETRY_STATUSES
+            raise _Attempt(message, retryable=retryable,
+                           retry_after=parse_retry_after(resp.headers.get("Retry-After")) if retryable else None)
+        return self._parse(request, resp.text)
+
+    def _parse(self, request: GenerationRequest, raw: str) -> GenerationResult:
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            snippet = self._redact(raw[:80].strip())
+            raise _Attempt(f"the response from {self.url} is not JSON (starts with {snippet!r})", retryable=True) from None
+        choices = payload.get("choices") if isinstance(payload, dict) else None
+        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+            raise _Attempt(f"the response from {self.url} has no choices", retryable=True)
+        choice = choices[0]
+        content = (choice.get("message") or {}).get("content")
+        if content is None:
+            raise _Attempt(f"the response from {self.url} has no message content (refusal or tool call?)",
+                           retryable=False)
+        raw_finish = choice.get("finish_reason")
+        usage = payload.get("usage") or {}
+        extra: dict[str, Any] = {"finish_reason_raw": raw_finish}
+        input_tokens, output_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if not isinstance(input_tokens, int) or not isinstance(output_tokens, int):
+            # a server without usage: estimate, and say so
+            input_tokens = sum(self.count_tokens([m.get("content", "") for m in request.messages]))
+            output_tokens = self.count_tokens([content])[0] if content else 0
+            extra["usage_estimated"] = True
+        return GenerationResult(
+            key=request.key,
+            text=content,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            finish_reason=FINISH_LENGTH if raw_finish == "length" else FINISH_STOP,
+            latency_s=0.0,
+            extra=extra,
+        )

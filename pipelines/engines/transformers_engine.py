@@ -1,0 +1,275 @@
+"""Hugging Face transformers on CPU or one CUDA device: the embedded default engine.
+
+How a call is batched: requests are grouped by `max_new_tokens` (one `generate` call has one
+budget), each group is ordered by prompt length so a micro-batch of `batch_size` pads only to its own
+longest prompt, and results are put back in request order. Prompts are left-padded (decoder-only
+models continue from the right edge); the model derives position ids from the attention mask, so a
+padded prompt sees the same positions as when it runs alone.
+
+Greedy decoding (temperature 0) gives the same tokens for a prompt whatever else is in its batch, up
+to float rounding: a padded batch multiplies matrices of another shape, which can move a logit in the
+last bits and, very rarely, flip a near-tie. With temperature > 0 the sampler is seeded per micro-batch
+from `seed` and the batch's request keys, so a re-run of the same batch reproduces its text.
+
+transformers has no built-in constrained decoding, so `supports_json_schema` is False and the
+augmenter's parser validates the text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from recaug.pipelines.config import EngineConfig
+from recaug.pipelines.engines.base import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+)
+from recaug.pipelines.packaged import ensure_smollm2_dir, file_content_id, smollm2_model_id
+
+PACKAGED_SMOLLM2 = "smollm2"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# files that define what a folder's model writes: architecture, tokenisation, chat template, defaults
+_IDENTITY_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
+)
+
+
+def set_offline_env() -> None:
+    """Nothing is downloaded at run time: models come from packages or local folders."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def resolve_model_dir(model: str) -> Path:
+    """'smollm2' -> the converted packaged model (converting it once); otherwise a local folder."""
+    if model == PACKAGED_SMOLLM2:
+        return ensure_smollm2_dir()
+    path = Path(model).expanduser()
+    if not (path / "config.json").exists():
+        raise EngineError(
+            f"engine.model {model!r} is neither 'smollm2' (the packaged SmolLM2-135M-Instruct) nor a local "
+            "model folder with a config.json; save the model once into a folder (save_pretrained) and point "
+            "engine.model at it - nothing is downloaded at run time"
+        )
+    return path.resolve()
+
+
+def folder_model_id(path: Path, revision: str) -> str:
+    """`<folder name>@<revision>` when the config names a revision, else `<folder name>@<content id>`.
+
+    The content id hashes the identity files and the weights (a read of the weights, once per engine),
+    so a changed fine-tune under the same folder name is a new cache key. A revision other than the
+    default 'packaged' is trusted as is and skips the read (worth it for multi-GB models).
+    """
+    if revision and revision != "packaged":
+        return f"{path.name}@{revision}"
+    files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in _IDENTITY_FILES))
+    if not any(p.suffix in _WEIGHT_SUFFIXES for p in files):
+        raise EngineError(f"no weight file ({', '.join(_WEIGHT_SUFFIXES)}) in the model folder {path}")
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(f"{p.name}:{file_content_id(p, 64)}\n".encode())
+    return f"{path.name}@{digest.hexdigest()[:16]}"
+
+
+def plan_micro_batches(requests: list[GenerationRequest], prompt_lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Request indices per micro-batch: grouped by max_new_tokens, length-sorted, cut at batch_size.
+
+    The order is a pure function of the requests (ties broken by position), so a call is reproducible.
+    """
+    order = sorted(range(len(requests)), key=lambda i: (requests[i].max_new_tokens, prompt_lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and requests[last[0]].max_new_tokens == requests[i].max_new_tokens:
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+class TransformersEngine(Engine):
+    kind = "transformers"
+    supports_json_schema = False
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self._model_dir: Path | None = None
+        self._model_id: str | None = None
+        self._tokenizer = None
+        self._model = None
+        self._stop_ids: list[int] = []
+
+    # pickling ships the config only: a worker loads its own model (and reuses the converted folder)
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cfg": self.cfg, "_model_id": self._model_id}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["cfg"])
+        self._model_id = state["_model_id"]
+
+    def __repr__(self) -> str:
+        return f"TransformersEngine(model={self.cfg.model!r}, device={self.cfg.device!r}, loaded={self._model is not None})"
+
+    # --- identity ---------------------------------------------------------------------------------
+
+    @property
+    def model_dir(self) -> Path:
+        if self._model_dir is None:
+            self._model_dir = resolve_model_dir(self.cfg.model)
+        return self._model_dir
+
+    @property
+    def model_id(self) -> str:
+        if self._model_id is None:
+            if self.cfg.model == PACKAGED_SMOLLM2:
+                self._model_id = smollm2_model_id()  # no conversion needed to name it
+            else:
+                self._model_id = folder_model_id(self.model_dir, self.cfg.revision)
+        return self._model_id
+
+    def sampling_key(self) -> dict[str, Any]:
+        greedy = self.cfg.temperature == 0
+        return {
+            "temperature": self.cfg.temperature,
+            # greedy ignores top_p and the seed: leaving them out keeps greedy cache keys stable
+            "top_p": None if greedy else self.cfg.top_p,
+            "seed": None if greedy else self.cfg.seed,
+            "json_constrained": self.supports_json_schema,
+        }
+
+    # --- loading ----------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """Loadable without the model (prompt budgeting runs before any generation)."""
+        if self._tokenizer is None:
+            set_offline_env()
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(self.model_dir)
+            tok.padding_side = "left"
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+            if tok.chat_template is None:
+                raise EngineError(f"the tokenizer in {self.model_dir} has no chat template; use an instruct/chat model")
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        set_offline_env()
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if self.cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineError(f"engine.device is {self.cfg.device!r} but torch sees no CUDA device; set engine.device: cpu")
+        tok = self.tokenizer
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir)
+        model.to(self.cfg.device)
+        model.eval()
+        gen_eos = model.generation_config.eos_token_id
+        gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        # generation stops on any of these, and counting uses the same set
+        self._stop_ids = sorted({i for i in [*gen_eos, tok.eos_token_id] if i is not None})
+        self._model = model
+
+    def close(self) -> None:
+        self._model = None
+        if self.cfg.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    # --- tokens -----------------------------------------------------------------------------------
+
+    def render(self, messages) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [len(x) for x in ids]
+
+    # --- generation -------------------------------------------------------------------------------
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        if not requests:
+            return []
+        self.load()
+        prompts = [self.render(r.messages) for r in requests]
+        # the chat template already holds every special token; the tokenizer must not add a BOS again
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for batch in plan_micro_batches(requests, [len(p) for p in prompt_ids], self.cfg.batch_size):
+            for i, result in zip(batch, self._generate_batch([requests[i] for i in batch], [prompt_ids[i] for i in batch])):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, requests: list[GenerationRequest], prompt_ids: list[list[int]]) -> list[GenerationResult]:
+        import torch
+
+        tok, model = self.tokenizer, self._model
+        max_new = requests[0].max_new_tokens
+        enc = tok.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(self.cfg.device)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "eos_token_id": self._stop_ids,
+            "pad_token_id": tok.pad_token_id,
+        }
+        if self.cfg.temperature == 0:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=None)
+        started = time.perf_counter()
+        with torch.inference_mode(), torch.random.fork_rng(devices=self._cuda_devices()):
+            if self.cfg.temperature > 0:
+                torch.manual_seed(self._batch_seed(requests))
+            out = model.generate(**enc, **kwargs)
+        wall = time.perf_counter() - started
+        generated = out[:, enc["input_ids"].shape[1]:].tolist()
+        results = []
+        for req, ids, prompt in zip(requests, generated, prompt_ids):
+            n, stopped = self._content_length(ids)
+            finish = FINISH_STOP if stopped or n < max_new else FINISH_LENGTH
+            results.append(GenerationResult(
+                key=req.key,
+                text=tok.decode(ids[:n], skip_special_tokens=True),
+                input_tokens=len(prompt),
+                output_tokens=n,
+                finish_reason=finish,
+                # every request of a micro-batch waited the whole batch: its share is wall / size,
+                # and the batch's own wall time is kept alongside
+                latency_s=wall / len(requests),
+                extra={"batch_latency_s": wall, "batch_size": len(requests)},
+            ))
+        return results
+
+    def _content_length(self, ids: list[int]) -> tuple[int, bool]:
+        """Generated tokens before the first stop token (padding after it never counts)."""
+        stops = self._stop_ids
+        for n, t in enumerate(ids):
+            if t in stops:
+                return n, True
+        return len(ids), False
+
+    def _batch_seed(self, requests: list[GenerationRequest]) -> int:
+        blob = f"{self.cfg.seed}|" + "|".join(r.key for r in requests)
+        return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+    def _cuda_devices(self) -> list[int]:
+        import torch
+
+        return list(range(torch.cuda.device_count())) if self.cfg.device.startswith("cuda") else []
