@@ -338,3 +338,42 @@ def test_augmentation_stage_gives_identical_tables_on_every_runner(ray_session, 
     for kind in ("ray", "beam"):
         assert comparable(tables[kind].generated).equals(comparable(local.generated)), kind
         assert comparable(tables[kind].dead_letter).equals(comparable(local.dead_letter)), kind
+
+
+PROMPTS = [
+    "Name one famous movie director.",
+    "What genre is The Matrix?",
+    "Give one word that describes a comedy.",
+    "Which country is Bollywood in?",
+    "Say hello in French.",
+    "What colour is the sky on a clear day?",
+    "Name a movie about space travel.",
+    "Is a documentary fiction or non-fiction?",
+]
+
+
+@pytest.mark.slow
+def test_real_smollm2_gives_the_same_greedy_text_on_every_runner(ray_session, tmp_path):
+    from recaug.pipelines.engines.transformers_engine import TransformersEngine
+
+    engine_cfg = EngineConfig(kind="transformers", model="smollm2", max_new_tokens=16, batch_size=4, temperature=0.0)
+    requests = [
+        GenerationRequest(f"smol-{i}", ({"role": "user", "content": p},), 12) for i, p in enumerate(PROMPTS)
+    ]
+    shards = [requests[:4], requests[4:]]
+    TransformersEngine(engine_cfg).model_dir  # convert the packaged GGUF once here, not in two actors at once
+    outputs = {}
+    for kind in ("local", "ray", "beam"):
+        engine = TransformersEngine(engine_cfg)
+        runner = make_runner(RunnerConfig(kind=kind, shard_size=4, num_actors=2), engine, engine_cfg)
+        cache = GenerationCache(tmp_path / f"cache-{kind}")
+        calls = run_shards(runner, shards, cache.sink("test", engine.model_id))
+        runner.close()
+        assert sorted(tuple(r.key for r in rs) for rs, _ in calls) == sorted(tuple(r.key for r in s) for s in shards)
+        outputs[kind] = by_key(calls)
+
+    local = outputs["local"]
+    assert len(local) == 8 and all(v[3] in ("stop", "length") and v[2] > 0 for v in local.values())
+    assert sum(bool(v[0].strip()) for v in local.values()) == 8  # the model really wrote something
+    assert outputs["ray"] == local
+    assert outputs["beam"] == local
