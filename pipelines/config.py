@@ -159,6 +159,9 @@ class CTRConfig(_Section):
     embedding_dim: int = Field(16, ge=1)
     synthetic_rate: float = Field(0.0, ge=0.0)
     history_len: int = Field(20, ge=1)
+    # KAR hybrid-expert adaptor: experts shared by all vectors, and dedicated to each vector
+    adaptor_shared_experts: int = Field(2, ge=2, le=5)
+    adaptor_dedicated_experts: int = Field(2, ge=2, le=6)
 
 
 class PipelineConfig(_Section):

@@ -1,0 +1,73 @@
+"""What a backbone file in `zoo/` provides, and the mixin that adds knowledge *fields* to a deepctr model.
+
+Every backbone receives the adaptor outputs as DenseFeat inputs (its DNN part sees them). Models
+whose core is a field interaction (FM, CIN, multi-head self-attention, cross network) can also
+take each adaptor output as one more *field*: the output is projected to `embedding_dim` and
+stands in the embedding list where a placeholder SparseFeat was declared. Declaring the
+placeholder as a SparseFeat makes deepctr size everything by itself (field counts of CIN and
+AutoInt, input widths of the DNN and the cross net); the mixin only swaps the placeholder's
+looked-up embedding for the projection, inside `input_from_feature_columns`, which is where
+DeepFM, xDeepFM, AutoInt and DCN collect their field embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from torch import nn
+
+from recaug.ctr_models.deepctr_import import BaseModel, SparseFeat
+
+
+@dataclass(frozen=True)
+class KnowledgeField:
+    field_name: str  # the placeholder SparseFeat (vocabulary size 1) in the DNN feature columns
+    dense_name: str  # the DenseFeat carrying the adaptor output it is computed from
+    dense_dim: int
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    # build(linear_columns, dnn_columns, seed=..., knowledge_fields=...) -> a deepctr BaseModel
+    build: Callable[..., BaseModel]
+    knowledge_fields: bool  # the adaptor outputs also enter the field interaction
+    uses_history: bool  # needs the hist_item_id sequence (DIN)
+    uses_linear: bool  # has a wide/linear part that reads linear_feature_columns
+    vector_routes: str  # where the adaptor outputs go, for docs and reports
+
+
+class KnowledgeFieldsMixin:
+    """Put before a deepctr model class: `class X(KnowledgeFieldsMixin, DeepFM)`.
+
+    Extra constructor argument: `knowledge_fields` (a sequence of KnowledgeField). With none it
+    behaves exactly like the wrapped model.
+    """
+
+    def __init__(self, *args, knowledge_fields: Sequence[KnowledgeField] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.knowledge_fields = tuple(knowledge_fields)
+        dims = {fc.name: fc.embedding_dim for fc in self.dnn_feature_columns if isinstance(fc, SparseFeat)}
+        for f in self.knowledge_fields:
+            if f.field_name not in dims:
+                raise ValueError(f"knowledge field {f.field_name!r} has no placeholder SparseFeat in the DNN feature columns")
+            if f.dense_name not in self.feature_index:
+                raise ValueError(f"knowledge field {f.field_name!r}: dense feature {f.dense_name!r} is not an input")
+        self.knowledge_projections = nn.ModuleDict(
+            {f.field_name: nn.Linear(f.dense_dim, dims[f.field_name]) for f in self.knowledge_fields}
+        )
+
+    def input_from_feature_columns(self, X, feature_columns, embedding_dict, support_dense=True):
+        sparse_embeddings, dense_values = super().input_from_feature_columns(
+            X, feature_columns, embedding_dict, support_dense
+        )
+        if self.knowledge_fields:
+            # sparse_embeddings lists the SparseFeat columns first, in order, then the pooled VarLen ones
+            position = {fc.name: i for i, fc in enumerate(c for c in feature_columns if isinstance(c, SparseFeat))}
+            for f in self.knowledge_fields:
+                if f.field_name in position:
+                    start, end = self.feature_index[f.dense_name]
+                    field = self.knowledge_projections[f.field_name](X[:, start:end]).unsqueeze(1)  # [B, 1, E]
+                    sparse_embeddings[position[f.field_name]] = field
+        return sparse_embeddings, dense_values

@@ -1,0 +1,134 @@
+"""The trainable model: knowledge adaptor + deepctr backbone, and the input tensor between them.
+
+deepctr models take one float tensor X whose columns are laid out by `model.feature_index`
+(name -> column range). `KnowledgeCTRModel.forward(ids, vectors, missing)` runs the adaptor on
+the batch's vectors and assembles X from three sources:
+  * the int64 id matrix of `CTRData` (sparse ids, genre list, history and its length),
+  * the adaptor outputs (one DenseFeat per vector, named after the vector table) and one
+    missing-indicator DenseFeat per vector (`<vector>__missing`, 1 = the entity had no vector),
+  * zeros for the knowledge-field placeholders (`<vector>__field`), whose embeddings the
+    backbone replaces with projected adaptor outputs (see backbone.KnowledgeFieldsMixin).
+Gradients flow from the backbone through X into the adaptor, so both train jointly.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from recaug.ctr_models.adaptor import KnowledgeAdaptor, build_adaptor
+from recaug.ctr_models.backbone import Backbone, KnowledgeField
+from recaug.ctr_models.data import SPARSE_FIELDS, FeatureSpec
+from recaug.ctr_models.deepctr_import import BaseModel, DenseFeat, SparseFeat, VarLenSparseFeat
+from recaug.ctr_models.zoo import get_backbone
+from recaug.pipelines.config import CTRConfig
+
+
+def feature_columns(
+    spec: FeatureSpec, adaptor_dims: Sequence[int], embedding_dim: int, backbone: Backbone
+) -> tuple[list, list, list[KnowledgeField]]:
+    """(linear_columns, dnn_columns, knowledge_fields) for one backbone."""
+    V = spec.vocabularies
+    sparse = [SparseFeat(name, V[name].size, embedding_dim) for name in SPARSE_FIELDS]
+    genres = VarLenSparseFeat(SparseFeat("genres", V["genres"].size, embedding_dim), maxlen=spec.genre_maxlen, combiner="mean")
+    dense, fields, placeholders = [], [], []
+    for vec, dim in zip(spec.vectors, adaptor_dims):
+        dense.append(DenseFeat(vec.slug, dim))
+        dense.append(DenseFeat(f"{vec.slug}__missing", 1))
+        if backbone.knowledge_fields:
+            placeholders.append(SparseFeat(f"{vec.slug}__field", 1, embedding_dim))
+            fields.append(KnowledgeField(f"{vec.slug}__field", vec.slug, dim))
+    history = []
+    if backbone.uses_history:
+        history.append(
+            VarLenSparseFeat(
+                SparseFeat("hist_item_id", V["item_id"].size, embedding_dim, embedding_name="item_id"),
+                maxlen=spec.history_len,
+                length_name="hist_len",
+            )
+        )
+    # placeholders are SparseFeats after the real ones, so the real fields keep their positions
+    dnn = sparse + placeholders + [genres] + history + dense
+    linear = (sparse + [genres] + dense) if backbone.uses_linear else []
+    return linear, dnn, fields
+
+
+class KnowledgeCTRModel(nn.Module):
+    def __init__(self, backbone: BaseModel, adaptor: KnowledgeAdaptor, spec: FeatureSpec, backbone_def: Backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.adaptor = adaptor
+        self.model_name = backbone_def.name
+        self.vector_routes = backbone_def.vector_routes if adaptor.output_dims else "none"
+        # which source fills each column range of X, in column order
+        id_cols = spec.id_columns()
+        slugs = {v.slug: k for k, v in enumerate(spec.vectors)}
+        plan: list[tuple[str, int, int]] = []
+        at = 0
+        for name, (start, end) in sorted(backbone.feature_index.items(), key=lambda kv: kv[1][0]):
+            if start != at:
+                raise RuntimeError(f"deepctr feature_index has a gap before {name!r}")
+            at = end
+            if name in id_cols:
+                lo, hi = id_cols[name]
+                if hi - lo != end - start:
+                    raise RuntimeError(f"feature {name!r}: {end - start} input columns but the id matrix has {hi - lo}")
+                plan.append(("ids", lo, hi))
+            elif name in slugs:
+                plan.append(("adaptor", slugs[name], end - start))
+            elif name.endswith("__missing") and name[: -len("__missing")] in slugs:
+                k = slugs[name[: -len("__missing")]]
+                plan.append(("missing", k, k + 1))
+            elif name.endswith("__field") and name[: -len("__field")] in slugs:
+                plan.append(("zeros", 0, end - start))
+            else:
+                raise RuntimeError(f"no input source for deepctr feature {name!r}")
+        self._plan = plan
+        self.input_width = at
+
+    @property
+    def uses_vectors(self) -> bool:
+        return bool(self.adaptor.output_dims)
+
+    def adaptor_outputs(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.adaptor(vectors) if self.uses_vectors else []
+
+    def assemble_inputs(self, ids: torch.Tensor, vectors: Sequence[torch.Tensor], missing: torch.Tensor) -> torch.Tensor:
+        """The X tensor the deepctr backbone expects (float32 [B, input_width])."""
+        outputs = self.adaptor_outputs(vectors)
+        ids_f = ids.float()  # exact for indices < 2**24
+        pieces = []
+        for source, a, b in self._plan:
+            if source == "ids":
+                pieces.append(ids_f[:, a:b])
+            elif source == "adaptor":
+                pieces.append(outputs[a])
+            elif source == "missing":
+                pieces.append(missing[:, a:b])
+            else:
+                pieces.append(ids_f.new_zeros((ids.shape[0], b)))
+        return torch.cat(pieces, dim=1)
+
+    def forward(self, ids: torch.Tensor, vectors: Sequence[torch.Tensor], missing: torch.Tensor) -> torch.Tensor:
+        """Click probabilities, float32 [B]."""
+        return self.backbone(self.assemble_inputs(ids, vectors, missing)).squeeze(-1)
+
+    def regularization_loss(self) -> torch.Tensor:
+        # deepctr's own L2 terms (embeddings, linear, DNN as configured per model) plus DIN's aux loss
+        return self.backbone.get_regularization_loss() + self.backbone.aux_loss
+
+
+def build_model(model_name: str, spec: FeatureSpec, cfg: CTRConfig, seed: int) -> KnowledgeCTRModel:
+    backbone_def = get_backbone(model_name)
+    dims = [v.dim for v in spec.vectors] if cfg.adaptor != "none" else []
+    if max(v.size for v in spec.vocabularies.values()) >= 2**24:
+        raise ValueError("a vocabulary has >= 2**24 values; deepctr's float input cannot index it exactly")
+    torch.manual_seed(seed)
+    adaptor = build_adaptor(
+        cfg.adaptor, dims, n_shared=cfg.adaptor_shared_experts, n_dedicated=cfg.adaptor_dedicated_experts
+    )
+    linear, dnn, fields = feature_columns(spec, adaptor.output_dims, cfg.embedding_dim, backbone_def)
+    backbone = backbone_def.build(linear, dnn, seed=seed, knowledge_fields=fields)
+    return KnowledgeCTRModel(backbone, adaptor, spec, backbone_def)

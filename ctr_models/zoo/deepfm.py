@@ -1,0 +1,30 @@
+"""DeepFM (Guo et al., IJCAI 2017): linear part + FM + DNN over shared field embeddings.
+
+Knowledge vectors: dense inputs of the linear part and the DNN, and one extra FM field each
+(the adaptor output projected to embedding_dim), so they interact pairwise with every id field.
+"""
+
+from recaug.ctr_models.backbone import Backbone, KnowledgeFieldsMixin
+from recaug.ctr_models.deepctr_import import DeepFM
+
+DNN_HIDDEN_UNITS = (256, 128)
+
+
+class DeepFMWithKnowledgeFields(KnowledgeFieldsMixin, DeepFM):
+    pass
+
+
+def build(linear_columns, dnn_columns, *, seed, knowledge_fields=()):
+    return DeepFMWithKnowledgeFields(
+        linear_columns, dnn_columns, dnn_hidden_units=DNN_HIDDEN_UNITS, seed=seed, knowledge_fields=knowledge_fields
+    )
+
+
+BACKBONE = Backbone(
+    name="deepfm",
+    build=build,
+    knowledge_fields=True,
+    uses_history=False,
+    uses_linear=True,
+    vector_routes="dense (linear + DNN) and FM fields",
+)

@@ -1,0 +1,115 @@
+"""Knowledge adaptors and how their outputs enter each deepctr backbone (real deepctr models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recaug.ctr_models.adaptor import HybridExpertAdaptor, MLPAdaptor, build_adaptor
+from recaug.ctr_models.data import build_ctr_data
+from recaug.ctr_models.deepctr_import import SparseFeat
+from recaug.ctr_models.network import build_model
+from recaug.ctr_models.toy import make_toy_world
+from recaug.ctr_models.zoo import MODEL_NAMES, get_backbone
+from recaug.pipelines.config import CTRConfig
+
+D = 384  # the packaged encoder's width
+
+
+@pytest.fixture(scope="module")
+def data384():
+    world = make_toy_world(n_users=40, n_items=30, per_user=24, vector_dim=D, n_synthetic=0, seed=3)
+    return build_ctr_data(world.samples, world.users, world.items, world.split, world.vectors, history_len=8)
+
+
+def test_hybrid_adaptor_structure_and_shapes():
+    torch.manual_seed(0)
+    adaptor = HybridExpertAdaptor([D, D], n_shared=3, n_dedicated=4)
+    assert len(adaptor.shared) == 3
+    assert [len(d) for d in adaptor.dedicated] == [4, 4]
+    assert [g.out_features for g in adaptor.gates] == [7, 7]  # one gate per vector over shared + its own
+    expert = adaptor.shared[0]
+    linears = [m for m in expert if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(D, 128), (128, 32)]
+    x_user, x_item = torch.randn(5, D), torch.randn(5, D)
+    out = adaptor([x_user, x_item])
+    assert [tuple(o.shape) for o in out] == [(5, 32), (5, 32)]
+    assert adaptor.output_dims == (32, 32)
+
+    # the output is the gate-weighted mix of shared + that vector's dedicated experts
+    with torch.no_grad():
+        gate = torch.softmax(adaptor.gates[1](x_item), dim=-1)
+        experts = [e(x_item) for e in adaptor.shared] + [e(x_item) for e in adaptor.dedicated[1]]
+        expected = sum(gate[:, k : k + 1] * experts[k] for k in range(7))
+    torch.testing.assert_close(out[1], expected)
+    # changing the user vector does not change the item output (gates and dedicated experts are per vector)
+    out2 = adaptor([torch.randn(5, D), x_item])
+    torch.testing.assert_close(out2[1], out[1])
+
+
+def test_adaptor_options_and_errors():
+    assert build_adaptor("none", [D, D]).output_dims == ()
+    assert build_adaptor("raw", [D, 16]).output_dims == (D, 16)
+    mlp = build_adaptor("mlp", [D, 16])
+    assert isinstance(mlp, MLPAdaptor) and mlp.output_dims == (32, 32)
+    assert [tuple(o.shape) for o in mlp([torch.randn(2, D), torch.randn(2, 16)])] == [(2, 32), (2, 32)]
+    with pytest.raises(ValueError, match="one width"):
+        build_adaptor("hybrid", [D, 16])
+    with pytest.raises(ValueError, match="at least one vector"):
+        build_adaptor("hybrid", [])
+    with pytest.raises(ValueError, match="unknown adaptor"):
+        build_adaptor("moe", [D])
+
+
+def _batch(data, n=6):
+    ids = data.split("train").ids[:n]
+    vectors, missing = data.gather_vectors(ids)
+    return ids, vectors, missing
+
+
+@pytest.mark.parametrize("adaptor", ["hybrid", "mlp", "raw", "none"])
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_adaptor_outputs_reach_each_backbone(data384, model_name, adaptor):
+    cfg = CTRConfig(adaptor=adaptor, embedding_dim=8)
+    model = build_model(model_name, data384.spec, cfg, seed=0)
+    backbone_def = get_backbone(model_name)
+    ids, vectors, missing = _batch(data384)
+    n_vec = len(data384.spec.vectors) if adaptor != "none" else 0
+    out_dim = {"hybrid": 32, "mlp": 32, "raw": D, "none": 0}[adaptor]
+
+    outputs = model.adaptor_outputs(vectors)
+    assert [tuple(o.shape) for o in outputs] == [(6, out_dim)] * n_vec
+
+    X = model.assemble_inputs(ids, vectors, missing)
+    assert X.shape == (6, model.input_width)
+    fi = model.backbone.feature_index
+    for k, vec in enumerate(data384.spec.vectors[:n_vec]):
+        a, b = fi[vec.slug]
+        assert b - a == out_dim
+        torch.testing.assert_close(X[:, a:b], outputs[k])  # the DNN's dense input is the adaptor output
+        a, b = fi[f"{vec.slug}__missing"]
+        torch.testing.assert_close(X[:, a], missing[:, k])
+
+    # extra fields: field-interaction models get one projected field per vector, the others none
+    sparse_list, dense_list = model.backbone.input_from_feature_columns(
+        X, model.backbone.dnn_feature_columns, model.backbone.embedding_dict
+    )
+    assert sum(t.shape[1] for t in dense_list) == n_vec * (out_dim + 1)
+    fields = [fc for fc in model.backbone.dnn_feature_columns if isinstance(fc, SparseFeat) and fc.name.endswith("__field")]
+    assert len(fields) == (n_vec if backbone_def.knowledge_fields else 0)
+    # the embedding list holds the SparseFeat columns first, in declaration order
+    names = [c.name for c in model.backbone.dnn_feature_columns if isinstance(c, SparseFeat)]
+    for k, vec in enumerate(data384.spec.vectors[:n_vec]):
+        if backbone_def.knowledge_fields:
+            pos = names.index(f"{vec.slug}__field")
+            assert sparse_list[pos].shape == (6, 1, 8)
+            projected = model.backbone.knowledge_projections[f"{vec.slug}__field"](outputs[k]).unsqueeze(1)
+            torch.testing.assert_close(sparse_list[pos], projected)
+
+    probs = model(ids, vectors, missing)
+    assert probs.shape == (6,) and bool(((probs > 0) & (probs < 1)).all())
+    if adaptor in ("hybrid", "mlp"):
+        # trained jointly: the loss gradient reaches the adaptor's first layer
+        probs.sum().backward()
+        grads = [p.grad for p in model.adaptor.parameters() if p.grad is not None]
+        assert grads and any(float(g.abs().sum()) > 0 for g in grads)
