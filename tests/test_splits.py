@@ -60,7 +60,8 @@ def test_hand_built_history_ties_and_labels():
     samples = pl.from_arrow(ctr_samples(split, cfg))
     assert ctr_samples(split, cfg).schema.equals(CTR_SAMPLES)
     assert "prompt" not in samples["split"].to_list()
-    labels = dict(zip(samples["item_id"].to_list(), samples["label"].to_list()))
+    mine = samples.filter(pl.col("user_id") == "u")
+    labels = dict(zip(mine["item_id"].to_list(), mine["label"].to_list()))
     # rating > 3 is a click; a missing rating means an implicit-feedback interaction, i.e. a click
     assert labels["b"] == 0 and labels["d"] == 0 and labels["e"] == 1 and labels["f"] == 0
     assert not samples["synthetic"].any()
