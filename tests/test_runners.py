@@ -282,7 +282,27 @@ def test_beam_runs_in_process_without_any_download(tmp_path, monkeypatch):
     calls = run_shards(BeamRunner(RunnerConfig(kind="beam"), engine), shards, cache.sink("test", engine.model_id))
     assert attempts == []
     assert len(calls) == 2 and all(c for _, c in calls)
-    assert not list((tmp_path / "cache" / "beam-runs").glob("*/outcome*"))  # the driver cleaned up
+    assert list((tmp_path / "cache" / "beam-runs").iterdir()) == []  # the driver removed its run folder
+
+
+def test_beam_shard_lines_round_trip_any_prompt(tmp_path):
+    from recaug.pipelines.runners.beam_runner import shard_from_json, shard_to_json
+
+    shard = [
+        GenerationRequest("a", ({"role": "system", "content": "line one\nline two\r\n\u2028 «quoted» 映画"},
+                                {"role": "user", "content": "{\"json\": [1, 2]}"}), 7,
+                          {"type": "object", "properties": {"director": {"type": "string"}}}),
+        GenerationRequest("b", ({"role": "user", "content": ""},), 1, None),
+    ]
+    line = shard_to_json(3, shard)
+    assert "\n" not in line  # one shard = one line of the shards file
+    assert shard_from_json(line) == (3, shard)
+    # and through the real pipeline: the engine gets the very same prompts as in-process
+    local = run_shards(LocalRunner(RecordingEngine(tmp_path / "local.jsonl")), [shard], None)
+    engine = RecordingEngine(tmp_path / "beam.jsonl")
+    beam = run_shards(BeamRunner(RunnerConfig(kind="beam"), engine), [shard],
+                      GenerationCache(tmp_path / "cache").sink("test", engine.model_id))
+    assert by_key(beam) == by_key(local) and by_key(local)["a"][0].startswith("16:")
 
 
 def test_beam_refuses_a_run_without_a_cache_sink(tmp_path):

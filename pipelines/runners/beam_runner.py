@@ -1,11 +1,12 @@
-"""The Beam runner: Create(shards) -> RunInference(engine seam) -> commit each shard to the cache.
+"""The Beam runner: read shards -> RunInference(engine seam) -> commit each shard to the cache.
 
 A shard is one pipeline element from start to end (RunInference batches exactly one element per
 call), so the engine sees the same batches as under the local runner and greedy outputs match.
 Workers commit finished shards to the cache themselves through the picklable `CacheSink`; a shard
 whose engine call raises goes to RunInference's dead-letter output instead of failing the job.
-Both outcomes are written as JSON lines next to the cache; after the pipeline finishes the driver
-reads them and the committed rows back and hands every shard to `on_shard` exactly once.
+The shards go in, and both outcomes come out, as JSON-lines files in a run folder next to the cache;
+after the pipeline finishes the driver reads the outcomes and the committed rows back and hands every
+shard to `on_shard` exactly once.
 
 `runner.beam_options` are passed verbatim to `PipelineOptions`, so `--runner=DataflowRunner ...`,
 `--runner=FlinkRunner ...` or `--runner=SparkRunner ...` run the same pipeline there. Without a
@@ -85,6 +86,25 @@ def dead_letter_records(failed: tuple[Sequence[Shard], tuple[type, str, list[str
         yield json.dumps({"shard": index, "dead_letter": exc_repr})
 
 
+def shard_to_json(index: int, shard: list[GenerationRequest]) -> str:
+    requests = [{"key": r.key, "messages": list(r.messages), "max_new_tokens": r.max_new_tokens,
+                 "json_schema": r.json_schema} for r in shard]
+    return json.dumps({"shard": index, "requests": requests}, ensure_ascii=False)
+
+
+def shard_from_json(line: str) -> Shard:
+    record = json.loads(line)
+    requests = [GenerationRequest(r["key"], tuple(r["messages"]), int(r["max_new_tokens"]), r["json_schema"])
+                for r in record["requests"]]
+    return int(record["shard"]), requests
+
+
+def write_shards(shards: list[list[GenerationRequest]], path: str) -> None:
+    with FileSystems.create(path) as fh:
+        for index, shard in enumerate(shards):
+            fh.write((shard_to_json(index, shard) + "\n").encode("utf-8"))
+
+
 def pipeline_options(cfg: RunnerConfig) -> PipelineOptions:
     return PipelineOptions(list(cfg.beam_options))
 
@@ -109,11 +129,14 @@ class BeamRunner:
             return beam.Pipeline(runner=FnApiRunner(), options=self.options)
         return beam.Pipeline(options=self.options)
 
-    def build(self, pipeline: beam.Pipeline, shards: list[list[GenerationRequest]], sink: CacheSink, outcome_prefix: str):
-        elements: list[Shard] = list(enumerate(shards))
+    def build(self, pipeline: beam.Pipeline, shards_path: str, sink: CacheSink, outcome_prefix: str) -> None:
         inferred, dead = (
             pipeline
-            | "Shards" >> beam.Create(elements, reshuffle=True)  # reshuffle spreads shards over workers
+            # shards come from a file, not Create: a large run would not fit in the job graph (Dataflow
+            # caps its size); one line = one shard, and the reshuffle spreads shards over workers
+            | "ReadShards" >> beam.io.ReadFromText(shards_path)
+            | "ParseShards" >> beam.Map(shard_from_json)
+            | "SpreadShards" >> beam.Reshuffle()
             | "Generate" >> RunInference(EngineModelHandler(self.engine)).with_exception_handling()
         )
         committed = inferred | "Commit" >> beam.ParDo(CommitShard(sink))
@@ -134,18 +157,18 @@ class BeamRunner:
             return
         if sink is None:
             raise ValueError("the Beam runner commits shards on its workers and needs the cache sink (execute(..., sink))")
-        # the outcomes live next to the cache: both must be on storage every worker and the driver share
+        # the run's shards and outcomes live next to the cache: storage every worker and the driver share
         run_dir = FileSystems.join(sink.root, "beam-runs", uuid.uuid4().hex)
+        shards_path = FileSystems.join(run_dir, "shards.jsonl")
         outcome_prefix = FileSystems.join(run_dir, "outcome")
-        pipeline = self._pipeline()
-        self.build(pipeline, shards, sink, outcome_prefix)
-        result = pipeline.run()
-        state = result.wait_until_finish()
-        if state != "DONE":
-            raise RunnerError(f"the Beam pipeline ended in state {state}; see the runner's logs")
         try:
-            outcomes = read_outcomes(outcome_prefix)
-            self._deliver(shards, outcomes, sink, on_shard)
+            write_shards(shards, shards_path)
+            pipeline = self._pipeline()
+            self.build(pipeline, shards_path, sink, outcome_prefix)
+            state = pipeline.run().wait_until_finish()
+            if state != "DONE":
+                raise RunnerError(f"the Beam pipeline ended in state {state}; see the runner's logs")
+            self._deliver(shards, read_outcomes(outcome_prefix), sink, on_shard)
         finally:
             _remove_run_dir(run_dir)
 
