@@ -22,10 +22,21 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.ml.inference.base import ModelHandler, RunInference
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+# Importing Beam logs a warning about optional GCP client libraries through the root logger, which
+# would install a root handler (logging.basicConfig) and turn on every library's INFO output in
+# the CLI. A temporary null handler keeps this process's logging set-up as it was.
+_root_logger = logging.getLogger()
+_import_guard = logging.NullHandler() if not _root_logger.handlers else None
+if _import_guard is not None:
+    _root_logger.addHandler(_import_guard)
+try:
+    import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.ml.inference.base import ModelHandler, RunInference
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+finally:
+    if _import_guard is not None:
+        _root_logger.removeHandler(_import_guard)
 
 from recaug.pipelines.cache import CacheSink, GenerationCache
 from recaug.pipelines.config import EngineConfig, RunnerConfig

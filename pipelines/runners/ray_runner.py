@@ -164,6 +164,21 @@ class ShardGenerator:
         return results_to_table(out)
 
 
+def _not_progress_bar_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data prints INFO lines per dataset ("execution finished in ...") and a notice that we turned
+    its progress bars off; keep warnings and errors on the console. Its full log still goes to
+    the session's ray-data.log."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+            if _not_progress_bar_notice not in handler.filters:
+                handler.addFilter(_not_progress_bar_notice)
+
+
 class RayRunner:
     kind = "ray"
 
@@ -221,6 +236,8 @@ class RayRunner:
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         ctx.enable_auto_log_stats = False
+        if not log.isEnabledFor(logging.DEBUG):
+            quiet_ray_data_console()
         size = pool_size(self.cfg, self.resources, ray.cluster_resources(), len(shards))
         gpus = {"num_gpus": self.resources["num_gpus"]} if self.resources["num_gpus"] > 0 else {}
         return ray.data.from_arrow(shards_to_tables(shards)).map_batches(
