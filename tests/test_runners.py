@@ -359,6 +359,15 @@ def test_augmentation_stage_gives_identical_tables_on_every_runner(ray_session, 
         assert comparable(tables[kind].generated).equals(comparable(local.generated)), kind
         assert comparable(tables[kind].dead_letter).equals(comparable(local.dead_letter)), kind
 
+    # the caches are interchangeable: what Ray wrote, Beam reuses without a call, and so on
+    for kind, cache_of in (("beam", "ray"), ("local", "beam")):
+        engine = RecordingEngine(tmp_path / f"again-{kind}.jsonl", answer="attributes")
+        runner = make_runner(RunnerConfig(kind=kind, shard_size=4), engine, engine_cfg)
+        again = run_augmenter(get_augmenter("llmrec_item_attributes"), aug_cfg, inputs, engine, engine_cfg,
+                              GenerationCache(tmp_path / f"cache-{cache_of}"), runner.execute, shard_size=4)
+        assert again.stats.llm_requests == 0 and not engine_log(tmp_path / f"again-{kind}.jsonl"), kind
+        assert comparable(again.generated).equals(comparable(local.generated)), kind
+
 
 PROMPTS = [
     "Name one famous movie director.",
