@@ -107,7 +107,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     srv = ScriptedServer()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield srv
     srv.shutdown()
@@ -209,6 +209,13 @@ def test_invalid_json_or_missing_choices_become_error_results(server, sleeps):
     assert bad_json.finish_reason == "error" and "not JSON" in bad_json.error and "<html>" in bad_json.error
     assert no_choices.finish_reason == "error" and "no choices" in no_choices.error
     assert len(server.received) == 4  # both were retried once before giving up
+
+
+def test_a_request_that_cannot_be_sent_is_an_error_result_not_an_exception(server):
+    unserialisable = {"type": "object", "enum": {1, 2}}  # a set is not JSON
+    good, bad = engine_for(server).generate([req("a", "abc"), req("b", "x", schema=unserialisable)])
+    assert good.text == "cba"
+    assert bad.finish_reason == "error" and "unexpected TypeError" in bad.error and "1 attempt)" in bad.error
 
 
 def test_concurrency_is_bounded(server):

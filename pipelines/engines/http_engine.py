@@ -209,12 +209,14 @@ class HTTPEngine(Engine):
                 result.latency_s = time.perf_counter() - started
                 result.extra["attempts"] = attempt + 1
                 return result, False
-            except _Attempt as exc:
-                failure = exc
-                if not exc.retryable or attempt == attempts - 1:
+            except Exception as raised:  # one request's failure is its result, never the batch's exception
+                failure = raised if isinstance(raised, _Attempt) else _Attempt(
+                    self._redact(f"unexpected {type(raised).__name__}: {raised}"), retryable=False)
+                if not failure.retryable or attempt == attempts - 1:
                     break
-                delay = backoff_delay(attempt, exc.retry_after)
-                log.warning("%s (request %s, attempt %d/%d); retrying in %.1f s", exc, request.key[:12], attempt + 1, attempts, delay)
+                delay = backoff_delay(attempt, failure.retry_after)
+                log.warning("%s (request %s, attempt %d/%d); retrying in %.1f s",
+                            failure, request.key[:12], attempt + 1, attempts, delay)
                 sleep(delay)
         assert failure is not None
         tries = attempt + 1

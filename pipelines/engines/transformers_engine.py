@@ -34,6 +34,11 @@ from recaug.pipelines.engines.base import (
 )
 from recaug.pipelines.packaged import ensure_smollm2_dir, file_content_id, smollm2_model_id
 
+# OpenMP threads that spin while waiting for work starve each other when the cores are shared (other
+# workers, Ray actors, a busy CI box): measured 10x slower decoding on 2 shared cores. Sleeping waits
+# cost little here. Only effective if set before torch is first imported, hence at import of this module.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 PACKAGED_SMOLLM2 = "smollm2"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # files that define what a folder's model writes: architecture, tokenisation, chat template, defaults

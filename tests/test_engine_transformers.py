@@ -1,0 +1,145 @@
+"""TransformersEngine on the real packaged SmolLM2-135M-Instruct, and the once-per-machine conversion.
+
+The converted model lives in the real cache_home(), so CI converts once and every later test (and
+run) reuses it. Generation budgets are tiny (<= 12 new tokens) to keep this file fast on 2 cores.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from recaug.pipelines import packaged
+from recaug.pipelines.config import EngineConfig
+from recaug.pipelines.engines import make_engine
+from recaug.pipelines.engines.base import GenerationRequest
+from recaug.pipelines.engines.transformers_engine import TransformersEngine
+
+
+def req(key: str, text: str, max_new_tokens: int) -> GenerationRequest:
+    return GenerationRequest(key, ({"role": "user", "content": text},), max_new_tokens)
+
+
+# different prompt lengths and budgets in one call: exercises grouping, sorting and left padding
+REQUESTS = [
+    req("toy", "Describe the movie Toy Story (1995) in one sentence.", 12),
+    req("hi", "Hi", 12),
+    req("genre", "What genre is the film GoldenEye (1995)? Answer with one word.", 3),
+    req("factors", "Name three factors that make a film a classic: consider direction, acting and music.", 12),
+]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    return packaged.ensure_smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def engine(smollm2_dir):
+    engine = make_engine(EngineConfig(kind="transformers", batch_size=4))
+    engine.load()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def batched(engine):
+    return engine.generate(REQUESTS)
+
+
+@pytest.mark.slow
+def test_batched_results_equal_one_at_a_time_in_request_order(engine, batched):
+    assert [r.key for r in batched] == [r.key for r in REQUESTS]
+    singles = [engine.generate([r])[0] for r in REQUESTS]
+    for b, s in zip(batched, singles):
+        assert (b.key, b.text, b.input_tokens, b.output_tokens, b.finish_reason) == (
+            s.key, s.text, s.input_tokens, s.output_tokens, s.finish_reason)
+    assert all(r.text.strip() and r.latency_s > 0 for r in batched)
+
+
+@pytest.mark.slow
+def test_finish_reason_length_and_stop(batched):
+    by_key = {r.key: r for r in batched}
+    assert by_key["genre"].finish_reason == "length" and by_key["genre"].output_tokens == 3
+    # a greeting is answered in fewer than 12 tokens and ends on <|im_end|>
+    assert by_key["hi"].finish_reason == "stop" and 0 < by_key["hi"].output_tokens < 12
+    assert all(r.output_tokens <= next(q.max_new_tokens for q in REQUESTS if q.key == r.key) for r in batched)
+
+
+@pytest.mark.slow
+def test_token_counts_agree_with_the_tokenizer(engine, batched):
+    tok = engine.tokenizer
+    for request, result in zip(REQUESTS, batched):
+        prompt = tok.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+        assert result.input_tokens == len(tok(prompt, add_special_tokens=False)["input_ids"])
+        assert result.input_tokens == engine.count_tokens([prompt])[0]
+        # the stop token and the padding after it are not output; re-encoding the text gives the count
+        assert result.output_tokens == len(tok(result.text, add_special_tokens=False)["input_ids"])
+        assert "<|im_end|>" not in result.text
+
+
+@pytest.mark.slow
+def test_sampling_is_reproducible_for_the_same_batch(smollm2_dir):
+    cfg = EngineConfig(kind="transformers", temperature=1.0, seed=11, batch_size=2)
+    engine = TransformersEngine(cfg)
+    pair = [req("s1", "Invent a movie title.", 6), req("s2", "Invent a band name.", 6)]
+    first, again = engine.generate(pair), engine.generate(pair)
+    assert [r.text for r in first] == [r.text for r in again]
+    assert engine.sampling_key()["seed"] == 11
+
+
+@pytest.mark.slow
+def test_count_tokens_needs_no_model(smollm2_dir):
+    engine = TransformersEngine(EngineConfig(kind="transformers"))
+    counts = engine.count_tokens(["Toy Story (1995)", ""])
+    assert counts[0] > 0 and counts[1] == 0
+    assert engine._model is None  # budgeting before a run loads the tokenizer only
+
+
+@pytest.mark.slow
+def test_converted_model_is_reused_not_converted_again(smollm2_dir, monkeypatch):
+    stamp = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
+
+    def must_not_run(gguf, out_dir):
+        raise AssertionError("the packaged model was converted a second time")
+
+    monkeypatch.setattr(packaged, "_convert_smollm2_gguf", must_not_run)
+    assert packaged.ensure_smollm2_dir() == smollm2_dir
+    assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    assert smollm2_dir.parent == packaged.cache_home() / "models"
+    assert smollm2_dir.name == f"smollm2-135m-instruct-{packaged.file_content_id(packaged.smollm2_gguf())}"
+
+
+def test_concurrent_conversions_convert_once_and_publish_atomically(tmp_path, monkeypatch, capsys):
+    """Two converters at once (separate lock file descriptions, like two processes): one converts, the
+    other waits and reuses its folder; nobody sees the target before it is complete."""
+    monkeypatch.setenv("RECAUG_CACHE_HOME", str(tmp_path / "cache"))
+    conversions = []
+    started = threading.Event()
+    release = threading.Event()
+    partial_seen = []
+
+    def slow_convert(gguf, out_dir):
+        conversions.append(out_dir)
+        (out_dir / "model.safetensors").write_bytes(b"w")
+        started.set()
+        release.wait(10)
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(packaged, "_convert_smollm2_gguf", slow_convert)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(packaged.ensure_smollm2_dir())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    assert started.wait(10)
+    target = tmp_path / "cache" / "models" / f"smollm2-135m-instruct-{packaged.file_content_id(packaged.smollm2_gguf())}"
+    partial_seen.append(target.exists())  # mid-conversion: the target must not exist yet
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert partial_seen == [False]
+    assert len(conversions) == 1 and results == [target, target]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert not list(target.parent.glob(".*.tmp-*"))  # the temp folder was renamed, not copied
+    assert capsys.readouterr().err.count("converting the packaged SmolLM2") == 1
