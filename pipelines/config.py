@@ -162,6 +162,8 @@ class CTRConfig(_Section):
     # KAR hybrid-expert adaptor: experts shared by all vectors, and dedicated to each vector
     adaptor_shared_experts: int = Field(2, ge=2, le=5)
     adaptor_dedicated_experts: int = Field(2, ge=2, le=6)
+    # which published embedding tables the CTR models take (KAR's two by default)
+    vector_augmenters: list[str] = Field(default_factory=lambda: ["kar_user_preference", "kar_item_knowledge"])
 
 
 class PipelineConfig(_Section):

@@ -1,0 +1,286 @@
+"""CTR training on a published snapshot, and the result table (KAR's comparison on real data).
+
+Leakage: a snapshot's user texts were written from the prompt split only (the oldest part of each
+user's history, which ends before that user's first CTR sample) and its item texts from catalogue
+metadata, so every CTR sample of the same split may use them. `recaug train` rebuilds the split
+exactly as the snapshot saw it (the snapshot's data cutoff) and checks that rule before training.
+
+The result table compares, per backbone, mean ± std over seeds, selected on validation only:
+  (a) ids + attributes only;
+  (b) + vectors of the raw item text / user history, encoder only, no LLM (for the same entities as (c));
+  (c) + the LLM knowledge vectors (KAR: user preference reasoning, item knowledge);
+  (d) as (c) + LLM-made synthetic interactions in training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from recaug.pipelines.config import CTRConfig, PipelineConfig
+
+VARIANTS = {
+    "a": "ids + attributes",
+    "b": "+ raw-text vectors (encoder only)",
+    "c": "+ LLM knowledge (KAR)",
+    "d": "+ LLM knowledge + synthetic interactions",
+}
+
+
+@dataclass
+class TrainingInputs:
+    snapshot_id: str
+    manifest: dict[str, Any]
+    samples: pa.Table
+    users: pa.Table
+    items: pa.Table
+    split: pa.Table
+    llm_vectors: dict[str, pa.Table]  # "user:<augmenter>" / "item:<augmenter>"
+    synthetic: pa.Table
+
+
+def _config_hash(cfg: PipelineConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg.hash_view(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_no_leak(split: pa.Table) -> None:
+    """Every CTR sample is at or after the last prompt row of its user (the KAR rule)."""
+    df = pl.from_arrow(split)
+    last_prompt = df.filter(pl.col("split") == "prompt").group_by("user_id").agg(pl.col("timestamp").max().alias("p"))
+    bad = df.filter(pl.col("split") != "prompt").join(last_prompt, on="user_id").filter(pl.col("timestamp") < pl.col("p"))
+    if bad.height:
+        raise RuntimeError(f"{bad.height} CTR samples are older than their user's prompt context; refusing to train")
+
+
+def load_training_inputs(cfg: PipelineConfig, snapshot: str = "latest", vector_augmenters: list[str] | None = None) -> TrainingInputs:
+    from recaug.pipelines import features
+    from recaug.pipelines.inputs import prepare_inputs
+    from recaug.pipelines.snapshots import read_table, resolve_snapshot, snapshot_root
+
+    root = snapshot_root(cfg)
+    info = resolve_snapshot(root, snapshot)
+    manifest = info.manifest
+    prep = prepare_inputs(cfg, as_of=int(manifest["data_cutoff"]))
+    check_no_leak(prep.split)
+    wanted = vector_augmenters or cfg.ctr.vector_augmenters
+    feats = features.load(root, info.snapshot_id, augmenter=wanted)
+    vectors = {}
+    for (aug, kind), part in feats.group_by(["augmenter", "entity_kind"], maintain_order=True):
+        vectors[f"{kind}:{aug}"] = part.select("entity_id", "vector").to_arrow()
+    missing = sorted(set(wanted) - {k.split(":", 1)[1] for k in vectors})
+    if missing:
+        raise ValueError(f"snapshot {info.snapshot_id} has no embeddings for augmenter(s) {missing} (ctr.vector_augmenters)")
+    synthetic = read_table(root, info.snapshot_id, "synthetic/interactions") if "synthetic/interactions" in manifest["tables"] else None
+    from recaug.schemas import SYNTHETIC_INTERACTIONS
+
+    return TrainingInputs(
+        snapshot_id=info.snapshot_id,
+        manifest=manifest,
+        samples=prep.samples,
+        users=prep.users,
+        items=prep.items,
+        split=prep.split,
+        llm_vectors=vectors,
+        synthetic=synthetic if synthetic is not None else SYNTHETIC_INTERACTIONS.empty_table(),
+    )
+
+
+def raw_text_vectors(cfg: PipelineConfig, inputs: TrainingInputs, like: dict[str, pa.Table]) -> dict[str, pa.Table]:
+    """Row (b): the encoder applied to the text the LLM was given (item line / user history),
+    for exactly the entities that have LLM vectors, so (b) and (c) differ only by the LLM."""
+    from recaug.augmenters.context import item_lines
+    from recaug.encoders import encode_table
+    from recaug.encoders.text_encoder import TextEncoder
+    from recaug.pipelines.splits import prompt_context
+
+    encoder = TextEncoder(cfg.encoder, progress=False)
+    items = pl.from_arrow(inputs.items)
+    lines = item_lines(items)
+    history = prompt_context(inputs.split).join(lines, on="item_id", how="left")
+    user_text = history.group_by("user_id", maintain_order=True).agg(pl.col("item_line").fill_null("").str.join("\n").alias("text"))
+    out = {}
+    for key, table in like.items():
+        kind, aug = key.split(":", 1)
+        ids = pl.DataFrame({"entity_id": table.column("entity_id").to_pylist()}, schema={"entity_id": pl.String})
+        if kind == "item":
+            texts = ids.join(lines.rename({"item_id": "entity_id", "item_line": "text"}), on="entity_id", how="inner")
+        else:
+            texts = ids.join(user_text.rename({"user_id": "entity_id"}), on="entity_id", how="inner")
+        texts = texts.filter(pl.col("text").str.len_chars() > 0).with_columns(
+            pl.lit(kind).alias("entity_kind"), pl.lit(f"raw:{aug}").alias("augmenter"), pl.lit("raw").alias("template_hash")
+        )
+        emb = encode_table(texts.to_arrow(), encoder, cfg.workdir_path() / "cache" / "encodings", f"raw:{aug}")
+        out[f"{kind}:raw_{aug}"] = emb.select(["entity_id", "vector"])
+    return out
+
+
+def train_model(
+    cfg: PipelineConfig,
+    snapshot: str = "latest",
+    model: str = "deepfm",
+    seed: int = 0,
+    adaptor: str | None = None,
+    warm_start: str | None = None,
+    log=print,
+):
+    """`recaug train`: one backbone on one snapshot; the checkpoint pins the snapshot."""
+    from recaug.ctr_models import train_ctr
+    from recaug.pipelines.snapshots import pin_snapshot, snapshot_root
+
+    inputs = load_training_inputs(cfg, snapshot)
+    ctr = cfg.ctr if adaptor is None else cfg.ctr.model_copy(update={"adaptor": adaptor})
+    out_dir = cfg.workdir_path() / "models" / inputs.snapshot_id
+    lineage = {"snapshot_id": inputs.snapshot_id, "config_hash": _config_hash(cfg), "pipeline": cfg.name}
+    log(f"train {model} (adaptor {ctr.adaptor}, seed {seed}) on snapshot {inputs.snapshot_id}: "
+        f"{inputs.samples.num_rows:,} samples, vectors {sorted(inputs.llm_vectors)}"
+        + (f", warm start from {warm_start}" if warm_start else ""))
+    result = train_ctr(
+        inputs.samples, inputs.users, inputs.items, inputs.split, inputs.llm_vectors, ctr, model, seed,
+        warm_start=warm_start, checkpoint_dir=out_dir,
+        synthetic=inputs.synthetic if ctr.synthetic_rate > 0 else None, lineage=lineage,
+    )
+    if result.checkpoint_path:
+        pin_snapshot(snapshot_root(cfg), inputs.snapshot_id, f"model {result.checkpoint_path}")
+    return inputs, result
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "–"
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+
+
+def run_report(
+    cfg: PipelineConfig,
+    snapshot: str = "latest",
+    models: list[str] | None = None,
+    seeds: list[int] | None = None,
+    variants: str = "abcd",
+    log=print,
+) -> dict[str, Any]:
+    """Train every backbone under every variant and seed; write markdown, JSON and a PNG plot."""
+    from recaug.ctr_models import build_ctr_data, train_on_data
+
+    started = time.perf_counter()
+    inputs = load_training_inputs(cfg, snapshot)
+    models = models or cfg.ctr.models
+    seeds = seeds if seeds is not None else cfg.ctr.seeds
+    data_by_variant: dict[str, Any] = {}
+    notes = []
+    syn_rate = cfg.ctr.synthetic_rate
+    for v in variants:
+        if v == "a":
+            vectors, syn = {}, None
+        elif v == "b":
+            vectors, syn = raw_text_vectors(cfg, inputs, inputs.llm_vectors), None
+        elif v == "c":
+            vectors, syn = inputs.llm_vectors, None
+        else:
+            if syn_rate <= 0 or inputs.synthetic.num_rows == 0:
+                notes.append("row (d) skipped: ctr.synthetic_rate is 0 or the snapshot has no synthetic interactions")
+                continue
+            vectors, syn = inputs.llm_vectors, inputs.synthetic
+        data_by_variant[v] = build_ctr_data(inputs.samples, inputs.users, inputs.items, inputs.split, vectors,
+                                            cfg.ctr.history_len, synthetic=syn)
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    total = len(models) * len(data_by_variant) * len(seeds)
+    done = 0
+    for model in models:
+        for v, data in data_by_variant.items():
+            ctr: CTRConfig = cfg.ctr.model_copy(update={
+                "adaptor": "none" if v == "a" else (cfg.ctr.adaptor if cfg.ctr.adaptor != "none" else "hybrid"),
+                "synthetic_rate": syn_rate if v == "d" else 0.0,
+            })
+            for seed in seeds:
+                r = train_on_data(data, ctr, model, seed)
+                done += 1
+                results.setdefault(model, {}).setdefault(v, []).append(
+                    {k: r.metrics[k] for k in ("test_auc", "test_logloss", "test_gauc", "valid_auc")} | {"best_epoch": r.best_epoch}
+                )
+                log(f"  [{done}/{total}] {model:<8} ({v}) seed {seed}: valid AUC {r.metrics['valid_auc']:.4f}, "
+                    f"test AUC {r.metrics['test_auc']:.4f}, LogLoss {r.metrics['test_logloss']:.4f} ({r.seconds:.1f} s)")
+    report = {
+        "pipeline": cfg.name,
+        "snapshot_id": inputs.snapshot_id,
+        "data_cutoff": inputs.manifest["data_cutoff"],
+        "samples": {s: int(n) for s, n in pl.from_arrow(inputs.samples).group_by("split").len().iter_rows()},
+        "vectors": {k: t.num_rows for k, t in inputs.llm_vectors.items()},
+        "synthetic_interactions": inputs.synthetic.num_rows,
+        "synthetic_rate": syn_rate,
+        "seeds": seeds,
+        "variants": {v: VARIANTS[v] for v in data_by_variant},
+        "results": results,
+        "notes": notes,
+        "seconds": time.perf_counter() - started,
+    }
+    out_dir = cfg.workdir_path() / "reports" / inputs.snapshot_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    md = report_markdown(report)
+    (out_dir / "report.md").write_text(md)
+    plot_report(report, out_dir / "report.png")
+    report["paths"] = {"markdown": str(out_dir / "report.md"), "png": str(out_dir / "report.png"), "json": str(out_dir / "report.json")}
+    return report
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# CTR result table — {report['pipeline']}, snapshot {report['snapshot_id']}",
+        "",
+        f"Test AUC and LogLoss, mean ± std over seeds {report['seeds']}; early stopping and model selection on the "
+        "validation split only, test evaluated once per run. Samples: "
+        + ", ".join(f"{k} {v:,}" for k, v in sorted(report["samples"].items()))
+        + ". LLM vectors: " + ", ".join(f"{k} ({v:,} entities)" for k, v in report["vectors"].items())
+        + f". Synthetic interactions available: {report['synthetic_interactions']:,} (rate {report['synthetic_rate']}).",
+        "",
+        "| backbone | variant | test AUC | test LogLoss | test GAUC |",
+        "|---|---|---|---|---|",
+    ]
+    for model, per in report["results"].items():
+        for v, runs in per.items():
+            lines.append(
+                f"| {model} | ({v}) {report['variants'][v]} | {_fmt([r['test_auc'] for r in runs])} | "
+                f"{_fmt([r['test_logloss'] for r in runs])} | {_fmt([r['test_gauc'] for r in runs])} |"
+            )
+    for note in report["notes"]:
+        lines += ["", f"Note: {note}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(report["results"])
+    variants = list(report["variants"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(len(variants), 1)
+    for ax, metric, label in ((axes[0], "test_auc", "test AUC (higher is better)"), (axes[1], "test_logloss", "test LogLoss (lower is better)")):
+        for i, v in enumerate(variants):
+            means = [np.mean([r[metric] for r in report["results"][m].get(v, [])]) for m in models]
+            stds = [np.std([r[metric] for r in report["results"][m].get(v, [])]) for m in models]
+            xs = np.arange(len(models)) + (i - (len(variants) - 1) / 2) * width
+            ax.bar(xs, means, width, yerr=stds, capsize=2, label=f"({v}) {report['variants'][v]}")
+        ax.set_xticks(np.arange(len(models)), models)
+        ax.set_title(label)
+        values = [r[metric] for m in models for v in variants for r in report["results"][m].get(v, [])]
+        if values:
+            lo, hi = min(values), max(values)
+            pad = (hi - lo) * 0.5 + 1e-3
+            ax.set_ylim(lo - pad, hi + pad)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"{report['pipeline']}: CTR models with and without LLM features (snapshot {report['snapshot_id']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
