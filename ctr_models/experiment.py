@@ -138,7 +138,10 @@ def train_model(
 
     inputs = load_training_inputs(cfg, snapshot)
     ctr = cfg.ctr if adaptor is None else cfg.ctr.model_copy(update={"adaptor": adaptor})
-    out_dir = cfg.workdir_path() / "models" / inputs.snapshot_id
+    from recaug.pipelines.long_job import new_run_id
+
+    # one folder per training run: a daily retrain never overwrites the checkpoint it started from
+    out_dir = cfg.workdir_path() / "models" / inputs.snapshot_id / new_run_id()
     lineage = {"snapshot_id": inputs.snapshot_id, "config_hash": _config_hash(cfg), "pipeline": cfg.name}
     log(f"train {model} (adaptor {ctr.adaptor}, seed {seed}) on snapshot {inputs.snapshot_id}: "
         f"{inputs.samples.num_rows:,} samples, vectors {sorted(inputs.llm_vectors)}"

@@ -25,6 +25,8 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # spinning OpenMP workers starve each other on a shared 2-core box (10x slower decoding)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def parse_time(value: str | None) -> int | None:
@@ -268,6 +270,77 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args) -> int:
+    """validate -> run (augment, encode, gate, publish) -> the CTR result table, on one config."""
+    import time
+
+    started = time.perf_counter()
+    steps = [
+        ("1/4 input gate and splits", cmd_validate, argparse.Namespace(config=args.config, as_of=None)),
+        ("2/4 long job: augment -> encode -> output gate -> publish", cmd_run,
+         argparse.Namespace(config=args.config, as_of=None, runner=None, only=None, wait=0.0, progress=args.progress)),
+        ("3/4 published snapshot", cmd_snapshots, argparse.Namespace(config=args.config, action="show", snapshot="latest", json=False)),
+        ("4/4 CTR result table", cmd_report,
+         argparse.Namespace(config=args.config, snapshot="latest", models=None, seeds=None, variants="abcd")),
+    ]
+    for title, func, ns in steps:
+        print(f"\n===== recaug demo {title} =====", flush=True)
+        code = func(ns)
+        if code != EXIT_OK:
+            print(f"recaug demo: step '{title}' failed with exit code {code}", file=sys.stderr)
+            return code
+    print(f"\nrecaug demo finished in {time.perf_counter() - started:.0f} s. Run it again: the generation cache "
+          "answers every prompt (0 LLM calls) and only the CTR models are retrained.")
+    return EXIT_OK
+
+
+def cmd_schedule(args) -> int:
+    from recaug.pipelines.config import load_config
+    from recaug.pipelines.scheduler import tick
+    from recaug.pipelines.snapshots import SnapshotNotFound, resolve_snapshot, snapshot_root
+
+    cfg = load_config(args.config)
+
+    def has_snapshot() -> bool:
+        try:
+            resolve_snapshot(snapshot_root(cfg), "latest")
+            return True
+        except (SnapshotNotFound, FileNotFoundError):
+            return False
+
+    def long_job(cfg, now: int, full_refresh: bool) -> dict:
+        from recaug.pipelines.augment import Budget
+        from recaug.pipelines.inputs import prepare_inputs
+        from recaug.pipelines.locking import RunLock
+        from recaug.pipelines.long_job import run_long_job
+
+        c, engine, runner = _engine_and_runner(cfg, None)
+        budget = None if full_refresh else Budget(cfg.schedule.long_max_entities, cfg.schedule.long_max_tokens)
+        workdir = cfg.workdir_path()
+        with RunLock(workdir / "run.lock", wait=args.wait):
+            prep = prepare_inputs(cfg, as_of=now, quarantine_path=workdir / "quarantine" / "latest.parquet")
+            try:
+                result = run_long_job(c, prep, engine, runner, progress=args.progress, budget=budget)
+            finally:
+                runner.close()
+        return {"snapshot": result.snapshot_id, "llm_requests": result.augmentation.report["totals"]["llm_requests"]}
+
+    def short_job(cfg, now: int, warm_start: str | None) -> dict:
+        from recaug.ctr_models.experiment import train_model
+
+        _, result = train_model(cfg, "latest", cfg.ctr.models[0], cfg.ctr.seeds[0], warm_start=warm_start)
+        return {"checkpoint": str(result.checkpoint_path), "test_auc": result.metrics["test_auc"]}
+
+    res = tick(cfg, long_job, short_job, has_snapshot, now=args.now, dry_run=args.dry_run)
+    if res.skipped_locked:
+        return EXIT_OK
+    for entry in res.ran:
+        print(f"ran {entry['job']} job in {entry['seconds']:.1f} s: " + ", ".join(f"{k}={v}" for k, v in entry.items() if k in ("snapshot", "checkpoint", "llm_requests", "test_auc")))
+    if not args.dry_run and not res.ran:
+        print("nothing was due")
+    return EXIT_OK
+
+
 def _not_yet(verb: str):
     def run(args) -> int:
         print(f"recaug {verb}: not available in this version yet.", file=sys.stderr)
@@ -282,9 +355,9 @@ VERBS = {
     "validate": ("run the input gate and print row, quarantine and split counts", cmd_validate),
     "snapshots": ("list or show published feature snapshots", cmd_snapshots),
     "train": ("train a CTR model on a published snapshot", cmd_train),
-    "schedule": ("run what is due in the long-short schedule (call from cron)", None),
+    "schedule": ("run what is due in the long-short schedule (call from cron)", cmd_schedule),
     "report": ("print and save the CTR result table", cmd_report),
-    "demo": ("run the whole product on the packaged model and data", None),
+    "demo": ("run the whole product on the packaged model and data", cmd_demo),
 }
 
 
@@ -336,6 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: ctr.seeds)")
     p.add_argument("--variants", default="abcd", help="which rows: a ids only, b raw-text vectors, c LLM, d LLM + synthetic")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help=VERBS["demo"][0], description=VERBS["demo"][0])
+    p.add_argument("config", nargs="?", default=str(Path(__file__).resolve().parent.parent / "configs" / "ml100k.yaml"))
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("schedule", help=VERBS["schedule"][0], description=VERBS["schedule"][0])
+    p.add_argument("action", choices=["tick"])
+    p.add_argument("config", help="pipeline config (YAML)")
+    p.add_argument("--now", type=parse_time, default=None, help="the time to act as of (default: now); for backfills and simulations")
+    p.add_argument("--dry-run", action="store_true", help="print what would run and why, run nothing")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for a manual run's lock")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("preview", help=VERBS["preview"][0], description=VERBS["preview"][0])
     p.add_argument("config", help="pipeline config (YAML)")
@@ -389,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # `recaug ... | head` closed the pipe: not an error of ours
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print("recaug: interrupted; re-run the same command to resume (finished shards are kept)", file=sys.stderr)
         return 130
