@@ -75,20 +75,18 @@ def _read_source(table: str, src: TableSource, cfg: PipelineConfig) -> pa.Table:
     )
     if fmt is None:
         raise InputSchemaError(f"{table}: cannot tell the format of {path}; set dataset.{table}.format to parquet or csv")
+    separator = "\t" if path.suffix.lower() == ".tsv" and src.csv_delimiter == "," else src.csv_delimiter
     try:
         if fmt == "parquet":
             df = pl.read_parquet(path)
         else:
             # utf8-lossy: invalid bytes become U+FFFD, which the gate quarantines with a reason
             # instead of the whole file failing to load.
-            df = pl.read_csv(
-                path,
-                separator="\t" if path.suffix.lower() == ".tsv" and src.csv_delimiter == "," else src.csv_delimiter,
-                infer_schema=False,
-                encoding="utf8-lossy",
-            )
+            df = pl.read_csv(path, separator=separator, infer_schema=False, encoding="utf8-lossy")
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise InputSchemaError(f"{table}: cannot read {path}: {exc}") from None
+        why = _csv_problem(path, separator) if fmt == "csv" else None
+        # polars' own advice names polars options, not ours: keep its first line only
+        raise InputSchemaError(f"{table}: cannot read {path}: {why or str(exc).strip().splitlines()[0]}") from None
 
     unknown = sorted(set(src.columns) - set(_KNOWN_COLUMNS[table]))
     if unknown:
@@ -105,6 +103,13 @@ def _read_source(table: str, src: TableSource, cfg: PipelineConfig) -> pa.Table:
     select = [pl.col(theirs).alias(ours) for ours, theirs in src.columns.items()]
     select += [pl.col(ours) for ours in _KNOWN_COLUMNS[table] if ours not in src.columns and ours in df.columns]
     out = df.select(select)
+    absent = [c for c in REQUIRED_COLUMNS[table] if c not in out.columns]
+    if absent:
+        # name the file's own columns (not what was selected from them) and the likely cause
+        raise InputSchemaError(
+            f"{table}: required column(s) {absent} not found in {path}; map them with dataset.{table}.columns "
+            f"(ours: theirs); the file has {df.columns}{_header_hint(table, df.columns, fmt, src)}"
+        )
     if table == "interactions" and src.timestamp_format and "timestamp" in out.columns and out["timestamp"].dtype == pl.String:
         # a parse failure stays the original string so the gate quarantines it with the value
         parsed = out["timestamp"].str.strptime(pl.Datetime("us", "UTC"), src.timestamp_format, strict=False)
@@ -117,19 +122,43 @@ def _read_source(table: str, src: TableSource, cfg: PipelineConfig) -> pa.Table:
     return out.to_arrow()
 
 
+def _csv_problem(path: Path, separator: str) -> str | None:
+    """Say which line breaks a CSV that polars refused (only on that error path: it reads the file)."""
+    import csv
+
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        rows = csv.reader(fh, delimiter=separator)
+        header = next(rows, None)
+        if header is None:
+            return "the file is empty (not even a header line)"
+        for n, row in enumerate(rows):
+            if len(row) > len(header):
+                return (
+                    f"data line {n} (0-based, after the header) has {len(row)} fields but the header has "
+                    f"{len(header)}: a {separator!r} inside an unquoted value? quote that value or fix the line"
+                )
+    return None
+
+
+def _header_hint(table: str, columns: list[str], fmt: str, src: TableSource) -> str:
+    """Why a header lacks our columns, when the header itself says: bytes that are not UTF-8
+    (a Latin-1 or UTF-16 export), or a single column holding another delimiter."""
+    if any("\ufffd" in c or "\x00" in c for c in columns):
+        return "; the header holds bytes that are not UTF-8: save the file as UTF-8"
+    if fmt == "csv" and len(columns) == 1:
+        for sep in (";", "\t", "|", ","):
+            if sep != src.csv_delimiter and sep in columns[0]:
+                return f"; the header looks {sep!r}-separated: set dataset.{table}.csv_delimiter to {sep!r}"
+    return ""
+
+
 def load_files(cfg: PipelineConfig) -> RawDataset:
     ds: DatasetConfig = cfg.dataset
     tables, sources = {}, {}
     for table in TABLES:
         src: TableSource = getattr(ds, table)
-        tables[table] = _read_source(table, src, cfg)
+        tables[table] = _read_source(table, src, cfg)  # raises when a required column is absent
         sources[table] = str(cfg.resolve_path(src.path))
-        absent = [c for c in REQUIRED_COLUMNS[table] if c not in tables[table].column_names]
-        if absent:
-            raise InputSchemaError(
-                f"{table}: required column(s) {absent} not found in {sources[table]}; map them with "
-                f"dataset.{table}.columns (ours: theirs); the file has {tables[table].column_names}"
-            )
     return RawDataset(tables=tables, list_separator=ds.items.list_separator, sources=sources)
 
 
