@@ -1,7 +1,8 @@
 """Shared, columnar context builders: the variables templates see.
 
 History is the prompt split only (leakage rule) and is truncated to a token budget by dropping the
-*oldest* items first, whole items at a time, never cutting an item in the middle.
+*oldest* items first, whole items at a time, never cutting an item in the middle; an item whose line
+alone is longer than the budget is left out.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ def history_context(inputs: AugmentInputs, user_ids: list[str], token_budget: in
     distinct = hist["line"].unique().to_list()
     counts = pl.DataFrame({"line": distinct, "_tok": inputs.count_tokens(distinct)}, schema={"line": pl.String, "_tok": pl.Int64})
     hist = hist.join(counts, on="line", how="left").sort(["user_id", "timestamp", "item_id"])
+    # an item longer than the whole budget can never fit: leave it out instead of letting it push
+    # every older item out too (one huge title would otherwise empty the history of whoever rated it)
+    fits = hist.filter(pl.col("_tok") <= token_budget)
     # newest-first running total: keep an item only while the whole item still fits
-    hist = hist.with_columns(pl.col("_tok").reverse().cum_sum().reverse().over("user_id").alias("_from_newest"))
-    kept = hist.filter(pl.col("_from_newest") <= token_budget)
+    fits = fits.with_columns(pl.col("_tok").reverse().cum_sum().reverse().over("user_id").alias("_from_newest"))
+    kept = fits.filter(pl.col("_from_newest") <= token_budget)
     per_user = kept.group_by("user_id", maintain_order=True).agg(
         pl.col("line").alias("history"), pl.col("item_id").alias("history_item_ids")
     )
