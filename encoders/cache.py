@@ -22,6 +22,7 @@ import pyarrow.dataset as pads
 
 from recaug.encoders.vectors import fixed_size_vectors, vectors_numpy
 from recaug.pipelines.cache import write_parquet_atomic
+from recaug.pipelines.crashpoints import crash_point
 
 
 def text_hashes(texts: Sequence[str]) -> list[str]:
@@ -78,7 +79,8 @@ class EncodingCache:
             [pa.array(hashes, pa.string()), fixed_size_vectors(vectors)], schema=shard_schema(self.dim, self.encoder_id)
         )
         name = f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
-        write_parquet_atomic(table, self.dir / name)
+        write_parquet_atomic(table, self.dir / name, crash_at="encode.cache_write")
+        crash_point("encode.cache_committed")
 
     def get_or_encode(
         self, texts: Sequence[str] | pa.Array | pa.ChunkedArray, encode: Callable[[list[str]], np.ndarray]

@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from recaug.pipelines.config import EncoderConfig
+from recaug.pipelines.crashpoints import crash_point
 from recaug.pipelines.packaged import MINILM_PACKAGE, minilm_dir
 
 PACKAGED_MINILM = "minilm"
@@ -218,6 +219,7 @@ class TextEncoder:
                     if self.cfg.normalize:
                         pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
                     out[idx] = pooled.to(torch.float32).cpu().numpy()
+                    crash_point("encode.batch")
                     if bar is not None:
                         bar.update(len(idx))
         finally:

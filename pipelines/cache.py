@@ -23,6 +23,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recaug.pipelines.crashpoints import crash_point
 from recaug.pipelines.engines.base import FINISH_ERROR, GenerationResult
 
 CACHE_SCHEMA = pa.schema(
@@ -46,13 +47,16 @@ def request_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+def write_parquet_atomic(table: pa.Table, path: Path, crash_at: str | None = None) -> None:
+    """`crash_at` names the crash point (pipelines/crashpoints.py) between the write and the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         pq.write_table(table, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        if crash_at:
+            crash_point(crash_at)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -120,7 +124,8 @@ class GenerationCache:
             schema=CACHE_SCHEMA,
         )
         name = f"{now.strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
-        write_parquet_atomic(table, self.dir / name)
+        write_parquet_atomic(table, self.dir / name, crash_at="generate.cache_write")
+        crash_point("generate.shard_committed")
         return len(ok)
 
     def compact(self, min_shards: int = 64) -> bool:
@@ -136,4 +141,5 @@ class GenerationCache:
         write_parquet_atomic(merged.to_arrow().cast(CACHE_SCHEMA), self.dir / name)
         for shard in shards:
             shard.unlink(missing_ok=True)
+            crash_point("generate.compact")
         return True

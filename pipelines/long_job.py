@@ -24,6 +24,7 @@ from recaug.augmenters.base import AugmentInputs, get_augmenter
 from recaug.pipelines.augment import AugmenterOutput, run_augmenter
 from recaug.pipelines.cache import GenerationCache, write_parquet_atomic
 from recaug.pipelines.config import AugmenterConfig, PipelineConfig
+from recaug.pipelines.crashpoints import crash_point
 from recaug.pipelines.engines.base import Engine
 from recaug.pipelines.inputs import PreparedInputs
 from recaug.pipelines.splits import prompt_context
@@ -131,6 +132,7 @@ def run_augmentation(
     result = AugmentationResult(run_id, workdir / "runs" / run_id, outputs, time.perf_counter() - started)
     result.report = augmentation_report(cfg, engine, result)
     write_run(result)
+    crash_point("generate.run_written")
     return result
 
 
@@ -293,6 +295,7 @@ def run_long_job(
     if not gate.success:
         raise OutputGateBlocked(gate.summary(), aug.run_dir)
     log(gate.summary().splitlines()[0])
+    crash_point("gate.passed")
 
     tables: dict[str, pa.Table] = dict(enc.snapshot_tables())
     for name, out in aug.outputs.items():

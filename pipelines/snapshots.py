@@ -40,6 +40,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recaug.pipelines.crashpoints import crash_point
+
 FORMAT_VERSION = 1
 LATEST_FILE = "LATEST"
 MANIFEST_FILE = "manifest.json"
@@ -50,7 +52,8 @@ TRASH_PREFIX = ".trash-"
 SNAPSHOT_ID_RE = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{8}$")  # 20261122T101530123456Z-1a2b3c4d
 TABLE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 RESERVED_MANIFEST_KEYS = ("snapshot_id", "created_at", "tables", "format_version", "data_cutoff_iso")
-# test seam: the publishing process SIGKILLs itself at the named step (see tests/test_snapshots.py)
+# test seam: the publishing process SIGKILLs itself at the named step (see tests/test_snapshots.py);
+# RECAUG_CRASH_AT=publish.<step> does the same (pipelines/crashpoints.py)
 CRASH_ENV = "RECAUG_SNAPSHOT_CRASH_AT"
 CRASH_POINTS = ("locked", "first_table", "tables_written", "manifest_written", "renamed", "committed", "retention")
 
@@ -129,6 +132,7 @@ def _sha256_file(path: Path) -> str:
 def _crash_point(step: str) -> None:
     if os.environ.get(CRASH_ENV) == step:
         os.kill(os.getpid(), signal.SIGKILL)
+    crash_point(f"publish.{step}")
 
 
 @contextlib.contextmanager
