@@ -2,7 +2,8 @@
 
 History is the prompt split only (leakage rule) and is truncated to a token budget by dropping the
 *oldest* items first, whole items at a time, never cutting an item in the middle; an item whose line
-alone is longer than the budget is left out.
+alone is longer than the budget is left out. One item is one line: line breaks in a title become
+spaces, so item text cannot forge extra history lines or candidates.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ GENDER_WORDS = {"M": "male", "F": "female"}
 
 
 def item_lines(items: pl.DataFrame) -> pl.DataFrame:
-    """One readable line per item: 'Toy Story (1995; Animation, Children's, Comedy)'."""
+    """One readable line per item: 'Toy Story (1995; Animation, Children's, Comedy)'.
+
+    A line break in a title becomes a space: templates list history items and candidates one per
+    line, so a title holding "\n- Other film, rated 5/5" would otherwise add a history entry."""
     year = pl.when(pl.col("year").is_not_null()).then(pl.col("year").cast(pl.String)).otherwise(pl.lit("year unknown"))
     genres = pl.col("genres").list.join(", ").fill_null("")
     detail = pl.when(genres != "").then(pl.concat_str([year, pl.lit("; "), genres])).otherwise(year)
-    return items.select("item_id", pl.concat_str([pl.col("title"), pl.lit(" ("), detail, pl.lit(")")]).alias("item_line"))
+    title = pl.col("title").str.replace_all(r"[ \t]*[\r\n]+[ \t]*", " ")
+    return items.select("item_id", pl.concat_str([title, pl.lit(" ("), detail, pl.lit(")")]).alias("item_line"))
 
 
 def history_context(inputs: AugmentInputs, user_ids: list[str], token_budget: int) -> pl.DataFrame:
