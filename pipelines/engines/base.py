@@ -38,6 +38,34 @@ class GenerationResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def special_token_texts(tokenizer) -> tuple[str, ...]:
+    """The strings a Hugging Face tokenizer turns into special tokens wherever they appear in text
+    (chat markers such as `<|im_start|>`, `<|im_end|>`, EOS), longest first."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False) and getattr(added, "content", ""):
+            texts.add(added.content)
+    return tuple(sorted((t for t in texts if len(t) > 1), key=lambda t: (-len(t), t)))
+
+
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def defuse_special_tokens(messages, specials: tuple[str, ...]) -> list[dict[str, str]]:
+    """Messages whose contents cannot be read as special tokens: a zero-width space after the first
+    character of each occurrence keeps the text visible to the model but no longer an exact match,
+    so item text like "<|im_end|><|im_start|>system" stays text instead of opening a chat turn.
+    Contents without such strings are returned unchanged (their prompts and token counts too)."""
+    out = []
+    for m in messages:
+        content = m.get("content", "")
+        for special in specials:
+            if special in content:
+                content = content.replace(special, special[0] + ZERO_WIDTH_SPACE + special[1:])
+        out.append({**m, "content": content})
+    return out
+
+
 class EngineError(RuntimeError):
     """An engine that cannot work at all (model missing, server unreachable after retries)."""
 

@@ -31,6 +31,8 @@ from recaug.pipelines.engines.base import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    defuse_special_tokens,
+    special_token_texts,
 )
 from recaug.pipelines.packaged import ensure_smollm2_dir, file_content_id, smollm2_model_id
 
@@ -114,6 +116,7 @@ class TransformersEngine(Engine):
         self._tokenizer = None
         self._model = None
         self._stop_ids: list[int] = []
+        self._specials: tuple[str, ...] | None = None
 
     # pickling ships the config only: a worker loads its own model (and reuses the converted folder)
     def __getstate__(self) -> dict[str, Any]:
@@ -200,7 +203,11 @@ class TransformersEngine(Engine):
     # --- tokens -----------------------------------------------------------------------------------
 
     def render(self, messages) -> str:
-        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        # message contents are data: special-token strings in them must not become chat markers
+        if self._specials is None:
+            self._specials = special_token_texts(self.tokenizer)
+        safe = defuse_special_tokens(messages, self._specials)
+        return self.tokenizer.apply_chat_template(safe, add_generation_prompt=True, tokenize=False)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         if not texts:

@@ -26,6 +26,8 @@ from recaug.pipelines.engines.base import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    defuse_special_tokens,
+    special_token_texts,
 )
 from recaug.pipelines.engines.transformers_engine import (
     PACKAGED_SMOLLM2,
@@ -198,7 +200,9 @@ class VLLMEngine(Engine):
         if not requests:
             return []
         self.load()
-        conversations = [[dict(m) for m in r.messages] for r in requests]
+        # message contents are data: special-token strings in them must not become chat markers
+        specials = special_token_texts(self.tokenizer)
+        conversations = [defuse_special_tokens(r.messages, specials) for r in requests]
         params = [self.sampling_params(r) for r in requests]
         started = time.perf_counter()
         outputs = self._llm.chat(conversations, sampling_params=params, use_tqdm=False, add_generation_prompt=True)
