@@ -56,7 +56,7 @@ class AugmenterStats:
     generate_seconds: float = 0.0
     parsed: int = 0
     dead_letter: int = 0
-    truncated: int = 0  # finish_reason == length among the final answers
+    truncated: int = 0  # finish_reason == length among the final answers, parsed or dead-lettered
     retries: int = 0
     render_errors: int = 0
     deferred: int = 0  # over this run's budget: left for a later run
@@ -311,6 +311,8 @@ def run_augmenter(
                 if p.attempt < engine_cfg.max_attempts and aug.response_model is not None:
                     retry.append(retry_of(p, raw, reason, aug, engine))
                 else:
+                    if ans["finish_reason"] == FINISH_LENGTH:
+                        stats.truncated += 1  # a cut-off answer is counted whether or not it parsed
                     dead_rows.append(dict(entity_id=p.entity_id, prompt=prompt_text, raw_text=raw, reason=reason,
                                           finish_reason=ans["finish_reason"], attempts=p.attempt, cache_key=p.key))
                 continue
