@@ -72,6 +72,29 @@ class SplitConfig(_Section):
     click_threshold: float = 3.0  # label = rating > click_threshold
 
 
+class ChaosConfig(_Section):
+    """Failure injection around the engine (docs/engines.md, "Chaos testing"): the share of requests
+    whose answer is replaced by a malformed, truncated or empty one or an error, and the share of
+    engine calls that raise. Deterministic per request key and seed."""
+
+    malformed: float = Field(0.0, ge=0.0, le=1.0)
+    truncated: float = Field(0.0, ge=0.0, le=1.0)
+    empty: float = Field(0.0, ge=0.0, le=1.0)
+    error: float = Field(0.0, ge=0.0, le=1.0)
+    exception: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _shares_fit(self):
+        total = self.malformed + self.truncated + self.empty + self.error
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"malformed + truncated + empty + error add up to {total:g}, more than 1")
+        return self
+
+    def shares(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("malformed", "truncated", "empty", "error", "exception")}
+
+
 class EngineConfig(_Section):
     kind: Literal["transformers", "vllm", "http", "fake"] = "transformers"
     # "smollm2" is the packaged SmolLM2-135M-Instruct; otherwise a local folder or a served model name
@@ -92,6 +115,8 @@ class EngineConfig(_Section):
     max_retries: int = Field(4, ge=0)
     # vllm engine
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    # chaos testing: wrap the engine above in a failure injector (None: off)
+    chaos: ChaosConfig | None = None
 
 
 class AugmenterConfig(_Section):

@@ -27,7 +27,17 @@ __all__ = [
 
 
 def make_engine(cfg: EngineConfig) -> Engine:
-    """A not-yet-loaded engine for `cfg` (cheap: no model is read until load() or count_tokens())."""
+    """A not-yet-loaded engine for `cfg` (cheap: no model is read until load() or count_tokens()),
+    wrapped in a failure injector when `engine.chaos` is set."""
+    engine = _make_inner(cfg)
+    if cfg.chaos is not None:
+        from recaug.pipelines.engines.chaos import ChaosEngine
+
+        engine = ChaosEngine(engine, cfg.chaos.shares(), seed=cfg.chaos.seed)
+    return engine
+
+
+def _make_inner(cfg: EngineConfig) -> Engine:
     if cfg.kind == "transformers":
         from recaug.pipelines.engines.transformers_engine import TransformersEngine
 
