@@ -75,17 +75,22 @@ class RecordingEngine(Engine):
         self._log({"event": "generate", "keys": [r.key for r in requests], "resources": resources})
         if self.raise_marker and any(self.raise_marker in r.messages[-1]["content"] for r in requests):
             raise RuntimeError(f"engine crashed on a shard containing {self.raise_marker!r}")
-        return [self._answer(r) for r in requests]
+        return [self._answer(r, len(requests)) for r in requests]
 
-    def _answer(self, r: GenerationRequest) -> GenerationResult:
+    def _answer(self, r: GenerationRequest, batch_size: int) -> GenerationResult:
         content = r.messages[-1]["content"]
+        # engine-specific details ride in `extra`; every runner must hand them back unchanged
+        extra = {"batch_size": batch_size, "prompt_chars": len(content), "note": "«ok»"}
         if self.error_marker and self.error_marker in content:
-            return GenerationResult(r.key, "", 0, 0, FINISH_ERROR, 0.0, error="HTTP 503 after 4 retries")
+            return GenerationResult(r.key, "", 0, 0, FINISH_ERROR, 0.0, error="HTTP 503 after 4 retries",
+                                    extra={**extra, "attempts": 5})
         if self.answer == "attributes":
             text = self._attributes(r)
         else:
             text = f"{len(content)}:{content[::-1][:24]}"
-        return GenerationResult(r.key, text, len(content.split()), len(text.split()), FINISH_STOP, 0.01)
+        # a latency float32 cannot hold exactly: a result that went through the cache would show it
+        return GenerationResult(r.key, text, len(content.split()), len(text.split()), FINISH_STOP, 0.1 + len(content) / 1e6,
+                                extra=extra)
 
     @staticmethod
     def _attributes(r: GenerationRequest) -> str:
@@ -123,6 +128,11 @@ def run_shards(runner, shards, sink):
 
 def by_key(calls) -> dict[str, tuple]:
     return {r.key: (r.text, r.input_tokens, r.output_tokens, r.finish_reason, r.error) for rs, _ in calls for r in rs}
+
+
+def results_by_key(calls) -> dict[str, GenerationResult]:
+    """Whole results, `extra` and `latency_s` included (for engines whose latency is scripted)."""
+    return {r.key: r for rs, _ in calls for r in rs}
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +214,11 @@ def test_same_shards_give_the_same_results_exactly_once_on_every_runner(ray_sess
     assert reference["key-006"][3] == FINISH_ERROR and reference["key-006"][4] == "HTTP 503 after 4 retries"
     assert by_key(outcome["ray"][0]) == reference
     assert by_key(outcome["beam"][0]) == reference
+    # whole results, extra and latency included, on the way back from the workers
+    full = results_by_key(outcome["local"][0])
+    assert full["key-006"].extra["attempts"] == 5 and full["key-000"].extra["batch_size"] == 4
+    assert results_by_key(outcome["ray"][0]) == full
+    assert results_by_key(outcome["beam"][0]) == full
 
     # who committed: Ray hands results to the driver (which commits), Beam workers commit themselves
     assert {c for _, c in outcome["local"][0]} == {False}
@@ -302,7 +317,7 @@ def test_beam_shard_lines_round_trip_any_prompt(tmp_path):
     engine = RecordingEngine(tmp_path / "beam.jsonl")
     beam = run_shards(BeamRunner(RunnerConfig(kind="beam"), engine), [shard],
                       GenerationCache(tmp_path / "cache").sink("test", engine.model_id))
-    assert by_key(beam) == by_key(local) and by_key(local)["a"][0].startswith("16:")
+    assert results_by_key(beam) == results_by_key(local) and by_key(local)["a"][0].startswith("16:")
 
 
 def test_beam_refuses_a_run_without_a_cache_sink(tmp_path):

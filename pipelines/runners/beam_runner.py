@@ -77,8 +77,20 @@ class EngineModelHandler(ModelHandler[Shard, tuple[int, list[GenerationResult]],
         return "recaug"
 
 
+def result_to_record(r: GenerationResult) -> dict[str, Any]:
+    return {"key": r.key, "text": r.text, "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+            "finish_reason": r.finish_reason, "latency_s": r.latency_s, "error": r.error,
+            "extra": json.loads(json.dumps(r.extra, default=str))}
+
+
+def result_from_record(d: dict[str, Any]) -> GenerationResult:
+    return GenerationResult(d["key"], d["text"], int(d["input_tokens"]), int(d["output_tokens"]), d["finish_reason"],
+                            float(d["latency_s"]), error=d["error"], extra=d["extra"])
+
+
 class CommitShard(beam.DoFn):
-    """Writes one finished shard to the cache; emits its outcome (which requests errored)."""
+    """Writes one finished shard to the cache; emits its outcome with every result as the engine
+    returned it (the cache keeps only part of a result: no `extra`, no errors, latency as float32)."""
 
     def __init__(self, sink: CacheSink):
         self.sink = sink
@@ -86,8 +98,8 @@ class CommitShard(beam.DoFn):
     def process(self, element: tuple[int, list[GenerationResult]]):
         index, results = element
         stored = self.sink.commit(results)  # engine errors are not cached: the next run retries them
-        errors = [{"key": r.key, "error": r.error or "engine error"} for r in results if r.finish_reason == FINISH_ERROR]
-        yield json.dumps({"shard": index, "stored": stored, "errors": errors})
+        # ASCII JSON: one outcome = one line, whatever characters the model wrote
+        yield json.dumps({"shard": index, "stored": stored, "results": [result_to_record(r) for r in results]})
 
 
 def dead_letter_records(failed: tuple[Sequence[Shard], tuple[type, str, list[str]]]) -> Iterable[str]:
@@ -187,32 +199,29 @@ class BeamRunner:
         missing = sorted(set(range(len(shards))) - set(outcomes))
         if missing:
             raise RunnerError(f"the Beam pipeline reported no outcome for shard(s) {missing[:10]} of {len(shards)}")
-        committed_keys = [r.key for i, s in enumerate(shards) if "dead_letter" not in outcomes[i] for r in s]
-        rows = GenerationCache(Path(sink.root)).lookup(committed_keys)
-        cached = {row["cache_key"]: row for row in rows.to_dicts()}
+        delivered = {}
+        for index, shard in enumerate(shards):
+            outcome = outcomes[index]
+            if "dead_letter" not in outcome:
+                delivered[index] = [result_from_record(d) for d in outcome["results"]]
+                check_shard(index, shard, delivered[index])
+        # the results travel in the outcome files; the committed rows must also be readable here
+        stored_keys = [r.key for results in delivered.values() for r in results if r.finish_reason != FINISH_ERROR]
+        found = set(GenerationCache(Path(sink.root)).lookup(stored_keys)["cache_key"].to_list())
         for index, shard in enumerate(shards):
             outcome = outcomes[index]
             if "dead_letter" in outcome:
                 reason = f"shard dead-lettered by the Beam runner: {outcome['dead_letter']}"
                 on_shard(error_results(shard, reason), False)
                 continue
-            errors = {e["key"]: e["error"] for e in outcome["errors"]}
-            results = []
-            for request in shard:
-                if request.key in errors:
-                    results.append(GenerationResult(request.key, "", 0, 0, FINISH_ERROR, 0.0, error=errors[request.key]))
-                elif request.key in cached:
-                    row = cached[request.key]
-                    results.append(GenerationResult(request.key, row["raw_text"], int(row["input_tokens"]),
-                                                    int(row["output_tokens"]), row["finish_reason"],
-                                                    float(row["latency_s"])))
-                else:
-                    raise RunnerError(
-                        f"shard {index} was committed by a Beam worker but its rows are not in the cache at "
-                        f"{sink.root}; the cache root must be on storage every worker writes and the driver reads "
-                        "(see docs/scaling.md)"
-                    )
-            on_shard(results, True)
+            lost = [r.key for r in delivered[index] if r.finish_reason != FINISH_ERROR and r.key not in found]
+            if lost:
+                raise RunnerError(
+                    f"shard {index} was committed by a Beam worker but its rows are not in the cache at "
+                    f"{sink.root}; the cache root must be on storage every worker writes and the driver reads "
+                    "(see docs/scaling.md)"
+                )
+            on_shard(delivered[index], True)
 
     def close(self) -> None:
         pass
