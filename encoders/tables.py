@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -41,11 +43,13 @@ def encode_table(
     cache_dir: Path | EncodingCache,
     augmenter: str,
     snapshot_id: str = UNPUBLISHED,
+    encode: Callable[[list[str]], np.ndarray] | None = None,
 ) -> pa.Table:
     """Encode the `text` column of one augmenter's GENERATED_TEXTS table.
 
     `cache_dir` may be a folder or an `EncodingCache` (pass one to read its hits/misses counters).
-    Texts already in the cache for this encoder id are not encoded again.
+    Texts already in the cache for this encoder id are not encoded again. `encode` computes the
+    vectors of the cache misses (default `encoder.encode`; a runner's encode stage plugs in here).
     """
     for col in ("entity_id", "entity_kind", "augmenter", "template_hash", "text"):
         if col not in generated.column_names:
@@ -60,7 +64,7 @@ def encode_table(
     cache = cache_dir if isinstance(cache_dir, EncodingCache) else EncodingCache(Path(cache_dir), encoder.encoder_id, encoder.dim)
     if cache.encoder_id != encoder.encoder_id:
         raise ValueError(f"cache is for encoder {cache.encoder_id!r}, not {encoder.encoder_id!r}")
-    vectors, hashes = cache.get_or_encode(text_col, encoder.encode)
+    vectors, hashes = cache.get_or_encode(text_col, encode or encoder.encode)
     templates = sorted(set(pc.unique(generated.column("template_hash")).to_pylist()))
     cfg = encoder.cfg
     meta = {
@@ -106,13 +110,15 @@ def encode_outputs(
     encoder,
     cache_dir: Path,
     snapshot_id: str = UNPUBLISHED,
+    encode: Callable[[list[str]], np.ndarray] | None = None,
 ) -> EncodingResult:
-    """Encode every augmenter's generated texts; with `encoder.cfg.pca_dim`, fit and apply PCA per table."""
+    """Encode every augmenter's generated texts; with `encoder.cfg.pca_dim`, fit and apply PCA per table.
+    `encode` is passed to `encode_table` (which texts get encoded, and the cache, stay the same)."""
     started = time.perf_counter()
     cache = EncodingCache(Path(cache_dir), encoder.encoder_id, encoder.dim)
     result = EncodingResult({})
     for augmenter, table in generated.items():
-        emb = encode_table(table, encoder, cache, augmenter, snapshot_id)
+        emb = encode_table(table, encoder, cache, augmenter, snapshot_id, encode)
         pca_dim = encoder.cfg.pca_dim
         if pca_dim:
             projection = fit_pca(vectors_numpy(emb), pca_dim, encoder.cfg.normalize, label=f"augmenter {augmenter}")

@@ -186,6 +186,19 @@ class TextEncoder:
             batch["token_type_ids"] = torch.from_numpy(types)
         return {k: v.to(self.cfg.device) for k, v in batch.items()}
 
+    @staticmethod
+    def _plan(ids: list[list[int]], batch_size: int) -> list[np.ndarray]:
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")  # longest first: the peak memory shows up at once
+        return [order[start : start + batch_size] for start in range(0, len(ids), batch_size)]
+
+    def plan_batches(self, texts: Sequence[str], batch_size: int | None = None) -> list[np.ndarray]:
+        """The row indices of each batch `encode(texts)` runs, in order (tokeniser only, no model).
+
+        A runner that sends each batch's texts, in this order, to `encode(batch, batch_size=len(batch))`
+        on a worker makes the model see the very tensors it would see here."""
+        return self._plan(self._token_ids(list(texts))[0], batch_size or self.cfg.batch_size) if len(texts) else []
+
     def encode(self, texts: Sequence[str], batch_size: int | None = None, progress: bool | None = None) -> np.ndarray:
         """(len(texts), dim) float32, C-contiguous, rows in the order of `texts`."""
         import torch
@@ -198,10 +211,9 @@ class TextEncoder:
             raise TypeError(f"texts must be strings; row {bad[0]} is {type(texts[bad[0]]).__name__} ({len(bad)} such rows)")
         batch_size = batch_size or self.cfg.batch_size
         ids, type_ids = self._token_ids(texts)
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        order = np.argsort(-lengths, kind="stable")  # longest first: the peak memory shows up at once
+        batches = self._plan(ids, batch_size)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        n_batches = (len(texts) + batch_size - 1) // batch_size
+        n_batches = len(batches)
         show = progress_wanted(progress if progress is not None else self.progress) and n_batches >= _PROGRESS_MIN_BATCHES
         bar = None
         if show:
@@ -211,8 +223,7 @@ class TextEncoder:
         model = self.model
         try:
             with torch.inference_mode():
-                for start in range(0, len(texts), batch_size):
-                    idx = order[start : start + batch_size]
+                for idx in batches:
                     batch = self._pad([ids[i] for i in idx], [type_ids[i] for i in idx] if type_ids is not None else None)
                     hidden = model(**batch).last_hidden_state
                     pooled = pool(hidden, batch["attention_mask"], self.cfg.pooling)

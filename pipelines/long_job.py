@@ -275,7 +275,11 @@ def run_long_job(
     encoder = TextEncoder(cfg.encoder, progress=progress)
     log(f"encode: {encoder.model_id} ({cfg.encoder.pooling} pooling, {'L2-normalised' if cfg.encoder.normalize else 'raw'}) "
         f"over {sum(t.num_rows for t in encoded.values()):,} texts")
-    enc = encode_outputs(encoded, encoder, cfg.workdir_path() / "cache" / "encodings")
+    enc_dir = cfg.workdir_path() / "cache" / "encodings"
+    # the runner encodes the cache misses (local: in this process; Ray / Beam: on their workers)
+    encode = getattr(runner, "encode", None)
+    enc = encode_outputs(encoded, encoder, enc_dir,
+                         encode=None if encode is None else (lambda texts: encode(texts, encoder, str(enc_dir))))
     log(f"  {enc.cache_misses:,} encoded, {enc.cache_hits:,} from the encoding cache, {enc.seconds:.1f} s")
 
     gate_inputs = [

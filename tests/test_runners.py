@@ -421,3 +421,55 @@ def test_real_smollm2_gives_the_same_greedy_text_on_every_runner(ray_session, tm
     assert sum(bool(v[0].strip()) for v in local.values()) == 8  # the model really wrote something
     assert outputs["ray"] == local
     assert outputs["beam"] == local
+
+
+# --- the encode stage on every runner ----------------------------------------------------------------
+
+ENCODE_TEXTS = [
+    ("a quiet family drama about " + "winter " * (i % 9) + f"memory number {i}").strip() for i in range(21)
+] + ["", "映画 «quoted»\nline two", "x"]
+
+
+def test_worker_encoder_refuses_a_model_that_is_not_the_drivers():
+    from recaug.pipelines.config import EncoderConfig
+    from recaug.pipelines.runners import worker_encoder
+
+    with pytest.raises(RunnerError, match="same encoder model files"):
+        worker_encoder(EncoderConfig(), "some-other-encoder|pooling=mean")
+
+
+@pytest.mark.slow
+def test_encode_stage_gives_the_same_vectors_on_every_runner(ray_session, tmp_path):
+    """The packaged MiniLM behind each runner: same batches as in-process, vectors equal within
+    float tolerance, and on Ray and Beam the model never runs in the driver."""
+    import numpy as np
+    import pyarrow as pa
+
+    from recaug.encoders.text_encoder import TextEncoder
+    from recaug.pipelines.config import EncoderConfig
+    from recaug.pipelines.runners import encode_batches
+    from recaug.pipelines.runners.ray_runner import BatchEncoder, encode_batches_to_tables
+
+    cfg = EncoderConfig(batch_size=4)  # 24 texts -> 6 batches, spread over 2 actors
+    plan = encode_batches(ENCODE_TEXTS, TextEncoder(cfg, progress=False))
+    assert sorted(p for _, positions, _ in plan for p in positions) == list(range(len(ENCODE_TEXTS)))
+    assert [len(positions) for _, positions, _ in plan] == [4] * 6
+
+    vectors = {}
+    for kind in ("local", "ray", "beam"):
+        encoder = TextEncoder(cfg, progress=False)
+        runner = make_runner(RunnerConfig(kind=kind, num_actors=2), RecordingEngine(Path(os.devnull)), EngineConfig(kind="fake"))
+        vectors[kind] = runner.encode(list(ENCODE_TEXTS), encoder, str(tmp_path / kind))
+        runner.close()
+        assert vectors[kind].shape == (len(ENCODE_TEXTS), 384) and vectors[kind].dtype == np.float32
+        # Ray and Beam built their own encoders on the workers; the driver never loaded the model
+        assert (encoder._model is None) == (kind != "local"), kind
+    for kind in ("ray", "beam"):
+        np.testing.assert_allclose(vectors[kind], vectors["local"], atol=1e-5, rtol=0, err_msg=kind)
+    assert np.allclose(np.linalg.norm(vectors["local"], axis=1), 1.0, atol=1e-5)  # L2-normalised, as configured
+    assert list((tmp_path / "beam" / "beam-runs").iterdir()) == []  # the driver removed its run folder
+
+    # what a Ray encoder actor returns: plain Arrow fixed_size_list<float32>[384], not a tensor extension type
+    out = BatchEncoder(cfg, TextEncoder(cfg).encoder_id)(encode_batches_to_tables(plan)[0])
+    assert out.schema.field("vector").type == pa.list_(pa.float32(), 384)
+    assert out.column("position").to_pylist() == plan[0][1]

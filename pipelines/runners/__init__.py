@@ -5,16 +5,25 @@ Every runner has `.kind`, `.execute(shards, on_shard, sink)` and `.close()`. `ex
 (shards are cut by the caller and never regrouped, so every runner feeds the engine the same
 batches); `committed=True` means the runner already wrote the shard to the cache through `sink`.
 Ray and Beam are imported only when chosen: the local runner needs neither installed.
+
+Runners also encode: `.encode(texts, encoder, scratch)` returns the vectors of `texts` (rows in
+order). The caller hands over only the encoding-cache misses and commits the vectors itself, so the
+encoding cache works the same on every runner. The texts are cut into the very batches
+`TextEncoder.encode` would run in-process (`encode_batches`), and a worker encodes each batch whole,
+so the model sees the same tensors on every runner.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
-from recaug.pipelines.config import EngineConfig, RunnerConfig
+import numpy as np
+
+from recaug.pipelines.config import EncoderConfig, EngineConfig, RunnerConfig
 from recaug.pipelines.engines.base import FINISH_ERROR, Engine, GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
+    from recaug.encoders.text_encoder import TextEncoder
     from recaug.pipelines.cache import CacheSink
 
 
@@ -45,7 +54,56 @@ class Runner(Protocol):
         self, shards: list[list[GenerationRequest]], on_shard: Callable[..., None], sink: "CacheSink | None" = None
     ) -> None: ...
 
+    def encode(self, texts: list[str], encoder: "TextEncoder", scratch: str | None = None) -> np.ndarray: ...
+
     def close(self) -> None: ...
+
+
+# --- the encode stage ------------------------------------------------------------------------------
+
+EncodeBatch = tuple[int, list[int], list[str]]  # (batch index, row positions in the input, their texts)
+
+
+def encode_batches(texts: list[str], encoder: "TextEncoder") -> list[EncodeBatch]:
+    """The batches `encoder.encode(texts)` would run in-process (tokeniser only), as work items."""
+    return [(i, [int(p) for p in idx], [texts[p] for p in idx]) for i, idx in enumerate(encoder.plan_batches(texts))]
+
+
+def worker_encoder(cfg: EncoderConfig, expected_id: str) -> "TextEncoder":
+    """A worker's encoder, loaded once; refuses a model that is not the driver's (the cache key)."""
+    from recaug.encoders.text_encoder import TextEncoder
+
+    encoder = TextEncoder(cfg, progress=False)
+    if encoder.encoder_id != expected_id:
+        raise RunnerError(
+            f"the worker's encoder is {encoder.encoder_id!r} but the driver's is {expected_id!r}; "
+            "every worker needs the same encoder model files as the driver"
+        )
+    encoder.model  # load now: once per worker, not on the first batch
+    return encoder
+
+
+def encode_one_batch(encoder: "TextEncoder", texts: list[str]) -> np.ndarray:
+    """One planned batch, whole: the same padded tensor as the in-process run."""
+    return encoder.encode(texts, batch_size=max(1, len(texts)), progress=False)
+
+
+def assemble_vectors(n: int, dim: int, pieces: Iterable[tuple[list[int], np.ndarray]]) -> np.ndarray:
+    """Put each batch's vectors back at its rows; every row exactly once (a retried batch's second
+    copy is ignored: it holds the same vectors)."""
+    out = np.empty((n, dim), dtype=np.float32)
+    seen = np.zeros(n, dtype=bool)
+    for positions, vectors in pieces:
+        pos = np.asarray(positions, dtype=np.int64)
+        if vectors.shape != (len(pos), dim):
+            raise RunnerError(f"an encode batch came back with shape {vectors.shape}, expected {(len(pos), dim)}")
+        fresh = ~seen[pos]
+        out[pos[fresh]] = vectors[fresh]
+        seen[pos] = True
+    if not seen.all():
+        missing = np.flatnonzero(~seen)
+        raise RunnerError(f"the runner returned no vector for {len(missing)} of {n} text(s) (first row {int(missing[0])})")
+    return out
 
 
 def make_runner(cfg: RunnerConfig, engine: Engine, engine_cfg: EngineConfig | None = None) -> Runner:

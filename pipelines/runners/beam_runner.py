@@ -8,6 +8,10 @@ The shards go in, and both outcomes come out, as JSON-lines files in a run folde
 after the pipeline finishes the driver reads the outcomes and the committed rows back and hands every
 shard to `on_shard` exactly once.
 
+The encode stage is a second pipeline of the same shape: read the planned encoder batches ->
+RunInference(EncoderModelHandler, one batch per call) -> one Parquet file of vectors per batch in the
+run folder, which the driver reads back (and commits to the encoding cache, as on every runner).
+
 `runner.beam_options` are passed verbatim to `PipelineOptions`, so `--runner=DataflowRunner ...`,
 `--runner=FlinkRunner ...` or `--runner=SparkRunner ...` run the same pipeline there. Without a
 `--runner` option the pipeline runs in this process on the FnApiRunner: no job server, no
@@ -21,6 +25,10 @@ import logging
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 # Importing Beam logs a warning about optional GCP client libraries through the root logger, which
 # would install a root handler (logging.basicConfig) and turn on every library's INFO output in
@@ -39,9 +47,18 @@ finally:
         _root_logger.removeHandler(_import_guard)
 
 from recaug.pipelines.cache import CacheSink, GenerationCache
-from recaug.pipelines.config import EngineConfig, RunnerConfig
+from recaug.pipelines.config import EncoderConfig, EngineConfig, RunnerConfig
 from recaug.pipelines.engines.base import FINISH_ERROR, Engine, GenerationRequest, GenerationResult
-from recaug.pipelines.runners import RunnerError, check_shard, error_results
+from recaug.pipelines.runners import (
+    EncodeBatch,
+    RunnerError,
+    assemble_vectors,
+    check_shard,
+    encode_batches,
+    encode_one_batch,
+    error_results,
+    worker_encoder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +92,64 @@ class EngineModelHandler(ModelHandler[Shard, tuple[int, list[GenerationResult]],
 
     def get_metrics_namespace(self) -> str:
         return "recaug"
+
+
+class EncoderModelHandler(ModelHandler[EncodeBatch, tuple[int, list[int], np.ndarray], Any]):
+    """RunInference over our encoder: load_model() builds the TextEncoder once per worker; one
+    inference call = one planned encoder batch, encoded whole (same tensors as in-process)."""
+
+    def __init__(self, cfg: EncoderConfig, encoder_id: str):
+        super().__init__(min_batch_size=1, max_batch_size=1)
+        self.cfg = cfg
+        self.encoder_id = encoder_id
+
+    def load_model(self):
+        return worker_encoder(self.cfg, self.encoder_id)
+
+    def run_inference(
+        self, batch: Sequence[EncodeBatch], model, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[tuple[int, list[int], np.ndarray]]:
+        return [(index, positions, encode_one_batch(model, texts)) for index, positions, texts in batch]
+
+    def get_num_bytes(self, batch: Sequence[EncodeBatch]) -> int:
+        return sum(len(t) for _, _, texts in batch for t in texts)
+
+    def get_metrics_namespace(self) -> str:
+        return "recaug"
+
+
+def vectors_path(run_dir: str, index: int) -> str:
+    return FileSystems.join(run_dir, f"vectors-{index:08d}.parquet")
+
+
+class WriteVectors(beam.DoFn):
+    """One encoded batch -> one Parquet file (position, vector: fixed_size_list<float32>[d]); a retried
+    bundle rewrites the same file with the same vectors."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def process(self, element: tuple[int, list[int], np.ndarray]):
+        from recaug.encoders.vectors import fixed_size_vectors
+
+        index, positions, vectors = element
+        table = pa.Table.from_arrays([pa.array(positions, pa.int64()), fixed_size_vectors(vectors)],
+                                     names=["position", "vector"])
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        with FileSystems.create(vectors_path(self.run_dir, index)) as fh:
+            fh.write(sink.getvalue().to_pybytes())
+        yield index
+
+
+def encode_batch_to_json(batch: EncodeBatch) -> str:
+    index, positions, texts = batch
+    return json.dumps({"batch": index, "positions": positions, "texts": texts})  # ASCII: one batch = one line
+
+
+def encode_batch_from_json(line: str) -> EncodeBatch:
+    record = json.loads(line)
+    return int(record["batch"]), [int(p) for p in record["positions"]], list(record["texts"])
 
 
 def result_to_record(r: GenerationResult) -> dict[str, Any]:
@@ -222,6 +297,54 @@ class BeamRunner:
                     "(see docs/scaling.md)"
                 )
             on_shard(delivered[index], True)
+
+    def build_encode(self, pipeline: beam.Pipeline, batches_path: str, encoder, run_dir: str) -> None:
+        _ = (
+            pipeline
+            | "ReadBatches" >> beam.io.ReadFromText(batches_path)
+            | "ParseBatches" >> beam.Map(encode_batch_from_json)
+            | "SpreadBatches" >> beam.Reshuffle()
+            | "Encode" >> RunInference(EncoderModelHandler(encoder.cfg, encoder.encoder_id))
+            | "WriteVectors" >> beam.ParDo(WriteVectors(run_dir))
+        )
+
+    def encode(self, texts: list[str], encoder, scratch: str | None = None) -> np.ndarray:
+        """Vectors of `texts` (rows in order). `scratch` is a folder every worker and the driver share
+        (the encoding cache's): the batches go in and the vectors come out there."""
+        from recaug.encoders.vectors import vectors_numpy
+
+        if not texts:
+            return np.zeros((0, encoder.dim), dtype=np.float32)
+        if scratch is None:
+            raise ValueError("the Beam runner encodes on its workers and needs a shared scratch folder (encode(..., scratch))")
+        batches = encode_batches(list(texts), encoder)
+        run_dir = FileSystems.join(scratch, "beam-runs", uuid.uuid4().hex)
+        batches_path = FileSystems.join(run_dir, "batches.jsonl")
+        try:
+            with FileSystems.create(batches_path) as fh:
+                for batch in batches:
+                    fh.write((encode_batch_to_json(batch) + "\n").encode("utf-8"))
+            pipeline = self._pipeline()
+            self.build_encode(pipeline, batches_path, encoder, run_dir)
+            state = pipeline.run().wait_until_finish()
+            if state != "DONE":
+                raise RunnerError(f"the Beam encode pipeline ended in state {state}; see the runner's logs")
+            pieces = []
+            for index, positions, _texts in batches:
+                path = vectors_path(run_dir, index)
+                if not FileSystems.exists(path):
+                    raise RunnerError(
+                        f"encoder batch {index} has no vectors file in {run_dir}; the encoding cache folder must be on "
+                        "storage every worker writes and the driver reads (see docs/scaling.md)"
+                    )
+                with FileSystems.open(path) as fh:
+                    table = pq.read_table(pa.BufferReader(fh.read()))
+                if table.column("position").to_pylist() != positions:
+                    raise RunnerError(f"encoder batch {index} came back with other rows than were sent")
+                pieces.append((positions, vectors_numpy(table)))
+            return assemble_vectors(len(texts), encoder.dim, pieces)
+        finally:
+            _remove_run_dir(run_dir)
 
     def close(self) -> None:
         pass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
 from recaug.pipelines.cache import CacheSink
 from recaug.pipelines.engines.base import Engine, GenerationRequest, GenerationResult
 
@@ -23,6 +25,9 @@ class LocalRunner:
         self.engine.load()
         for shard in shards:
             on_shard(self.engine.generate(shard))
+
+    def encode(self, texts: list[str], encoder, scratch: str | None = None) -> np.ndarray:
+        return encoder.encode(texts)
 
     def close(self) -> None:
         pass

@@ -5,6 +5,9 @@ ints only) and `map_batches(batch_size=1)` hands each actor call exactly one row
 the very batches the local runner would send it and greedy outputs match. Results stream back to the
 driver as shards finish; the driver commits each one to the cache (the stage does that when
 `committed=False`), so a killed run resumes from the last finished shard like a local one.
+
+The encode stage runs the same way: one row per planned encoder batch, `map_batches` into a pool of
+encoder actors, vectors back as `fixed_size_list<float32>[d]` (plain Arrow, never Ray's tensor type).
 """
 
 from __future__ import annotations
@@ -14,12 +17,22 @@ import logging
 import os
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 
 from recaug.pipelines.cache import CacheSink
-from recaug.pipelines.config import EngineConfig, RunnerConfig
+from recaug.pipelines.config import EncoderConfig, EngineConfig, RunnerConfig
 from recaug.pipelines.engines.base import Engine, GenerationRequest, GenerationResult
-from recaug.pipelines.runners import RunnerError, check_shard, error_results
+from recaug.pipelines.runners import (
+    EncodeBatch,
+    RunnerError,
+    assemble_vectors,
+    check_shard,
+    encode_batches,
+    encode_one_batch,
+    error_results,
+    worker_encoder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +65,22 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
+# One row = one planned encoder batch (row positions in the input, and their texts).
+ENCODE_BATCH_SCHEMA = pa.schema(
+    [
+        pa.field("batch", pa.int64(), nullable=False),
+        pa.field("positions", pa.list_(pa.int64()), nullable=False),
+        pa.field("texts", pa.list_(pa.string()), nullable=False),
+    ]
+)
+
+
+def vectors_schema(dim: int) -> pa.Schema:
+    """What encoder actors return: one row per text."""
+    return pa.schema([pa.field("position", pa.int64(), nullable=False),
+                      pa.field("vector", pa.list_(pa.float32(), dim), nullable=False)])
+
+
 def engine_wants_gpu(engine_cfg: EngineConfig | None) -> bool:
     return engine_cfg is not None and (engine_cfg.kind == "vllm" or engine_cfg.device.startswith("cuda"))
 
@@ -63,6 +92,13 @@ def actor_resources(cfg: RunnerConfig, engine_cfg: EngineConfig | None = None) -
     gpus = cfg.gpus_per_actor
     if gpus == 0 and engine_wants_gpu(engine_cfg):
         gpus = 1.0
+    return {"num_cpus": float(cfg.cpus_per_actor), "num_gpus": float(gpus)}
+
+
+def encoder_actor_resources(cfg: RunnerConfig, encoder_cfg: EncoderConfig) -> dict[str, float]:
+    """What each encoder actor asks Ray for: the same fractional CPU share as an engine actor, and a
+    GPU share only when the encoder runs on CUDA."""
+    gpus = (cfg.gpus_per_actor or 1.0) if encoder_cfg.device.startswith("cuda") else 0.0
     return {"num_cpus": float(cfg.cpus_per_actor), "num_gpus": float(gpus)}
 
 
@@ -164,6 +200,30 @@ class ShardGenerator:
         return results_to_table(out)
 
 
+def encode_batches_to_tables(batches: list[EncodeBatch]) -> list[pa.Table]:
+    """One single-row table per encoder batch, so batches spread over actors and are never regrouped."""
+    return [pa.table({"batch": [i], "positions": [positions], "texts": [texts]}, schema=ENCODE_BATCH_SCHEMA)
+            for i, positions, texts in batches]
+
+
+class BatchEncoder:
+    """The encoder actor: builds the encoder once, then encodes one planned batch per call."""
+
+    def __init__(self, cfg: EncoderConfig, encoder_id: str):
+        self.encoder = worker_encoder(cfg, encoder_id)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from recaug.encoders.vectors import fixed_size_vectors
+
+        positions, vectors = [], []
+        for row in batch.to_pylist():  # batch_size=1: exactly one encoder batch
+            positions.extend(row["positions"])
+            vectors.append(encode_one_batch(self.encoder, row["texts"]))
+        stacked = np.concatenate(vectors) if vectors else np.zeros((0, self.encoder.dim), dtype=np.float32)
+        return pa.Table.from_arrays([pa.array(positions, pa.int64()), fixed_size_vectors(stacked)],
+                                    schema=vectors_schema(self.encoder.dim))
+
+
 def _not_progress_bar_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")
 
@@ -227,8 +287,7 @@ class RayRunner:
                      **common)
         self._started_ray = True
 
-    def dataset(self, shards: list[list[GenerationRequest]]):
-        """The lazy Ray dataset of shard results (nothing runs until it is iterated)."""
+    def _start_quietly(self) -> None:
         import ray
 
         self.start()
@@ -238,6 +297,12 @@ class RayRunner:
         ctx.enable_auto_log_stats = False
         if not log.isEnabledFor(logging.DEBUG):
             quiet_ray_data_console()
+
+    def dataset(self, shards: list[list[GenerationRequest]]):
+        """The lazy Ray dataset of shard results (nothing runs until it is iterated)."""
+        import ray
+
+        self._start_quietly()
         size = pool_size(self.cfg, self.resources, ray.cluster_resources(), len(shards))
         gpus = {"num_gpus": self.resources["num_gpus"]} if self.resources["num_gpus"] > 0 else {}
         return ray.data.from_arrow(shards_to_tables(shards)).map_batches(
@@ -271,9 +336,43 @@ class RayRunner:
         if missing:
             raise RunnerError(f"Ray returned no result for shard(s) {missing[:10]} of {len(shards)}")
 
+    def encode_dataset(self, batches: list[EncodeBatch], encoder):
+        """The lazy Ray dataset of (position, vector) rows for the planned encoder batches."""
+        import ray
+
+        self._start_quietly()
+        resources = encoder_actor_resources(self.cfg, encoder.cfg)
+        size = pool_size(self.cfg, resources, ray.cluster_resources(), len(batches))
+        gpus = {"num_gpus": resources["num_gpus"]} if resources["num_gpus"] > 0 else {}
+        return ray.data.from_arrow(encode_batches_to_tables(batches)).map_batches(
+            BatchEncoder,
+            fn_constructor_kwargs={"cfg": encoder.cfg, "encoder_id": encoder.encoder_id},
+            batch_size=1,  # one row = one whole encoder batch
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=size),
+            num_cpus=resources["num_cpus"],
+            **gpus,
+        )
+
+    def encode(self, texts: list[str], encoder, scratch: str | None = None) -> np.ndarray:
+        """Vectors of `texts` (rows in order), encoded by a pool of encoder actors."""
+        if not texts:
+            return np.zeros((0, encoder.dim), dtype=np.float32)
+        batches = encode_batches(list(texts), encoder)
+        tables = self.encode_dataset(batches, encoder).iter_batches(batch_size=None, batch_format="pyarrow")
+        return assemble_vectors(len(texts), encoder.dim, _vector_pieces(tables))
+
     def close(self) -> None:
         if self._started_ray:
             import ray
 
             ray.shutdown()
             self._started_ray = False
+
+
+def _vector_pieces(tables):
+    from recaug.encoders.vectors import vectors_numpy
+
+    for table in tables:
+        if table.num_rows:
+            yield table.column("position").to_pylist(), vectors_numpy(table)
