@@ -1,13 +1,22 @@
-"""The local runner: the engine runs in this process, one shard at a time (the embedded default)."""
+"""The local runner: the engine runs in this process, one shard at a time (the embedded default).
+
+A shard whose `generate` call raises (or breaks the one-result-per-request contract) becomes
+per-request error results, as on Ray and Beam: those requests end in the dead-letter table and the
+run goes on; they are not cached, so the next run asks again.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
 
 from recaug.pipelines.cache import CacheSink
 from recaug.pipelines.engines.base import Engine, GenerationRequest, GenerationResult
+from recaug.pipelines.runners import check_shard, error_results
+
+log = logging.getLogger(__name__)
 
 
 class LocalRunner:
@@ -23,8 +32,14 @@ class LocalRunner:
         sink: CacheSink | None = None,
     ) -> None:
         self.engine.load()
-        for shard in shards:
-            on_shard(self.engine.generate(shard))
+        for index, shard in enumerate(shards):
+            try:
+                results = self.engine.generate(shard)
+                check_shard(index, shard, results)
+            except Exception as exc:  # the shard fails, the run goes on (same as the Ray and Beam runners)
+                log.warning("shard %s failed in the engine: %r", index, exc)
+                results = error_results(shard, f"shard failed in the engine: {type(exc).__name__}: {exc}")
+            on_shard(results)
 
     def encode(self, texts: list[str], encoder, scratch: str | None = None) -> np.ndarray:
         return encoder.encode(texts)
