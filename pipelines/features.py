@@ -29,6 +29,7 @@ from recaug.pipelines.snapshots import (  # noqa: F401  (re-exported)
     SnapshotNotFound,
     list_snapshots,
     read_manifest,
+    read_snapshot,
     resolve_snapshot,
     snapshot_root,
 )
@@ -96,7 +97,14 @@ def load(
     if as_ not in ("polars", "arrow"):
         raise ValueError(f"as_ must be 'polars' or 'arrow', got {as_!r}")
     root = resolve_root(root_or_config)
-    info = resolve_snapshot(root, snapshot)
+    # one whole snapshot: a `latest` retired by a concurrent publish mid-read is read again as the new one
+    out = read_snapshot(root, snapshot, lambda info: _load_tables(info, augmenter, kind))
+    if as_ == "arrow":
+        return out
+    return pl.from_arrow(out, rechunk=False)
+
+
+def _load_tables(info: SnapshotInfo, augmenter: str | Iterable[str] | None, kind: str | None) -> pa.Table:
     entries = _embedding_entries(info, augmenter, kind)
     parts, table_meta, dims = [], {}, {}
     for entry in entries:
@@ -126,9 +134,7 @@ def load(
     out = out.replace_schema_metadata(
         {"recaug.snapshot": info.snapshot_id, "recaug.data_cutoff": str(info.data_cutoff), "recaug.tables": json.dumps(table_meta, sort_keys=True)}
     )
-    if as_ == "arrow":
-        return out
-    return pl.from_arrow(out, rechunk=False)
+    return out
 
 
 class PointInTimeResult(NamedTuple):

@@ -35,7 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -56,6 +56,9 @@ RESERVED_MANIFEST_KEYS = ("snapshot_id", "created_at", "tables", "format_version
 # RECAUG_CRASH_AT=publish.<step> does the same (pipelines/crashpoints.py)
 CRASH_ENV = "RECAUG_SNAPSHOT_CRASH_AT"
 CRASH_POINTS = ("locked", "first_table", "tables_written", "manifest_written", "renamed", "committed", "retention")
+
+
+T = TypeVar("T")
 
 
 class SnapshotNotFound(LookupError):
@@ -244,19 +247,70 @@ def _info(root: Path, snapshot_id: str, pinned: set[str]) -> SnapshotInfo:
 
 
 def list_snapshots(root: Path) -> list[SnapshotInfo]:
-    """Committed snapshots, oldest first. Leftovers of killed publishes are never listed."""
+    """Committed snapshots, oldest first. Leftovers of killed publishes are never listed, and neither
+    is a snapshot that retention removes while it is being listed."""
     root = Path(root)
     pinned = _pinned_ids(root)
-    return [_info(root, i, pinned) for i in _committed_ids(root)]
+    out = []
+    for snapshot_id in _committed_ids(root):
+        try:
+            out.append(_info(root, snapshot_id, pinned))
+        except FileNotFoundError:
+            continue  # retired by a concurrent publish between the directory listing and this read
+    return out
+
+
+# how often a reader of `latest` starts over when publishes retire the snapshot it is reading
+LATEST_READ_ATTEMPTS = 20
 
 
 def resolve_snapshot(root: Path, snapshot: str = "latest") -> SnapshotInfo:
     root = Path(root)
-    if snapshot == "latest":
+    if snapshot != "latest":
+        return _resolve_named(root, snapshot)
+    for _ in range(LATEST_READ_ATTEMPTS):
         latest = _read_latest(root)
         if latest is None:
             raise SnapshotNotFound(f"no snapshot has been published under {root} yet (run the long job: `recaug run <config>`)")
-        snapshot = latest
+        try:
+            return _resolve_named(root, latest)
+        except (SnapshotNotFound, FileNotFoundError):
+            # a publish committed a newer snapshot and retention retired this one after LATEST was read
+            if _read_latest(root) == latest:
+                raise
+    raise SnapshotNotFound(_too_fast(root))
+
+
+def _too_fast(root: Path) -> str:
+    return (f"`latest` under {root} was replaced and retired {LATEST_READ_ATTEMPTS} times while being read: publishes "
+            "come faster than this reader; raise publish.keep_snapshots or read a pinned snapshot")
+
+
+def read_snapshot(root: Path, snapshot: str, read: Callable[[SnapshotInfo], T]) -> T:
+    """`read(info)` on one whole snapshot, for readers of several files (tables, manifest).
+
+    Publishing never changes a snapshot, but retention deletes old ones; a read of `latest` that loses
+    its snapshot to a concurrent publish's retention starts over on the new `latest`, so the result
+    always comes from one complete snapshot. A named snapshot deleted while being read raises
+    SnapshotNotFound (pin a snapshot with `pin_snapshot` to keep it).
+    """
+    root = Path(root)
+    for _ in range(LATEST_READ_ATTEMPTS):
+        info = resolve_snapshot(root, snapshot)
+        try:
+            return read(info)
+        except FileNotFoundError:
+            if (info.path / MANIFEST_FILE).is_file():
+                raise  # the snapshot is still there: a file is really missing (verify_snapshot says which)
+            if snapshot != "latest":
+                raise SnapshotNotFound(
+                    f"snapshot {info.snapshot_id} under {root} was removed by retention while it was being read; "
+                    "pin it (pin_snapshot) to keep it"
+                ) from None
+    raise SnapshotNotFound(_too_fast(root))
+
+
+def _resolve_named(root: Path, snapshot: str) -> SnapshotInfo:
     if not SNAPSHOT_ID_RE.match(snapshot) or snapshot not in _committed_ids(root):
         known = [s for s in _committed_ids(root)][-5:]
         raise SnapshotNotFound(
@@ -267,11 +321,11 @@ def resolve_snapshot(root: Path, snapshot: str = "latest") -> SnapshotInfo:
 
 
 def read_manifest(root: Path, snapshot: str = "latest") -> dict[str, Any]:
-    return resolve_snapshot(root, snapshot).manifest
+    return read_snapshot(root, snapshot, lambda info: info.manifest)
 
 
 def read_table(root: Path, snapshot: str, name: str) -> pa.Table:
-    return pq.read_table(resolve_snapshot(root, snapshot).table_path(name))
+    return read_snapshot(root, snapshot, lambda info: pq.read_table(info.table_path(name)))
 
 
 def verify_snapshot(root: Path, snapshot: str = "latest") -> list[str]:
