@@ -43,6 +43,16 @@ def _environment(search_path: tuple[str, ...]) -> ImmutableSandboxedEnvironment:
     )
 
 
+@lru_cache(maxsize=64)
+def _compiled(prompts_path: str, source: str):
+    # compiling costs ~100x a render: once per template source (and search path), not once per entity
+    return _environment(tuple(_search_path())).from_string(source)
+
+
+def _muted_block(context):
+    return iter(())
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     name: str
@@ -55,13 +65,15 @@ class PromptTemplate:
 
     def render(self, variables: dict[str, Any]) -> tuple[dict[str, str], ...]:
         """Chat messages for one entity."""
-        env = _environment(tuple(_search_path()))
         try:
-            template = env.from_string(self.source)
-            # top-level `{% set %}` (e.g. the factor lists) runs once and is visible in every block
-            exported = template.make_module(dict(variables)).__dict__
-            top = {k: v for k, v in exported.items() if not k.startswith("_")}
-            ctx = template.new_context({**dict(variables), **top})
+            template = _compiled(os.environ.get("RECAUG_PROMPTS_PATH", ""), self.source)
+            ctx = template.new_context(dict(variables))
+            # the top level runs once, blocks muted, for its `{% set %}`s (e.g. the factor lists);
+            # then each block renders once in that same context, so it sees them
+            blocks, ctx.blocks = ctx.blocks, {name: [_muted_block] for name in ctx.blocks}
+            for _ in template.root_render_func(ctx):
+                pass
+            ctx.blocks = blocks
             messages = []
             for role in ("system", "user"):
                 if role in template.blocks:
