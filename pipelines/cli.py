@@ -3,6 +3,7 @@
 Exit codes (stable, for schedulers): 0 ok; 2 usage or config error; 3 input unusable (a table
 cannot be read or lacks required columns); 4 input gate stopped the run (too many quarantined rows);
 5 output gate failed (nothing published); 6 another run holds the lock; 1 anything unexpected.
+`snapshots diff` answers like diff(1): 0 same features, 1 they differ.
 """
 
 from __future__ import annotations
@@ -200,6 +201,8 @@ def cmd_snapshots(args) -> int:
 
     cfg = load_config(args.config)
     root = snapshot_root(cfg)
+    if args.action == "diff":
+        return _snapshots_diff(root, args)
     if args.action == "list":
         snaps = list_snapshots(root) if root.exists() else []
         if not snaps:
@@ -242,6 +245,18 @@ def cmd_snapshots(args) -> int:
     if pins:
         print("pinned by: " + "; ".join(p.get("reason", "?") for p in pins))
     return EXIT_OK
+
+
+def _snapshots_diff(root, args) -> int:
+    """Exit 0 when the two snapshots hold the same features, 1 when they differ (like diff(1))."""
+    from recaug.pipelines.snapshot_diff import diff_snapshots, locate_snapshot
+
+    if not args.snapshot:
+        print("recaug snapshots diff: name the snapshot to compare (an id, 'latest' or a snapshot folder)", file=sys.stderr)
+        return EXIT_USAGE
+    result = diff_snapshots(locate_snapshot(root, args.snapshot), locate_snapshot(root, args.other or "latest"), atol=args.atol)
+    print(result.summary())
+    return EXIT_OK if result.same else 1
 
 
 def cmd_train(args) -> int:
@@ -353,7 +368,7 @@ VERBS = {
     "run": ("run the long job: validate input -> augment -> encode -> gate -> publish", cmd_run),
     "preview": ("show rendered prompts, real LLM answers and parsed records for a few entities", cmd_preview),
     "validate": ("run the input gate and print row, quarantine and split counts", cmd_validate),
-    "snapshots": ("list or show published feature snapshots", cmd_snapshots),
+    "snapshots": ("list, show or diff published feature snapshots", cmd_snapshots),
     "train": ("train a CTR model on a published snapshot", cmd_train),
     "schedule": ("run what is due in the long-short schedule (call from cron)", cmd_schedule),
     "report": ("print and save the CTR result table", cmd_report),
@@ -386,11 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: when stderr is a terminal)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("snapshots", help=VERBS["snapshots"][0], description=VERBS["snapshots"][0])
-    p.add_argument("action", choices=["list", "show"])
+    p = sub.add_parser(
+        "snapshots", help=VERBS["snapshots"][0], description=VERBS["snapshots"][0],
+        epilog="diff compares every table (keys, texts, vectors within --atol; created_at and latency_s ignored) "
+               "and exits 0 when the features are the same, 1 when they differ. A and B are snapshot ids, 'latest', "
+               "or paths to a snapshot folder or another workdir's snapshots/ folder (e.g. a run on another runner).",
+    )
+    p.add_argument("action", choices=["list", "show", "diff"])
     p.add_argument("config", help="pipeline config (YAML)")
-    p.add_argument("snapshot", nargs="?", default=None, help="snapshot id or 'latest' (show)")
+    p.add_argument("snapshot", nargs="?", default=None, help="snapshot id or 'latest' (show); A (diff)")
+    p.add_argument("other", nargs="?", default=None, help="B (diff; default: latest)")
     p.add_argument("--json", action="store_true", help="show: print the whole manifest as JSON")
+    p.add_argument("--atol", type=float, default=1e-5, help="diff: largest vector difference that counts as equal")
     p.set_defaults(func=cmd_snapshots)
 
     p = sub.add_parser("train", help=VERBS["train"][0], description=VERBS["train"][0])
