@@ -174,7 +174,13 @@ def cmd_preview(args) -> int:
         print(f"{aug.name}: no entities selected (check the augmenter's options)")
         return EXIT_OK
     engine.load()
-    results = engine.generate([GenerationRequest(p.key, p.messages, p.max_new_tokens, aug.json_schema) for p in pending])
+    requests = [GenerationRequest(p.key, p.messages, p.max_new_tokens, aug.json_schema) for p in pending]
+    try:
+        results = engine.generate(requests)
+    except Exception as exc:  # show the prompts and the failure, as a run would dead-letter it
+        from recaug.pipelines.runners import error_results
+
+        results = error_results(requests, f"the engine raised: {type(exc).__name__}: {exc}")
     for p, r in zip(pending, results):
         print(f"=================== {aug.name} · {aug.entity_kind} {p.entity_id} ===================")
         for m in p.messages:
