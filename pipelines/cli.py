@@ -83,6 +83,9 @@ def cmd_validate(args) -> int:
     print(_table(rows, ["table", "rows", "clean", "quarantined", "share"]))
     print(f"quarantine threshold: {cfg.input_gate.max_quarantine_share:.2%} per table -> ok")
     print(f"quarantine table: {quarantine_path} ({gate.quarantine.num_rows:,} rows)")
+    sanitized = [f"{t}.{k} in {n:,} value(s)" for t, c in gate.counts.items() for k, n in c.get("sanitized", {}).items()]
+    if sanitized:
+        print("sanitized (kept, not quarantined): " + "; ".join(sanitized))
     if prep.not_yet_visible:
         print(f"not yet visible at --as-of {_fmt_ts(args.as_of)}: {prep.not_yet_visible:,} interactions")
     sizes = prep.sizes()
