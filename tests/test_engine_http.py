@@ -268,6 +268,23 @@ def test_api_key_is_sent_but_never_logged_raised_or_shown(server, sleeps, monkey
     assert SECRET.encode() not in pickle.dumps(engine)
 
 
+def test_no_piece_of_the_key_survives_a_cut_error_body(server, sleeps, monkeypatch, caplog):
+    """Error texts are cut (300 characters of a body, 80 of a non-JSON answer); the cut used to come
+    before the redaction, so a key straddling it left its first characters in logs and dead letters.
+    A server that echoes only a piece of the token (its own cut) is scrubbed too."""
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    head = "upstream failed; request headers: "
+    pad = http_engine._ERROR_BODY_CHARS - len(head) - len("Authorization: Bearer ") - 10
+    straddling = head + "." * pad + f"Authorization: Bearer {SECRET}"
+    html = "<html>gateway: ......." + f"Authorization: Bearer {SECRET}"
+    server.script = [("status", 500, straddling, {}), ("raw", html), ("status", 401, f"bad token Bearer {SECRET[:14]}", {})]
+    [result] = engine_for(server).generate([req("k", "abc")])
+    assert result.finish_reason == "error" and "HTTP 401" in result.error
+    for text in (result.error, caplog.text):
+        assert "[REDACTED]" in text
+        assert not any(SECRET[i : i + 8] in text for i in range(len(SECRET) - 7)), text
+
+
 def test_engine_pickles_without_connections_and_works_after(server):
     engine = engine_for(server)
     engine.generate([req("k", "abc")])  # pool and sessions now exist

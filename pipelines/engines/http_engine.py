@@ -9,7 +9,9 @@ that cannot be reached at all for a whole batch raises EngineError.
 
 The API key is read from the environment variable named by `api_key_env` at each request and sent as
 a Bearer token. It is never stored on the engine (so it is in no repr or pickle), and every error
-text is passed through a redaction of the key before it leaves this module. Ray/Beam workers need
+text is passed through a redaction before it leaves this module: of the key, and of any bearer token
+or Authorization / api-key value a server echoes back (even a piece of one), always before a body is
+cut short for the message. Ray/Beam workers need
 that variable in their own environment (e.g. Ray `runtime_env={"env_vars": ...}`).
 """
 
@@ -45,6 +47,11 @@ BACKOFF_CAP_S = 30.0
 RETRY_AFTER_CAP_S = 120.0  # a server asking for longer than this is treated as down for this attempt
 _ERROR_BODY_CHARS = 300
 _SCHEMA_NAME = re.compile(r"[^A-Za-z0-9_-]+")
+# an echoed credential: "Bearer <token>", or the value after an Authorization / api-key name
+_CREDENTIAL = re.compile(
+    r"(?i)(\b(?:proxy-)?(?:authorization|x-api-key|api[-_]key)[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?"
+    r"|\bbearer\s+)(?!\[REDACTED\]|(?:bearer|basic|token)\b)[^\s\"',;}<>]{6,}"
+)
 sleep = time.sleep  # module-level so tests can record the backoff instead of waiting it out
 
 
@@ -166,8 +173,11 @@ class HTTPEngine(Engine):
         return os.environ.get(self.cfg.api_key_env) or None
 
     def _redact(self, text: str) -> str:
+        """The key, and any bearer token or Authorization value a server echoes (even a piece of one)."""
         key = self._api_key()
-        return text.replace(key, "[REDACTED]") if key else text
+        if key:
+            text = text.replace(key, "[REDACTED]")
+        return _CREDENTIAL.sub(lambda m: m.group(1) + "[REDACTED]", text)
 
     # --- generation -----------------------------------------------------------------------------------
 
@@ -246,7 +256,8 @@ class HTTPEngine(Engine):
             raise _Attempt(self._redact(f"request to {self.url} failed: {type(exc).__name__}: {exc}"),
                            retryable=False) from None
         if resp.status_code != 200:
-            snippet = self._redact(resp.text[:_ERROR_BODY_CHARS].strip())
+            # redact the whole body before cutting it: a cut through the key would leave a piece unredacted
+            snippet = self._redact(resp.text).strip()[:_ERROR_BODY_CHARS]
             message = f"HTTP {resp.status_code} from {self.url}: {snippet or resp.reason}"
             retryable = resp.status_code in RETRY_STATUSES
             raise _Attempt(message, retryable=retryable,
@@ -257,7 +268,7 @@ class HTTPEngine(Engine):
         try:
             payload = json.loads(raw)
         except ValueError:
-            snippet = self._redact(raw[:80].strip())
+            snippet = self._redact(raw).strip()[:80]
             raise _Attempt(f"the response from {self.url} is not JSON (starts with {snippet!r})", retryable=True) from None
         choices = payload.get("choices") if isinstance(payload, dict) else None
         if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
