@@ -473,3 +473,106 @@ def test_encode_stage_gives_the_same_vectors_on_every_runner(ray_session, tmp_pa
     out = BatchEncoder(cfg, TextEncoder(cfg).encoder_id)(encode_batches_to_tables(plan)[0])
     assert out.schema.field("vector").type == pa.list_(pa.float32(), 384)
     assert out.column("position").to_pylist() == plan[0][1]
+
+
+# --- the whole long job on every runner --------------------------------------------------------------
+
+VOLATILE = ("created_at", "latency_s")
+
+
+@pytest.fixture(scope="module")
+def ml100k_inputs():
+    """MovieLens-100K through the input gate once; every runner's run reads the same prepared inputs."""
+    from recaug.pipelines.config import PipelineConfig
+    from recaug.pipelines.inputs import prepare_inputs
+
+    return prepare_inputs(PipelineConfig.model_validate({"name": "parity", "dataset": {"kind": "ml100k"}}))
+
+
+def run_long_job_on(kind: str, base: dict, workdir: Path, prep):
+    from recaug.pipelines.config import PipelineConfig
+    from recaug.pipelines.engines import make_engine
+    from recaug.pipelines.long_job import run_long_job
+
+    cfg = PipelineConfig.model_validate({**base, "workdir": str(workdir), "runner": {**base.get("runner", {}), "kind": kind}})
+    engine = make_engine(cfg.engine)
+    runner = make_runner(cfg.runner, engine, cfg.engine)
+    try:
+        return run_long_job(cfg, prep, engine, runner, progress=False, log=lambda *a: None)
+    finally:
+        runner.close()
+
+
+def published_tables(result) -> dict:
+    import pyarrow.parquet as pq
+
+    from recaug.pipelines.snapshots import resolve_snapshot
+
+    info = resolve_snapshot(result.snapshot_path.parent, result.snapshot_id)
+    return {name: pq.read_table(info.table_path(name)) for name in info.tables}
+
+
+def assert_same_features(reference: dict, other: dict, label: str) -> None:
+    """Same tables; texts, keys and every other column equal (timing aside); vectors within 1e-5."""
+    import numpy as np
+
+    from recaug.encoders.vectors import vectors_numpy
+
+    assert sorted(other) == sorted(reference), label
+    for name, ref in reference.items():
+        got = other[name]
+        assert got.num_rows == ref.num_rows, (label, name)
+        if name.startswith("embeddings/"):
+            assert got.column("entity_id").to_pylist() == ref.column("entity_id").to_pylist(), (label, name)
+            assert got.column("text_hash").to_pylist() == ref.column("text_hash").to_pylist(), (label, name)
+            np.testing.assert_allclose(vectors_numpy(got), vectors_numpy(ref), atol=1e-5, rtol=0, err_msg=f"{label} {name}")
+            meta = lambda t: {k: v for k, v in t.schema.metadata.items() if k != b"recaug.snapshot"}  # noqa: E731
+            assert meta(got) == meta(ref), (label, name)
+        else:
+            a = pl.from_arrow(ref).drop(VOLATILE, strict=False)
+            b = pl.from_arrow(got).drop(VOLATILE, strict=False)
+            assert b.equals(a), (label, name)
+
+
+@pytest.mark.slow
+def test_long_job_publishes_the_same_snapshot_on_every_runner(ray_session, tmp_path, ml100k_inputs):
+    """augment -> encode -> gate -> publish on local, Ray and Beam, each in a fresh workdir, with the
+    deterministic engine: free-text augmenters, a JSON one that retries and dead-letters, the real
+    encoder. Then the caches are interchangeable: Beam over Ray's workdir costs no LLM call and no
+    encoding. (The packaged SmolLM2 runs the same comparison through the CLI in test_cli_runners.py.)"""
+    from recaug.pipelines.snapshot_diff import diff_snapshots
+    from recaug.pipelines.snapshots import resolve_snapshot
+
+    base = {
+        "name": "parity",
+        "dataset": {"kind": "ml100k"},
+        "engine": {"kind": "fake", "max_attempts": 2},
+        "runner": {"shard_size": 3, "num_actors": 1},  # Ray: one actor per pool (several actors: tests above)
+        "encoder": {"batch_size": 4},
+        "augmenters": [
+            {"name": "kar_user_preference", "max_entities": 5},
+            {"name": "kar_item_knowledge", "max_entities": 6},
+            {"name": "llmrec_item_attributes", "max_entities": 3},  # the fake engine writes no JSON
+        ],
+        "output_gate": {"min_coverage": 0.0, "min_parse_rate": 0.0, "max_dead_letter_share": 1.0},
+    }
+    results, tables = {}, {}
+    for kind in ("local", "ray", "beam"):
+        results[kind] = run_long_job_on(kind, base, tmp_path / kind, ml100k_inputs)
+        tables[kind] = published_tables(results[kind])
+        assert results[kind].encoding["cache_misses"] == 11, kind  # every text encoded once, on this runner
+
+    local = tables["local"]
+    assert local["generated/kar_user_preference"].num_rows == 5 and local["embeddings/kar_item_knowledge"].num_rows == 6
+    assert local["dead_letter/llmrec_item_attributes"].num_rows == 3 and local["generated/llmrec_item_attributes"].num_rows == 0
+    for kind in ("ray", "beam"):
+        assert_same_features(local, tables[kind], kind)
+        manifest = resolve_snapshot(results[kind].snapshot_path.parent, results[kind].snapshot_id).manifest
+        assert manifest["runner"] == kind
+        diff = diff_snapshots(resolve_snapshot(tmp_path / "local" / "snapshots"), resolve_snapshot(tmp_path / kind / "snapshots"))
+        assert diff.same, diff.summary()
+
+    again = run_long_job_on("beam", base, tmp_path / "ray", ml100k_inputs)
+    assert again.augmentation.report["totals"]["llm_requests"] == 0
+    assert again.encoding["cache_misses"] == 0 and again.encoding["cache_hits"] == 11
+    assert_same_features(local, published_tables(again), "beam after ray")
