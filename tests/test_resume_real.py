@@ -1,5 +1,7 @@
-"""Kill -9 a real `recaug run` (packaged SmolLM2) mid-generation; the same command resumes with no
-lost and no duplicated rows, and its published tables equal an uninterrupted run's."""
+"""Kill -9 a real `recaug run` (packaged SmolLM2) mid-generation, and its re-run at a crash point
+while it writes the encoding cache; the same command then finishes with no lost and no duplicated
+rows, and its published tables equal an uninterrupted run's. (tests/reliability/test_kill_points.py
+drives every crash point with the deterministic fake engine.)"""
 
 import os
 import signal
@@ -7,11 +9,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import polars as pl
 import pytest
 
+import recaug
+from recaug.encoders.vectors import vectors_numpy
 from recaug.pipelines.config import load_config
-from recaug.pipelines.snapshots import read_table, resolve_snapshot, snapshot_root
+from recaug.pipelines.crashpoints import CRASH_ENV
+from recaug.pipelines.snapshots import SnapshotNotFound, list_snapshots, read_table, resolve_snapshot, snapshot_root
 
 pytestmark = pytest.mark.slow
 
@@ -24,16 +30,29 @@ CONFIG = {
 }
 
 
-def _run(config_path, **kw):
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+def _run(config_path, crash_at=None, **kw):
+    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+    env.update(OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")  # a killed run's lines are kept
+    if crash_at:
+        env[CRASH_ENV] = crash_at
     return subprocess.Popen([sys.executable, "-m", "recaug.pipelines.cli", "run", str(config_path), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
 
 
-def _generated(cfg):
+def _table(cfg, name):
     root = snapshot_root(cfg)
     info = resolve_snapshot(root, "latest")
-    return pl.from_arrow(read_table(root, info.snapshot_id, "generated/kar_item_knowledge")).sort("entity_id")
+    return pl.from_arrow(read_table(root, info.snapshot_id, name)).sort("entity_id")
+
+
+def _generated(cfg):
+    return _table(cfg, "generated/kar_item_knowledge")
+
+
+def _nothing_published(cfg):
+    assert list_snapshots(snapshot_root(cfg)) == []
+    with pytest.raises(SnapshotNotFound):
+        recaug.features.load(cfg)
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, write_config):
@@ -53,12 +72,20 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, write_config):
     committed = len(list(shards.glob("*.parquet")))
     assert 2 <= committed < 6  # killed mid-run, with whole shards only
     assert not (tmp_path / "killed" / "snapshots" / "LATEST").exists()  # nothing half-published
+    _nothing_published(load_config(killed_cfg))
 
-    resumed = _run(killed_cfg)
+    # the re-run generates the missing shards, encodes, and dies writing the encoding-cache shard
+    resumed = _run(killed_cfg, crash_at="encode.cache_write")
     out, _ = resumed.communicate(timeout=900)
-    assert resumed.returncode == 0, out
-    calls = int(out.split("augmentation: ")[1].split(" LLM calls")[0].replace(",", ""))
+    assert resumed.returncode == -signal.SIGKILL, out
+    calls = int(out.split("kar_item_knowledge")[1].split(" LLM calls")[0].split()[-1].replace(",", ""))
     assert calls == 24 - 4 * committed  # only the missing shards were generated again
+    _nothing_published(load_config(killed_cfg))
+
+    finished = _run(killed_cfg)
+    out, _ = finished.communicate(timeout=900)
+    assert finished.returncode == 0, out
+    assert "augmentation: 0 LLM calls" in out  # every answer was in the cache
 
     clean = _run(clean_cfg)
     out, _ = clean.communicate(timeout=900)
@@ -68,3 +95,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, write_config):
     assert a.height == 24 and a["entity_id"].n_unique() == 24
     cols = ["entity_id", "cache_key", "prompt", "raw_text", "text", "input_tokens", "output_tokens", "finish_reason"]
     assert a.select(cols).equals(b.select(cols))
+    ea, eb = (_table(load_config(c), "embeddings/kar_item_knowledge") for c in (killed_cfg, clean_cfg))
+    assert ea.select("entity_id", "text_hash").equals(eb.select("entity_id", "text_hash"))
+    np.testing.assert_allclose(vectors_numpy(ea.select("vector").to_arrow()), vectors_numpy(eb.select("vector").to_arrow()),
+                               atol=1e-5)
