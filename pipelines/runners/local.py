@@ -2,7 +2,9 @@
 
 A shard whose `generate` call raises (or breaks the one-result-per-request contract) becomes
 per-request error results, as on Ray and Beam: those requests end in the dead-letter table and the
-run goes on; they are not cached, so the next run asks again.
+run goes on; they are not cached, so the next run asks again. `EngineError` is the exception: the
+engine says nothing can work (a server that cannot be reached at all), so the run stops there with
+that message instead of trying, and failing, every remaining shard; finished shards stay cached.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from recaug.pipelines.cache import CacheSink
-from recaug.pipelines.engines.base import Engine, GenerationRequest, GenerationResult
+from recaug.pipelines.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
 from recaug.pipelines.runners import check_shard, error_results
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ class LocalRunner:
             try:
                 results = self.engine.generate(shard)
                 check_shard(index, shard, results)
+            except EngineError:
+                raise  # nothing can work: stop now (the CLI exits 2 with the engine's message)
             except Exception as exc:  # the shard fails, the run goes on (same as the Ray and Beam runners)
                 log.warning("shard %s failed in the engine: %r", index, exc)
                 results = error_results(shard, f"shard failed in the engine: {type(exc).__name__}: {exc}")

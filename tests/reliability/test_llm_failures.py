@@ -339,3 +339,23 @@ def test_failure_injection_around_the_real_model(tmp_path):
         assert row["raw_text"] or row["finish_reason"] == FINISH_ERROR or "no JSON object" in row["reason"]
     # the model's real answers passed through where nothing was injected
     assert all(r not in MALFORMED_ANSWERS for r in gen["raw_text"])
+
+
+def test_an_unreachable_server_stops_the_run_with_a_clear_message(tmp_path, capsys):
+    """EngineError means nothing can work: the local run stops at once with exit 2 and the engine's
+    message, instead of dead-lettering every shard after its retries."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    write_shop(tmp_path)
+    path = shop_config(tmp_path, None)
+    data = yaml.safe_load(path.read_text())
+    data["engine"] = {"kind": "http", "model": "any", "base_url": f"http://127.0.0.1:{port}/v1", "max_retries": 0, "timeout_s": 5}
+    path.write_text(yaml.safe_dump(data))
+    code = cli.main(["run", str(path)])
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_USAGE and "Traceback" not in err
+    assert f"cannot reach http://127.0.0.1:{port}" in err and "check engine.base_url" in err
+    assert not (tmp_path / "work" / "snapshots" / "LATEST").exists()
