@@ -84,6 +84,8 @@ def locate_snapshot(root: Path, ref: str) -> SnapshotInfo:
     """`ref` is a snapshot id or 'latest' under `root`, or a path: a snapshot folder (holding
     manifest.json) or another snapshot root (its latest)."""
     path = Path(ref).expanduser()
+    if path.exists():
+        path = path.resolve()  # reports show where the snapshot really is
     if (path / MANIFEST_FILE).is_file():
         return resolve_snapshot(path.parent, path.name)
     if (path / LATEST_FILE).is_file():
