@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from recaug.encoders.vectors import fixed_size_vectors, vectors_numpy
-from recaug.pipelines.cache import write_parquet_atomic
+from recaug.pipelines.cache import remove_stale_temporaries, write_parquet_atomic
 from recaug.pipelines.crashpoints import crash_point
 
 
@@ -115,7 +115,9 @@ class EncodingCache:
         return np.ascontiguousarray(known_vectors[row_of], dtype=np.float32), hashes
 
     def compact(self, min_shards: int = 32) -> bool:
-        """Merge many small shards into one; the merged shard is whole before any source goes."""
+        """Merge many small shards into one; the merged shard is whole before any source goes. Also
+        removes the temporary files of writes killed long ago."""
+        remove_stale_temporaries(self.dir)
         shards = self.shards()
         if len(shards) < min_shards:
             return False

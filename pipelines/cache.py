@@ -14,6 +14,8 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,36 @@ def write_parquet_atomic(table: pa.Table, path: Path, crash_at: str | None = Non
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# A writer's temporary file lives for the seconds of one write; one this old was left by a killed process.
+STALE_TEMPORARY_S = 3600.0
+
+
+def remove_stale_temporaries(folder: Path, older_than_s: float = STALE_TEMPORARY_S) -> list[str]:
+    """Delete what killed writers left in `folder`: hidden `.*.tmp` files and `.*.partial` folders older
+    than `older_than_s`. Age, not a lock, tells a leftover from a write in progress, so this is safe
+    while other processes (Beam workers, a second cache user) write into the same folder."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    horizon = time.time() - older_than_s
+    for p in folder.iterdir():
+        if not p.name.startswith("."):
+            continue
+        try:
+            if p.stat().st_mtime >= horizon:
+                continue
+            if p.is_file() and p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+            elif p.is_dir() and p.name.endswith(".partial"):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                continue
+        except FileNotFoundError:
+            continue  # its writer finished (renamed it) or another cleaner was first
+        removed.append(p.name)
+    return removed
 
 
 @dataclass(frozen=True)
@@ -130,7 +162,9 @@ class GenerationCache:
 
     def compact(self, min_shards: int = 64) -> bool:
         """Merge many small shards into one. Safe under a kill: the merged shard is complete before
-        any source is removed, and duplicates in between are de-duplicated by `lookup`."""
+        any source is removed, and duplicates in between are de-duplicated by `lookup`. Also removes
+        the temporary files of writes killed long ago."""
+        remove_stale_temporaries(self.dir)
         shards = self.shards()
         if len(shards) < min_shards:
             return False

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from recaug.augmenters.base import AugmentInputs, get_augmenter
 from recaug.pipelines.augment import AugmenterOutput, run_augmenter
-from recaug.pipelines.cache import GenerationCache, write_parquet_atomic
+from recaug.pipelines.cache import GenerationCache, remove_stale_temporaries, write_parquet_atomic
 from recaug.pipelines.config import AugmenterConfig, PipelineConfig
 from recaug.pipelines.crashpoints import crash_point
 from recaug.pipelines.engines.base import Engine
@@ -165,6 +165,7 @@ def write_run(result: AugmentationResult) -> None:
     tmp = final.parent / f".{final.name}.partial"
     if tmp.exists():
         shutil.rmtree(tmp)
+    remove_stale_temporaries(final.parent)  # the hidden folders of runs killed while writing
     synth_items, synth_inter = [], []
     for name, out in result.outputs.items():
         write_parquet_atomic(out.generated, tmp / "generated" / f"{name}.parquet")

@@ -261,16 +261,31 @@ def assert_same_tables(reference: Path, config: Path) -> None:
     assert cache_keys(config).equals(cache_keys(reference))
 
 
-def assert_resumes_to_reference(reference: Path, config: Path) -> Run:
-    run = run_to_completion(config)
+def age_leftovers(config: Path) -> list[Path]:
+    """The temporary files and folders killed writers left in the caches and runs, dated two hours
+    back (the age after which a run removes them; a younger one may belong to a live writer)."""
+    workdir = load_config(config).workdir_path()
+    folders = [workdir / "cache" / "generations", *(workdir / "cache" / "encodings").glob("*"), workdir / "runs"]
+    old = time.time() - 2 * 3600
+    found = [p for folder in folders if folder.is_dir() for p in folder.glob(".*")]
+    for p in found:
+        os.utime(p, (old, old))
+    return found
+
+
+def assert_resumes_to_reference(reference: Path, config: Path) -> list[Path]:
+    """Run to completion, compare with the reference; returns the killed writers' leftovers it removed."""
+    leftovers = age_leftovers(config)
+    run_to_completion(config)
+    assert [p for p in leftovers if p.exists()] == [], "the run left old temporaries of killed writers behind"
     latest = assert_consistent(config)
     assert latest is not None
     assert_same_tables(reference, config)
     root = snapshot_root(load_config(config))
-    leftovers = [p.name for p in root.iterdir() if p.name.startswith((".tmp-", ".trash-"))
-                 or (SNAPSHOT_ID_RE.match(p.name) and p.name > latest)]
-    assert leftovers == [], "the completed run left the killed publishes' leftovers behind"
-    return run
+    stale = [p.name for p in root.iterdir() if p.name.startswith((".tmp-", ".trash-"))
+             or (SNAPSHOT_ID_RE.match(p.name) and p.name > latest)]
+    assert stale == [], "the completed run left the killed publishes' leftovers behind"
+    return leftovers
 
 
 # --- the reference: one uninterrupted run, shared by every chain -------------------------------------------
@@ -332,28 +347,29 @@ PUBLISH = [
 ]
 
 
-def _chain(shop, workdir: str, points: list[str]) -> list[str | None]:
+def _chain(shop, workdir: str, points: list[str]) -> tuple[list[str | None], list[Path]]:
     config = shop.config(workdir)
     seen = []
     for point in points:
         run_killed_at(config, point)
         seen.append(assert_consistent(config))
-    assert_resumes_to_reference(shop.reference, config)
-    return seen
+    return seen, assert_resumes_to_reference(shop.reference, config)
 
 
 def test_kills_during_generation(shop):
-    published = _chain(shop, "generate", GENERATE)
+    published, leftovers = _chain(shop, "generate", GENERATE)
     assert published == [None] * len(GENERATE)  # nothing is published before generation ends
+    assert any(p.parent.name == "generations" for p in leftovers)  # the shard killed before its rename
 
 
 def test_kills_during_encoding(shop):
-    published = _chain(shop, "encode", ENCODE)
+    published, leftovers = _chain(shop, "encode", ENCODE)
     assert published == [None] * len(ENCODE)
+    assert any(p.parent.parent.name == "encodings" for p in leftovers)
 
 
 def test_kills_during_publish(shop):
-    published = _chain(shop, "publish", PUBLISH)
+    published, _ = _chain(shop, "publish", PUBLISH)
     # killed before the commit point: nothing (then the previous snapshot) stays latest
     assert published[:4] == [None] * 4
     first, second, third = published[4:]
@@ -400,3 +416,20 @@ def test_kills_from_outside_at_random_moments(shop):
 
     assert outcomes[0] is None
     assert_resumes_to_reference(shop.reference, config)
+
+
+def test_only_old_temporaries_are_removed(tmp_path):
+    """A temporary younger than the horizon may be a live writer's (a Beam worker's, another run's)."""
+    from recaug.pipelines.cache import remove_stale_temporaries
+
+    old = time.time() - 2 * 3600
+    (tmp_path / ".a.parquet.1.tmp").write_text("killed writer")
+    (tmp_path / ".b.parquet.2.tmp").write_text("live writer")
+    (tmp_path / ".run.partial").mkdir()
+    (tmp_path / ".run.partial" / "x.parquet").write_text("killed run")
+    (tmp_path / "c.parquet").write_text("a shard")
+    (tmp_path / ".hidden-but-not-ours").write_text("kept")
+    for name in (".a.parquet.1.tmp", ".run.partial", "c.parquet", ".hidden-but-not-ours"):
+        os.utime(tmp_path / name, (old, old))
+    assert sorted(remove_stale_temporaries(tmp_path)) == [".a.parquet.1.tmp", ".run.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.parquet.2.tmp", ".hidden-but-not-ours", "c.parquet"]
