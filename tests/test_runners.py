@@ -22,7 +22,7 @@ from recaug.augmenters.base import AugmentInputs, get_augmenter
 from recaug.pipelines.augment import run_augmenter
 from recaug.pipelines.cache import GenerationCache
 from recaug.pipelines.config import AugmenterConfig, EngineConfig, RunnerConfig
-from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_STOP, Engine, GenerationRequest, GenerationResult
+from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult
 from recaug.pipelines.runners import RunnerError, make_runner
 from recaug.pipelines.runners.local import LocalRunner
 from recaug.schemas import GENERATED_TEXTS
@@ -42,8 +42,9 @@ class RecordingEngine(Engine):
     kind = "recording"
 
     def __init__(self, log_path: Path, answer: str = "echo", error_marker: str | None = None,
-                 raise_marker: str | None = None):
+                 raise_marker: str | None = None, fatal: bool = False):
         self.log_path = str(log_path)
+        self.fatal = fatal  # raise EngineError (nothing can work) instead of a one-shard crash
         self.answer = answer
         self.error_marker = error_marker
         self.raise_marker = raise_marker
@@ -74,6 +75,8 @@ class RecordingEngine(Engine):
                 resources = context.get_assigned_resources()
         self._log({"event": "generate", "keys": [r.key for r in requests], "resources": resources})
         if self.raise_marker and any(self.raise_marker in r.messages[-1]["content"] for r in requests):
+            if self.fatal:
+                raise EngineError("the server at http://127.0.0.1:9 cannot be reached")
             raise RuntimeError(f"engine crashed on a shard containing {self.raise_marker!r}")
         return [self._answer(r, len(requests)) for r in requests]
 
@@ -262,6 +265,18 @@ def test_a_raising_engine_becomes_error_results_not_a_crash(ray_session, tmp_pat
         if kind == "beam":  # dead letters are not cached (the next run retries them); the rest is
             stored = cache.lookup([r.key for s in shards for r in s])["cache_key"].to_list()
             assert sorted(stored) == sorted(r.key for r in good)
+
+
+def test_an_engine_that_cannot_work_stops_the_run_on_every_runner(ray_session, tmp_path):
+    """EngineError means nothing can work (e.g. the server is down): every runner stops the run with
+    the engine's message, as the local runner does, instead of dead-lettering shard after shard."""
+    shards = make_shards([3, 3, 3])
+    for kind in ("local", "beam", "ray"):
+        engine = RecordingEngine(tmp_path / f"{kind}.jsonl", raise_marker="Describe item 4 ", fatal=True)
+        cache = GenerationCache(tmp_path / f"cache-{kind}")
+        runner = make_runner(RunnerConfig(kind=kind, num_actors=1), engine, EngineConfig(kind="fake"))
+        with pytest.raises(EngineError, match="cannot be reached"):
+            run_shards(runner, shards, cache.sink("test", engine.model_id))
 
 
 def test_beam_runs_in_process_without_any_download(tmp_path, monkeypatch):

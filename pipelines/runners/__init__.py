@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 import numpy as np
 
 from recaug.pipelines.config import EncoderConfig, EngineConfig, RunnerConfig
-from recaug.pipelines.engines.base import FINISH_ERROR, Engine, GenerationRequest, GenerationResult
+from recaug.pipelines.engines.base import FINISH_ERROR, Engine, EngineError, GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
     from recaug.encoders.text_encoder import TextEncoder
@@ -34,6 +34,22 @@ class RunnerError(RuntimeError):
 def error_results(requests: list[GenerationRequest], reason: str) -> list[GenerationResult]:
     """A whole shard that failed, as per-request error results (never cached: the next run retries)."""
     return [GenerationResult(r.key, "", 0, 0, FINISH_ERROR, 0.0, error=reason) for r in requests]
+
+
+# An engine that says nothing can work (EngineError) in a Ray or Beam worker comes back to the
+# driver as error results carrying this mark; the driver raises it there, so every runner stops the
+# run the same way the local runner does instead of failing every remaining shard.
+ENGINE_ERROR_MARK = "engine cannot work: "
+
+
+def engine_error_results(requests: list[GenerationRequest], exc: Exception) -> list[GenerationResult]:
+    return error_results(requests, f"{ENGINE_ERROR_MARK}{exc}")
+
+
+def raise_engine_error(reason: str | None) -> None:
+    """Raise the worker's EngineError in the driver when a shard's error carries the mark."""
+    if reason and reason.startswith(ENGINE_ERROR_MARK):
+        raise EngineError(reason[len(ENGINE_ERROR_MARK):])
 
 
 def check_shard(index: int, requests: list[GenerationRequest], results: list[GenerationResult]) -> None:

@@ -48,7 +48,7 @@ finally:
 
 from recaug.pipelines.cache import CacheSink, GenerationCache
 from recaug.pipelines.config import EncoderConfig, EngineConfig, RunnerConfig
-from recaug.pipelines.engines.base import FINISH_ERROR, Engine, GenerationRequest, GenerationResult
+from recaug.pipelines.engines.base import FINISH_ERROR, Engine, EngineError, GenerationRequest, GenerationResult
 from recaug.pipelines.runners import (
     EncodeBatch,
     RunnerError,
@@ -179,9 +179,10 @@ class CommitShard(beam.DoFn):
 
 def dead_letter_records(failed: tuple[Sequence[Shard], tuple[type, str, list[str]]]) -> Iterable[str]:
     """RunInference's dead letter (failed batch, (exception type, repr, traceback)) -> one record per shard."""
-    batch, (_exc_type, exc_repr, _traceback) = failed
+    batch, (exc_type, exc_repr, _traceback) = failed
+    fatal = isinstance(exc_type, type) and issubclass(exc_type, EngineError)
     for index, _requests in batch:
-        yield json.dumps({"shard": index, "dead_letter": exc_repr})
+        yield json.dumps({"shard": index, "dead_letter": exc_repr, "engine_error": fatal})
 
 
 def shard_to_json(index: int, shard: list[GenerationRequest]) -> str:
@@ -285,6 +286,8 @@ class BeamRunner:
         found = set(GenerationCache(Path(sink.root)).lookup(stored_keys)["cache_key"].to_list())
         for index, shard in enumerate(shards):
             outcome = outcomes[index]
+            if outcome.get("engine_error"):  # nothing can work: stop as the local runner does
+                raise EngineError(f"the engine failed on a Beam worker: {outcome['dead_letter']}")
             if "dead_letter" in outcome:
                 reason = f"shard dead-lettered by the Beam runner: {outcome['dead_letter']}"
                 on_shard(error_results(shard, reason), False)

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from recaug.pipelines.cache import CacheSink
 from recaug.pipelines.config import EncoderConfig, EngineConfig, RunnerConfig
-from recaug.pipelines.engines.base import Engine, GenerationRequest, GenerationResult
+from recaug.pipelines.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
 from recaug.pipelines.runners import (
     EncodeBatch,
     RunnerError,
@@ -30,7 +30,9 @@ from recaug.pipelines.runners import (
     check_shard,
     encode_batches,
     encode_one_batch,
+    engine_error_results,
     error_results,
+    raise_engine_error,
     worker_encoder,
 )
 
@@ -193,6 +195,8 @@ class ShardGenerator:
             try:
                 results = self.engine.generate(requests)
                 check_shard(row["shard"], requests, results)
+            except EngineError as exc:  # nothing can work: the driver stops the run (as the local runner does)
+                results = engine_error_results(requests, exc)
             except Exception as exc:  # the shard fails, the run goes on (same as Beam's dead letters)
                 log.warning("shard %s failed in the engine: %r", row["shard"], exc)
                 results = error_results(requests, f"shard failed in the engine: {type(exc).__name__}: {exc}")
@@ -330,6 +334,7 @@ class RayRunner:
                     log.warning("shard %d came back twice; the duplicate is ignored", index)
                     continue
                 check_shard(index, shards[index], results)
+                raise_engine_error(results[0].error if results else None)
                 delivered.add(index)
                 on_shard(results, False)  # the driver commits it (resume point)
         missing = sorted(set(range(len(shards))) - delivered)
