@@ -25,6 +25,7 @@ import random
 import re
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -52,6 +53,8 @@ _CREDENTIAL = re.compile(
     r"(?i)(\b(?:proxy-)?(?:authorization|x-api-key|api[-_]key)[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?"
     r"|\bbearer\s+)(?!\[REDACTED\]|(?:bearer|basic|token)\b)[^\s\"',;}<>]{6,}"
 )
+_SECRET_WORDS = frozenset({"key", "apikey", "token", "accesstoken", "secret", "password", "passwd", "pwd", "sig",
+                           "signature", "auth", "authorization", "credential", "credentials"})
 sleep = time.sleep  # module-level so tests can record the backoff instead of waiting it out
 
 
@@ -63,6 +66,18 @@ def chat_completions_url(base_url: str) -> str:
     if url.endswith("/v1"):
         return url + "/chat/completions"
     return url + "/v1/chat/completions"
+
+
+def url_credential(url: str) -> str | None:
+    """What in a URL looks like a credential (user:password@, a key or token query parameter), or None."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        return "user:password@ before the host"
+    for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        words = re.split(r"[-_.]", name.lower())
+        if _SECRET_WORDS.intersection(words + ["".join(words)]):
+            return f"the query parameter {name!r}"
+    return None
 
 
 def response_format(schema: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +129,13 @@ class HTTPEngine(Engine):
             raise EngineError(
                 "engine.kind 'http' needs engine.base_url, e.g. http://localhost:8000/v1 for `vllm serve` "
                 "or https://api.openai.com/v1 for a hosted API"
+            )
+        credential = url_credential(cfg.base_url)
+        if credential:
+            raise EngineError(
+                f"engine.base_url carries a credential ({credential}); the URL is written to manifests, reports and "
+                f"error messages, so put the key in the environment variable named by engine.api_key_env "
+                f"(now {cfg.api_key_env!r}) instead: it is sent as a Bearer token"
             )
         self.cfg = cfg
         self.url = chat_completions_url(cfg.base_url)

@@ -204,3 +204,31 @@ def test_the_api_key_appears_in_no_file_and_no_output(tmp_path, stub_server):
                 break
     assert searched > 20
     assert found == [], "the API key (or a piece of it) was written to:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("where", ["query", "userinfo"])
+def test_a_key_in_the_base_url_is_refused_before_anything_is_written(tmp_path, capsys, where):
+    """engine.base_url is recorded in manifests and error messages, so a key inside it would leak."""
+    from recaug.pipelines import cli
+
+    key = "sk-" + secrets.token_hex(24)
+    url = f"http://127.0.0.1:9/v1?api_key={key}" if where == "query" else f"http://user:{key}@127.0.0.1:9/v1"
+    write_shop(tmp_path / "data")
+    data = tmp_path / "data"
+    config = tmp_path / "shop.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "shop", "workdir": str(tmp_path / "work"),
+        "dataset": {"kind": "files",
+                    "users": {"path": str(data / "customers.csv"), "columns": {"user_id": "customer"}},
+                    "items": {"path": str(data / "catalogue.csv"), "columns": {"item_id": "sku", "title": "name"}},
+                    "interactions": {"path": str(data / "events.csv"),
+                                     "columns": {"user_id": "customer", "item_id": "sku", "rating": "stars", "timestamp": "when"},
+                                     "timestamp_format": "%Y-%m-%d %H:%M:%S"}},
+        "engine": {"kind": "http", "base_url": url},
+        "augmenters": [{"name": "kar_item_knowledge"}],
+    }))
+    assert cli.main(["run", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert "engine.base_url carries a credential" in captured.err and "api_key_env" in captured.err
+    assert not any(piece in captured.out + captured.err for piece in pieces(key))
+    assert not (tmp_path / "work").exists()
