@@ -115,8 +115,20 @@ class EngineConfig(_Section):
     max_retries: int = Field(4, ge=0)
     # vllm engine
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    # more keyword arguments for vllm.LLM, passed verbatim (max_model_len, dtype, tensor_parallel_size, ...)
+    vllm_args: dict[str, Any] = Field(default_factory=dict)
     # chaos testing: wrap the engine above in a failure injector (None: off)
     chaos: ChaosConfig | None = None
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _vllm_args_leave_ours_alone(cls, value: dict[str, Any]) -> dict[str, Any]:
+        taken = {"model": "engine.model", "tokenizer": "engine.model", "seed": "engine.seed",
+                 "gpu_memory_utilization": "engine.gpu_memory_utilization"}
+        clashes = [f"{k} (set {taken[k]})" for k in sorted(value) if k in taken]
+        if clashes:
+            raise ValueError(f"engine.vllm_args may not set {', '.join(clashes)}")
+        return value
 
 
 class AugmenterConfig(_Section):

@@ -153,7 +153,12 @@ class StubLLM:
     def __init__(self, **kwargs):
         self.kwargs = kwargs
         self.chats: list[tuple] = []
+        self.shut_down = False
+        self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=self._shutdown))
         StubLLM.instances.append(self)
+
+    def _shutdown(self):
+        self.shut_down = True
 
     def get_tokenizer(self):
         return SimpleNamespace(eos_token_id=2)
@@ -221,3 +226,19 @@ def test_vllm_engine_falls_back_to_guided_decoding_and_seeds_per_request(tmp_pat
     first, second = StubLLM.instances[0].chats
     assert first[1][0].guided_decoding.json == schema and first[1][0].guided_decoding.api == "guided_decoding"
     assert first[1][1].seed == second[1][0].seed != first[1][0].seed  # same key, same seed, any batch
+
+
+def test_vllm_args_reach_vllm_and_close_stops_its_engine_core(tmp_path, monkeypatch):
+    stub_vllm(monkeypatch)
+    args = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "tensor_parallel_size": 2}
+    engine = VLLMEngine(EngineConfig(kind="vllm", model=str(local_model(tmp_path)), seed=3, vllm_args=args))
+    engine.load()
+    [llm] = StubLLM.instances
+    assert {k: llm.kwargs[k] for k in args} == args
+    assert llm.kwargs["seed"] == 3 and llm.kwargs["enable_prefix_caching"] is True
+    engine.close()
+    assert llm.shut_down  # the engine-core processes stop with the engine, not at interpreter exit
+    engine.close()  # idempotent
+    # the keys the engine sets from other config keys cannot be overridden through vllm_args
+    with pytest.raises(ValueError, match=r"vllm_args may not set model \(set engine.model\), seed \(set engine.seed\)"):
+        EngineConfig(kind="vllm", vllm_args={"seed": 1, "model": "/elsewhere", "dtype": "half"})

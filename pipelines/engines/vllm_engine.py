@@ -13,6 +13,7 @@ to `guided_decoding=GuidedDecodingParams(json=...)` on older releases.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,23 @@ class VLLMEngine(Engine):
                 self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         return self._tokenizer
 
+    def llm_kwargs(self, model_dir: str) -> dict[str, Any]:
+        """Arguments of `vllm.LLM`: ours, then `engine.vllm_args` verbatim (the config refuses the
+        keys set here from other engine keys)."""
+        return {
+            "model": model_dir,
+            "tokenizer": model_dir,
+            "enable_prefix_caching": True,
+            "gpu_memory_utilization": self.cfg.gpu_memory_utilization,
+            "seed": self.cfg.seed,
+            **self.cfg.vllm_args,
+        }
+
     def load(self) -> None:
         if self._llm is not None:
             return
+        # vLLM logs each engine start at INFO (config dumps, KV sizes); VLLM_LOGGING_LEVEL=INFO shows them
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:
             import vllm
         except ImportError:
@@ -141,13 +156,7 @@ class VLLMEngine(Engine):
             )
         set_offline_env()
         model_dir = str(self.model_dir)
-        self._llm = vllm.LLM(
-            model=model_dir,
-            tokenizer=model_dir,
-            enable_prefix_caching=True,
-            gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-            seed=self.cfg.seed,
-        )
+        self._llm = vllm.LLM(**self.llm_kwargs(model_dir))
         self._sampling_params_cls = vllm.SamplingParams
         self._constraint = constraint
         self._tokenizer = self._llm.get_tokenizer()
@@ -168,7 +177,13 @@ class VLLMEngine(Engine):
     def close(self) -> None:
         if self._llm is None:
             return
-        self._llm = None
+        llm, self._llm = self._llm, None
+        # vLLM's V1 engine runs the model in an engine-core process (and workers): stop them now, not at
+        # interpreter exit, so a closed engine frees its memory and cores (a Ray actor, the next engine)
+        shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del llm
         import gc
 
         gc.collect()
