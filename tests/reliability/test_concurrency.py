@@ -132,8 +132,33 @@ def test_a_second_run_without_wait_fails_cleanly(tmp_path):
 
 def test_a_second_run_with_wait_runs_after_the_first_on_cache_hits(tmp_path):
     config = shop_config(tmp_path)
+    root = snapshot_root(load_config(config))
+    seen, errors, done = set(), [], threading.Event()
+
+    def reader():  # a modeler loading `latest` all along: nothing, or one whole snapshot
+        while not done.wait(0.05):  # (not a busy loop: the two runs need the cores)
+            try:
+                frame = recaug.features.load(config)
+            except SnapshotNotFound:
+                continue
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            sid = frame["snapshot_id"].unique().to_list()
+            rows = resolve_snapshot(root, sid[0]).tables
+            if len(sid) != 1 or frame.height != sum(n for t, n in rows.items() if t.startswith("embeddings/")):
+                errors.append(f"a partial read: {sid}, {frame.height} rows, manifest {rows}")
+            seen.add(sid[0])
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
     procs = [start_run(config, "--wait", str(RUN_TIMEOUT)), start_run(config, "--wait", str(RUN_TIMEOUT))]
-    results = [finish(p) for p in procs]
+    try:
+        results = [finish(p) for p in procs]
+    finally:
+        done.set()
+        thread.join(timeout=60)
+    assert errors == []
     assert [r[0] for r in results] == [0, 0], results
     for _, out, err in results:
         assert "Traceback" not in err, err
@@ -141,7 +166,7 @@ def test_a_second_run_with_wait_runs_after_the_first_on_cache_hits(tmp_path):
     assert sorted(llm_calls(r[1]) for r in results) == [0, 50]
     snaps = assert_workdir_consistent(config, expected_keys=50)
     assert len(snaps) == 2
-    root = snapshot_root(load_config(config))
+    assert seen and seen <= {s.snapshot_id for s in snaps}
     first, second = (pl.from_arrow(read_table(root, s.snapshot_id, "embeddings/kar_user_preference")) for s in snaps)
     assert first["entity_id"].equals(second["entity_id"]) and first["text_hash"].equals(second["text_hash"])
     np.testing.assert_allclose(vectors_numpy(second.select("vector").to_arrow()),
