@@ -116,6 +116,14 @@ def _engine_and_runner(cfg, runner_kind: str | None):
     return cfg, engine, make_runner(cfg.runner, engine, cfg.engine)
 
 
+def _say_waiting(lock: Path, wait: float):
+    def say(holder: str) -> None:
+        print(f"recaug: {lock} is held by {holder}; waiting up to {wait:g} s for that run to end", file=sys.stderr,
+              flush=True)
+
+    return say
+
+
 def cmd_run(args) -> int:
     from recaug.pipelines.config import load_config
     from recaug.pipelines.inputs import prepare_inputs
@@ -125,7 +133,7 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config)
     cfg, engine, runner = _engine_and_runner(cfg, args.runner)
     workdir = cfg.workdir_path()
-    with RunLock(workdir / "run.lock", wait=args.wait):
+    with RunLock(workdir / "run.lock", wait=args.wait, on_wait=_say_waiting(workdir / "run.lock", args.wait)):
         print(f"recaug run {cfg.name}: workdir {workdir}")
         prep = prepare_inputs(cfg, as_of=args.as_of, quarantine_path=workdir / "quarantine" / "latest.parquet")
         c = prep.gate.counts
@@ -341,7 +349,7 @@ def cmd_schedule(args) -> int:
         c, engine, runner = _engine_and_runner(cfg, None)
         budget = None if full_refresh else Budget(cfg.schedule.long_max_entities, cfg.schedule.long_max_tokens)
         workdir = cfg.workdir_path()
-        with RunLock(workdir / "run.lock", wait=args.wait):
+        with RunLock(workdir / "run.lock", wait=args.wait, on_wait=_say_waiting(workdir / "run.lock", args.wait)):
             prep = prepare_inputs(cfg, as_of=now, quarantine_path=workdir / "quarantine" / "latest.parquet")
             try:
                 result = run_long_job(c, prep, engine, runner, progress=args.progress, budget=budget)

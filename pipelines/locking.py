@@ -7,6 +7,7 @@ import fcntl
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 
 class RunLocked(RuntimeError):
@@ -14,23 +15,30 @@ class RunLocked(RuntimeError):
 
 
 class RunLock:
-    def __init__(self, path: Path, wait: float = 0.0):
-        self.path, self.wait, self.fh = Path(path), wait, None
+    """`on_wait(holder)` is called once when the lock is busy and `wait` > 0, so a caller can say why it
+    sits idle (holder: e.g. "pid 123 since 2026-11-22T06:00:01Z")."""
+
+    def __init__(self, path: Path, wait: float = 0.0, on_wait: Callable[[str], None] | None = None):
+        self.path, self.wait, self.on_wait, self.fh = Path(path), wait, on_wait, None
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(self.path, "a+")
         deadline = time.monotonic() + self.wait
+        told = False
         while True:
             try:
                 fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                self.fh.seek(0)
+                holder = self.fh.read().strip() or "another process"
                 if time.monotonic() >= deadline:
-                    self.fh.seek(0)
-                    holder = self.fh.read().strip() or "another process"
                     self.fh.close()
                     raise RunLocked(f"{self.path} is held by {holder}; another run is in progress (use --wait SECONDS to wait)") from None
+                if self.on_wait is not None and not told:
+                    self.on_wait(holder)
+                    told = True
                 time.sleep(0.2)
         self.fh.seek(0)
         self.fh.truncate()

@@ -162,8 +162,11 @@ def test_a_second_run_with_wait_runs_after_the_first_on_cache_hits(tmp_path):
     assert [r[0] for r in results] == [0, 0], results
     for _, out, err in results:
         assert "Traceback" not in err, err
-    # the lock serialised them: one generated everything, the other found every answer cached
-    assert sorted(llm_calls(r[1]) for r in results) == [0, 50]
+    # the lock serialised them: one generated everything, the other said it waited, then found every answer cached
+    first, second = sorted(results, key=lambda r: -llm_calls(r[1]))
+    assert llm_calls(first[1]) == 50 and llm_calls(second[1]) == 0
+    assert "waiting up to" in second[2] and "is held by pid" in second[2], second[2]
+    assert "waiting" not in first[2]
     snaps = assert_workdir_consistent(config, expected_keys=50)
     assert len(snaps) == 2
     assert seen and seen <= {s.snapshot_id for s in snaps}
