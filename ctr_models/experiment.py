@@ -61,25 +61,49 @@ def check_no_leak(split: pa.Table) -> None:
         raise RuntimeError(f"{bad.height} CTR samples are older than their user's prompt context; refusing to train")
 
 
-def load_training_inputs(cfg: PipelineConfig, snapshot: str = "latest", vector_augmenters: list[str] | None = None) -> TrainingInputs:
+def load_training_inputs(
+    cfg: PipelineConfig, snapshot: str = "latest", vector_augmenters: list[str] | None = None, pin_reason: str | None = None
+) -> TrainingInputs:
+    """The snapshot's features and the samples as of its data cutoff. With `pin_reason` the snapshot is
+    pinned before anything is read, so a publish's retention cannot delete it while a model trains on it."""
+    import pyarrow.parquet as pq
+
     from recaug.pipelines import features
     from recaug.pipelines.inputs import prepare_inputs
-    from recaug.pipelines.snapshots import read_table, resolve_snapshot, snapshot_root
+    from recaug.pipelines.snapshots import pin_snapshot, read_snapshot, snapshot_root, unpin
 
     root = snapshot_root(cfg)
-    info = resolve_snapshot(root, snapshot)
-    manifest = info.manifest
-    prep = prepare_inputs(cfg, as_of=int(manifest["data_cutoff"]))
-    check_no_leak(prep.split)
     wanted = vector_augmenters or cfg.ctr.vector_augmenters
-    feats = features.load(root, info.snapshot_id, augmenter=wanted)
-    vectors = {}
-    for (aug, kind), part in feats.group_by(["augmenter", "entity_kind"], maintain_order=True):
-        vectors[f"{kind}:{aug}"] = part.select("entity_id", "vector").to_arrow()
-    missing = sorted(set(wanted) - {k.split(":", 1)[1] for k in vectors})
-    if missing:
-        raise ValueError(f"snapshot {info.snapshot_id} has no embeddings for augmenter(s) {missing} (ctr.vector_augmenters)")
-    synthetic = read_table(root, info.snapshot_id, "synthetic/interactions") if "synthetic/interactions" in manifest["tables"] else None
+
+    def read(info):
+        # one whole snapshot: `latest` retired by a concurrent publish before the pin is read again as the new one
+        if pin_reason:
+            pin_snapshot(root, info.snapshot_id, pin_reason)
+        try:
+            manifest = info.manifest
+            feats = features.load(root, info.snapshot_id, augmenter=wanted)
+            synthetic = (pq.read_table(info.table_path("synthetic/interactions"))
+                         if "synthetic/interactions" in manifest["tables"] else None)
+        except BaseException:
+            if pin_reason:
+                unpin(root, info.snapshot_id, pin_reason)
+            raise
+        return info, manifest, feats, synthetic
+
+    info, manifest, feats, synthetic = read_snapshot(root, snapshot, read)
+    try:
+        vectors = {}
+        for (aug, kind), part in feats.group_by(["augmenter", "entity_kind"], maintain_order=True):
+            vectors[f"{kind}:{aug}"] = part.select("entity_id", "vector").to_arrow()
+        missing = sorted(set(wanted) - {k.split(":", 1)[1] for k in vectors})
+        if missing:
+            raise ValueError(f"snapshot {info.snapshot_id} has no embeddings for augmenter(s) {missing} (ctr.vector_augmenters)")
+        prep = prepare_inputs(cfg, as_of=int(manifest["data_cutoff"]))
+        check_no_leak(prep.split)
+    except BaseException:
+        if pin_reason:  # nothing will train on it
+            unpin(root, info.snapshot_id, pin_reason)
+        raise
     from recaug.schemas import SYNTHETIC_INTERACTIONS
 
     return TrainingInputs(
@@ -134,25 +158,31 @@ def train_model(
 ):
     """`recaug train`: one backbone on one snapshot; the checkpoint pins the snapshot."""
     from recaug.ctr_models import train_ctr
-    from recaug.pipelines.snapshots import pin_snapshot, snapshot_root
-
-    inputs = load_training_inputs(cfg, snapshot)
-    ctr = cfg.ctr if adaptor is None else cfg.ctr.model_copy(update={"adaptor": adaptor})
     from recaug.pipelines.long_job import new_run_id
+    from recaug.pipelines.snapshots import pin_snapshot, snapshot_root, unpin
 
-    # one folder per training run: a daily retrain never overwrites the checkpoint it started from
-    out_dir = cfg.workdir_path() / "models" / inputs.snapshot_id / new_run_id()
-    lineage = {"snapshot_id": inputs.snapshot_id, "config_hash": _config_hash(cfg), "pipeline": cfg.name}
-    log(f"train {model} (adaptor {ctr.adaptor}, seed {seed}) on snapshot {inputs.snapshot_id}: "
-        f"{inputs.samples.num_rows:,} samples, vectors {sorted(inputs.llm_vectors)}"
-        + (f", warm start from {warm_start}" if warm_start else ""))
-    result = train_ctr(
-        inputs.samples, inputs.users, inputs.items, inputs.split, inputs.llm_vectors, ctr, model, seed,
-        warm_start=warm_start, checkpoint_dir=out_dir,
-        synthetic=inputs.synthetic if ctr.synthetic_rate > 0 else None, lineage=lineage,
-    )
-    if result.checkpoint_path:
-        pin_snapshot(snapshot_root(cfg), inputs.snapshot_id, f"model {result.checkpoint_path}")
+    run_id = new_run_id()
+    root = snapshot_root(cfg)
+    # pinned while training (a concurrent publish's retention must not delete it), then by the checkpoint
+    training_pin = f"training run {run_id}"
+    inputs = load_training_inputs(cfg, snapshot, pin_reason=training_pin)
+    try:
+        ctr = cfg.ctr if adaptor is None else cfg.ctr.model_copy(update={"adaptor": adaptor})
+        # one folder per training run: a daily retrain never overwrites the checkpoint it started from
+        out_dir = cfg.workdir_path() / "models" / inputs.snapshot_id / run_id
+        lineage = {"snapshot_id": inputs.snapshot_id, "config_hash": _config_hash(cfg), "pipeline": cfg.name}
+        log(f"train {model} (adaptor {ctr.adaptor}, seed {seed}) on snapshot {inputs.snapshot_id}: "
+            f"{inputs.samples.num_rows:,} samples, vectors {sorted(inputs.llm_vectors)}"
+            + (f", warm start from {warm_start}" if warm_start else ""))
+        result = train_ctr(
+            inputs.samples, inputs.users, inputs.items, inputs.split, inputs.llm_vectors, ctr, model, seed,
+            warm_start=warm_start, checkpoint_dir=out_dir,
+            synthetic=inputs.synthetic if ctr.synthetic_rate > 0 else None, lineage=lineage,
+        )
+        if result.checkpoint_path:
+            pin_snapshot(root, inputs.snapshot_id, f"model {result.checkpoint_path}")
+    finally:
+        unpin(root, inputs.snapshot_id, training_pin)
     return inputs, result
 
 

@@ -299,7 +299,7 @@ def read_snapshot(root: Path, snapshot: str, read: Callable[[SnapshotInfo], T]) 
         info = resolve_snapshot(root, snapshot)
         try:
             return read(info)
-        except FileNotFoundError:
+        except (FileNotFoundError, SnapshotNotFound):  # (a nested resolve or pin of info's id raises the latter)
             if (info.path / MANIFEST_FILE).is_file():
                 raise  # the snapshot is still there: a file is really missing (verify_snapshot says which)
             if snapshot != "latest":

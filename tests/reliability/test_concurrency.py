@@ -328,3 +328,41 @@ def test_a_named_snapshot_removed_while_read_is_a_clear_error(tmp_path):
     (second.path / "embeddings" / "aug0.parquet").unlink()
     with pytest.raises(FileNotFoundError):
         read_table(root, "latest", "embeddings/aug0")
+
+
+def test_a_publish_while_a_model_trains_keeps_the_snapshot_it_trains_on(tmp_path, monkeypatch):
+    """With keep_snapshots 1 a long job publishing during `recaug train` used to delete the snapshot
+    the model was training on, and pinning it for the checkpoint then failed after the training.
+    The trainer now pins the snapshot before reading it; the training pin goes when the model's stays."""
+    import types
+
+    import recaug.ctr_models as ctr_models
+    from recaug.ctr_models.experiment import train_model
+    from recaug.pipelines import cli
+    from recaug.pipelines.snapshots import list_pins
+
+    config = shop_config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["publish"] = {"keep_snapshots": 1}
+    config.write_text(yaml.safe_dump(data))
+    assert cli.main(["run", str(config), "--no-progress"]) == 0
+    cfg = load_config(config)
+    root = snapshot_root(cfg)
+    trained_on = resolve_snapshot(root, "latest")
+
+    def train_during_a_publish(*args, checkpoint_dir, **kwargs):
+        # the weekly long job publishes a new snapshot while the model trains; retention keeps 1
+        tables = {n: read_table(root, trained_on.snapshot_id, n) for n in trained_on.tables}
+        publish_snapshot(root, tables, {"data_cutoff": trained_on.data_cutoff}, keep=1)
+        assert {p["reason"] for p in list_pins(root, trained_on.snapshot_id)} == {f"training run {checkpoint_dir.name}"}
+        checkpoint_dir.mkdir(parents=True)
+        (checkpoint_dir / "model.pt").write_text("weights")
+        return types.SimpleNamespace(checkpoint_path=checkpoint_dir / "model.pt")
+
+    monkeypatch.setattr(ctr_models, "train_ctr", train_during_a_publish)
+    inputs, result = train_model(cfg, "latest", "deepfm", 0, log=lambda *a: None)
+    assert inputs.snapshot_id == trained_on.snapshot_id
+    snaps = list_snapshots(root)
+    assert trained_on.snapshot_id in [s.snapshot_id for s in snaps] and len(snaps) == 2  # the new latest, and ours
+    assert verify_snapshot(root, trained_on.snapshot_id) == []
+    assert [p["reason"] for p in list_pins(root, trained_on.snapshot_id)] == [f"model {result.checkpoint_path}"]
