@@ -65,8 +65,9 @@ test-fast: $(STAMP)
 test-vllm: $(VLLM_STAMP)
 	RECAUG_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -q -m vllm tests/test_engine_vllm.py
 
+# every benchmark, ~20-30 min on 2 cores; BENCH_ARGS=--quick for a smoke test, or --only NAME
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV) $(VLLM_VENV)
