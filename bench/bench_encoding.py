@@ -7,13 +7,11 @@ threads; runs alternate (ours, theirs, ours, theirs ...) and the best run of eac
 (on a shared machine other work only ever slows a run down; every run is kept in the JSON). A third row
 shows a re-encode through the encoding cache (every text a hit).
 
-    .venv/bin/python bench/bench_encoding.py [--texts 2000] [--batch-size 64] [--repeats 2]
+    .venv/bin/python bench/bench_encoding.py [--texts 2000] [--batch-size 64] [--repeats 3] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,9 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import log, result, standalone, table  # noqa: E402  (also sets the offline environment)
 
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
@@ -33,7 +32,7 @@ from recaug.encoders import EncodingCache, TextEncoder  # noqa: E402
 from recaug.pipelines.config import EncoderConfig  # noqa: E402
 from recaug.pipelines.packaged import minilm_dir, ml100k_dir  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "encoding.json"
+NAME = "encoding"
 
 
 def _read_atomic(ext: str) -> pl.DataFrame:
@@ -75,22 +74,20 @@ def timed(fn) -> tuple[float, np.ndarray]:
     return time.perf_counter() - started, out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--texts", type=int, default=2000)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+def run(quick: bool = False, texts: int | None = None, batch_size: int = 64, repeats: int | None = None) -> dict:
+    import argparse
 
     import torch
     from sentence_transformers import SentenceTransformer
 
+    args = argparse.Namespace(texts=texts or (300 if quick else 2000), batch_size=batch_size,
+                              repeats=repeats or (1 if quick else 3))
     load_before = round(os.getloadavg()[0], 2)
     texts = ml100k_texts(args.texts)
     ours = TextEncoder(EncoderConfig(batch_size=args.batch_size), progress=False)
     theirs = SentenceTransformer(str(minilm_dir()), device="cpu")
     token_counts = [len(x) for x in ours.tokenizer(texts, truncation=True, max_length=256)["input_ids"]]
-    print(f"{len(texts)} ML-100K texts, tokens per text: min {min(token_counts)}, median {int(np.median(token_counts))}, "
+    log(f"{len(texts)} ML-100K texts, tokens per text: min {min(token_counts)}, median {int(np.median(token_counts))}, "
           f"max {max(token_counts)} (cap 256); batch size {args.batch_size}; torch threads {torch.get_num_threads()}")
 
     # warm-up both (first call pays for lazy initialisation)
@@ -98,11 +95,13 @@ def main() -> int:
     theirs.encode(texts[:64], batch_size=args.batch_size)
 
     ours_s, theirs_s = [], []
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
         s, ours_vec = timed(lambda: ours.encode(texts))
         ours_s.append(s)
         s, theirs_vec = timed(lambda: theirs.encode(texts, batch_size=args.batch_size, convert_to_numpy=True, show_progress_bar=False))
         theirs_s.append(s)
+        log(f"[{r + 1}/{args.repeats}] ours {len(texts) / ours_s[-1]:7.1f} texts/s, "
+            f"sentence-transformers {len(texts) / theirs_s[-1]:7.1f} texts/s")
     max_diff = float(np.abs(ours_vec - theirs_vec).max())
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,17 +116,8 @@ def main() -> int:
         ("SentenceTransformer.encode", theirs_best, len(texts) / theirs_best),
         ("recaug re-encode via cache (all hits)", cached_s, len(texts) / cached_s),
     ]
-    print(f"{'':<40}{'seconds':>10}{'texts/s':>12}")
-    for name, s, rate in rows:
-        print(f"{name:<40}{s:>10.2f}{rate:>12.1f}")
     ratio = theirs_best / ours_best
-    print(f"ours / sentence-transformers throughput ratio: {ratio:.2f}x   (max |difference| of vectors {max_diff:.2e})")
-    print(f"medians: ours {statistics.median(ours_s):.2f} s, sentence-transformers {statistics.median(theirs_s):.2f} s; "
-          f"load average before/after {load_before} / {os.getloadavg()[0]:.2f}")
-    print(f"cache re-encode vs fresh encode: {ours_best / cached_s:.0f}x")
-
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    result = {
+    out = {
         "texts": len(texts),
         "batch_size": args.batch_size,
         "repeats": args.repeats,
@@ -145,9 +135,30 @@ def main() -> int:
         "cached_texts_per_s": len(texts) / cached_s,
         "max_abs_vector_difference": max_diff,
     }
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {RESULTS}")
-    return 0
+    t1 = table(
+        f"Encoding {len(texts):,} ML-100K texts with all-MiniLM-L6-v2 (batch {args.batch_size}, "
+        f"{torch.get_num_threads()} torch threads, best of {args.repeats})",
+        ["path", "seconds", "texts/s", "vs SentenceTransformer"],
+        [[name, s, rate, rate / (len(texts) / theirs_best)] for name, s, rate in rows],
+        notes=[f"tokens per text: min {min(token_counts)}, median {int(np.median(token_counts))}, max {max(token_counts)} "
+               f"(cap 256); max |difference| of the vectors {max_diff:.2e}; medians: ours "
+               f"{statistics.median(ours_s):.2f} s, sentence-transformers {statistics.median(theirs_s):.2f} s"],
+    )
+    summary = [
+        f"our TextEncoder: {ratio:.2f}x SentenceTransformer.encode's throughput on the same texts "
+        f"(vectors equal to {max_diff:.0e}); a re-encode through the cache is {ours_best / cached_s:.0f}x a fresh encode",
+    ]
+    return result(NAME, "Encoding: our TextEncoder vs SentenceTransformer.encode", [t1], summary, out)
+
+
+def _args(ap):
+    ap.add_argument("--texts", type=int, default=None, help="default 2000 (--quick 300)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=None, help="default 3 (--quick 1)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return standalone(run, argv, _args, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

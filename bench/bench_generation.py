@@ -14,23 +14,21 @@ Each path counts generated tokens up to its first stop token and reports generat
 wall time. Runs alternate between the paths (--repeats rounds) and each path's best run counts; ratios
 are engine/naive, engine/batched and batched/naive. The JSON keeps every run.
 
-    .venv/bin/python bench/bench_generation.py [--prompts 64] [--max-new-tokens 32] [--batch-size 32] [--repeats 2]
+    .venv/bin/python bench/bench_generation.py [--prompts 64] [--max-new-tokens 32] [--batch-size 32] [--repeats 2] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see transformers_engine: spinning threads starve on shared cores
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import log, result, standalone, table  # noqa: E402  (also sets the offline environment)
 
 import polars as pl  # noqa: E402
 
@@ -39,7 +37,7 @@ from recaug.pipelines.engines.base import GenerationRequest  # noqa: E402
 from recaug.pipelines.engines.transformers_engine import TransformersEngine  # noqa: E402
 from recaug.pipelines.packaged import ml100k_dir  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "generation.json"
+NAME = "generation"
 
 
 def item_prompts(n: int) -> list[list[dict[str, str]]]:
@@ -100,17 +98,14 @@ def run_bare_batched(model, tok, conversations, max_new: int, batch_size: int, s
     return time.perf_counter() - started, content_tokens(rows, stop_ids)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per path; the best counts")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+def run(quick: bool = False, prompts: int | None = None, max_new_tokens: int | None = None, batch_size: int = 32,
+        repeats: int | None = None) -> dict:
+    import argparse
 
     import torch
 
+    args = argparse.Namespace(prompts=prompts or (16 if quick else 64), max_new_tokens=max_new_tokens or (16 if quick else 32),
+                              batch_size=batch_size, repeats=repeats or (1 if quick else 2))
     conversations = item_prompts(args.prompts)
     engine = TransformersEngine(EngineConfig(kind="transformers", batch_size=args.batch_size,
                                              max_new_tokens=args.max_new_tokens))
@@ -129,13 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in paths:
             wall, tokens = fn()
             runs[name].append({"wall_s": round(wall, 3), "generated_tokens": tokens, "tokens_per_s": round(tokens / wall, 2)})
-            print(f"[{repeat + 1}/{args.repeats}] {name:8s} {tokens:6d} tokens in {wall:7.2f} s = "
-                  f"{tokens / wall:7.2f} generated tok/s", flush=True)
+            log(f"[{repeat + 1}/{args.repeats}] {name:8s} {tokens:6d} tokens in {wall:7.2f} s = "
+                f"{tokens / wall:7.2f} generated tok/s")
     # other work on the machine only ever slows a run down: compare each path's best run
     rows = {name: {**max(r, key=lambda x: x["tokens_per_s"]), "runs": r} for name, r in runs.items()}
-    print("best of each:")
-    for name, row in rows.items():
-        print(f"  {name:8s} {row['tokens_per_s']:7.2f} generated tok/s")
 
     tps = {k: v["tokens_per_s"] for k, v in rows.items()}
     ratios = {
@@ -143,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         "engine_vs_bare_batched": round(tps["engine"] / tps["batched"], 2),
         "bare_batched_vs_naive": round(tps["batched"] / tps["naive"], 2),
     }
-    for k, v in ratios.items():
-        print(f"{k:24s} {v:6.2f}x")
     report = {
         "model": engine.model_id,
         "prompts": args.prompts,
@@ -159,10 +149,36 @@ def main(argv: list[str] | None = None) -> int:
                     "load_avg_1m": round(os.getloadavg()[0], 2)},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"saved {args.out}")
-    return 0
+    engine.close()
+    labels = {
+        "engine": "recaug TransformersEngine (batched, length-sorted)",
+        "batched": "bare batched model.generate",
+        "naive": "one prompt at a time (naive loop)",
+    }
+    t1 = table(
+        f"Generation, {engine.model_id}, {args.prompts} ML-100K prompts, greedy, max {args.max_new_tokens} new tokens, "
+        f"batch {args.batch_size} (best of {args.repeats})",
+        ["path", "generated tokens", "wall s", "generated tok/s", "vs naive"],
+        [[labels[name], rows[name]["generated_tokens"], rows[name]["wall_s"], rows[name]["tokens_per_s"],
+          rows[name]["tokens_per_s"] / tps["naive"]] for name in ("engine", "batched", "naive")],
+    )
+    summary = [
+        f"our engine: {ratios['engine_vs_naive']:.2f}x the naive loop's tokens/s and "
+        f"{ratios['engine_vs_bare_batched']:.2f}x a bare batched generate (batched vs naive: "
+        f"{ratios['bare_batched_vs_naive']:.2f}x)",
+    ]
+    return result(NAME, "Generation: our engine vs naive vs bare batched generate", [t1], summary, report)
+
+
+def _args(ap):
+    ap.add_argument("--prompts", type=int, default=None, help="default 64 (--quick 16)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (--quick 16)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved runs per path; the best counts (default 2)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return standalone(run, argv, _args, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
