@@ -82,6 +82,7 @@ class _Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=self.label, unit="row", file=sys.stderr, dynamic_ncols=True)
+            self.started = time.perf_counter()
         self.tokens += tokens
         self.bar.update(rows)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
