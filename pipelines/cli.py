@@ -322,7 +322,8 @@ def cmd_demo(args) -> int:
             print(f"recaug demo: step '{title}' failed with exit code {code}", file=sys.stderr)
             return code
     print(f"\nrecaug demo finished in {time.perf_counter() - started:.0f} s. Run it again: the generation cache "
-          "answers every prompt (0 LLM calls) and only the CTR models are retrained.")
+          "answers every unchanged prompt (step 2's 'augmentation:' line then counts 0 LLM calls) and only the "
+          "CTR models are retrained.")
     return EXIT_OK
 
 
