@@ -164,10 +164,26 @@ class EncoderConfig(_Section):
     device: str = "cpu"
 
 
+class AugmenterGateConfig(_Section):
+    """Per-augmenter overrides of the output gate's per-augmenter floors (unset = the global value)."""
+
+    min_coverage: float | None = Field(None, ge=0.0, le=1.0)
+    min_parse_rate: float | None = Field(None, ge=0.0, le=1.0)
+    max_dead_letter_share: float | None = Field(None, ge=0.0, le=1.0)
+
+
 class OutputGateConfig(_Section):
     min_coverage: float = Field(0.95, ge=0.0, le=1.0)
     min_parse_rate: float = Field(0.8, ge=0.0, le=1.0)
     max_dead_letter_share: float = Field(0.2, ge=0.0, le=1.0)
+    # e.g. {llmrec_implicit_feedback: {min_parse_rate: 0.1}}: a hard JSON task on a small model
+    # needs its own floor without lowering everyone else's
+    augmenters: dict[str, AugmenterGateConfig] = Field(default_factory=dict)
+
+    def floor(self, augmenter: str, key: str) -> float:
+        override = self.augmenters.get(augmenter)
+        value = getattr(override, key) if override is not None else None
+        return getattr(self, key) if value is None else value
     min_norm: float = Field(0.5, ge=0.0)
     max_norm: float = Field(1.5, gt=0.0)
     min_text_chars: int = Field(1, ge=0)
@@ -232,6 +248,16 @@ class PipelineConfig(_Section):
         if dup:
             raise ValueError(f"augmenter listed twice: {', '.join(dup)}")
         return v
+
+    @model_validator(mode="after")
+    def _gate_overrides_name_augmenters(self):
+        unknown = sorted(set(self.output_gate.augmenters) - {a.name for a in self.augmenters})
+        if unknown:
+            raise ValueError(
+                f"output_gate.augmenters names {', '.join(unknown)}, which the augmenters list does not have "
+                f"(listed: {', '.join(a.name for a in self.augmenters) or 'none'})"
+            )
+        return self
 
     def workdir_path(self) -> Path:
         return self.resolve_path(self.workdir.format(name=self.name))

@@ -274,20 +274,30 @@ def run_output_gate(inputs: Iterable[GateInput] | GateInput, cfg: OutputGateConf
             )
         )
     s = summary
+    # per-augmenter floors (global unless output_gate.augmenters overrides them), judged row by row
+    for key in ("min_coverage", "min_parse_rate", "max_dead_letter_share"):
+        s[key] = [cfg.floor(a, key) for a in s["augmenter"]] if len(s) else []
+
+    def floors(key: str, op: str) -> str:
+        special = {a: cfg.floor(a, key) for a in s["augmenter"] if cfg.floor(a, key) != getattr(cfg, key)}
+        extra = "".join(f"; {a}: {op} {v:g}" for a, v in sorted(special.items()))
+        return f"{op} {getattr(cfg, key):g}{extra}"
+
     plans.append(
         (
             "augmenter_summary",
             s,
             [
-                ("coverage", "coverage", E.ExpectColumnValuesToBeBetween(column="coverage", min_value=cfg.min_coverage, max_value=1.0),
-                 f">= {cfg.min_coverage:g}", f"min {_fmt(float(s['coverage'].min()))}", s["coverage"] < cfg.min_coverage),
+                ("coverage", "coverage",
+                 E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="coverage", column_B="min_coverage", or_equal=True),
+                 floors("min_coverage", ">="), f"min {_fmt(float(s['coverage'].min()))}", s["coverage"] < s["min_coverage"]),
                 ("parse_rate", "parse_rate",
-                 E.ExpectColumnValuesToBeBetween(column="parse_rate", min_value=cfg.min_parse_rate, max_value=1.0),
-                 f">= {cfg.min_parse_rate:g}", f"min {_fmt(float(s['parse_rate'].min()))}", s["parse_rate"] < cfg.min_parse_rate),
+                 E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="parse_rate", column_B="min_parse_rate", or_equal=True),
+                 floors("min_parse_rate", ">="), f"min {_fmt(float(s['parse_rate'].min()))}", s["parse_rate"] < s["min_parse_rate"]),
                 ("dead_letter_share", "dead_letter_share",
-                 E.ExpectColumnValuesToBeBetween(column="dead_letter_share", min_value=0.0, max_value=cfg.max_dead_letter_share),
-                 f"<= {cfg.max_dead_letter_share:g}", f"max {_fmt(float(s['dead_letter_share'].max()))}",
-                 s["dead_letter_share"] > cfg.max_dead_letter_share),
+                 E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="max_dead_letter_share", column_B="dead_letter_share", or_equal=True),
+                 floors("max_dead_letter_share", "<="), f"max {_fmt(float(s['dead_letter_share'].max()))}",
+                 s["dead_letter_share"] > s["max_dead_letter_share"]),
                 ("metadata_complete", "missing_metadata",
                  E.ExpectColumnValuesToBeBetween(column="missing_metadata", min_value=0, max_value=0),
                  "0 missing", ", ".join(sorted({k for v in s["missing_metadata_keys"] for k in v.split(",") if k})) or "0 missing",

@@ -151,3 +151,24 @@ def test_thresholds_come_from_the_config():
     partial = clean_input(embeddings=embeddings(IDS[:30]), generated=generated(IDS[:30]))
     assert run_output_gate([partial], lenient).success
     assert not run_output_gate([partial], CFG).success
+
+
+def test_a_per_augmenter_floor_applies_to_that_augmenter_only():
+    low = lambda name: clean_input(augmenter=name, embeddings=embeddings(IDS[:28]), generated=generated(IDS[:28], augmenter=name),
+                                   dead_letter=dead_letter(IDS[28:]))  # parse rate 0.7, coverage 0.7, dead 0.3
+    cfg = OutputGateConfig(augmenters={"hard_json": {"min_parse_rate": 0.5, "min_coverage": 0.5, "max_dead_letter_share": 0.5}})
+    assert run_output_gate([low("hard_json")], cfg).success
+    both = run_output_gate([low("hard_json"), low("kar_user")], cfg)
+    parse = both.check("parse_rate")
+    assert not parse.success and parse.unexpected_count == 1
+    assert "kar_user" in parse.detail and "hard_json" not in parse.detail
+    assert parse.threshold == ">= 0.8; hard_json: >= 0.5"
+    assert both.metrics["hard_json"]["min_parse_rate"] == 0.5 and both.metrics["kar_user"]["min_parse_rate"] == 0.8
+
+
+def test_a_gate_override_must_name_a_configured_augmenter():
+    from recaug.pipelines.config import PipelineConfig
+
+    with pytest.raises(ValueError, match="output_gate.augmenters names kar_usr"):
+        PipelineConfig(name="x", augmenters=[{"name": "kar_user_preference"}],
+                       output_gate={"augmenters": {"kar_usr": {"min_parse_rate": 0.1}}})
