@@ -83,6 +83,9 @@ class _Progress:
 
             self.bar = tqdm(total=total, desc=self.label, unit="row", file=sys.stderr, dynamic_ncols=True)
             self.started = time.perf_counter()
+        elif rows == 0 and total:  # a retry pass starts: its rows are more work on the same bar
+            self.bar.total += total
+            self.bar.refresh()
         self.tokens += tokens
         self.bar.update(rows)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
