@@ -7,7 +7,7 @@ threads; runs alternate (ours, theirs, ours, theirs ...) and the best run of eac
 (on a shared machine other work only ever slows a run down; every run is kept in the JSON). A third row
 shows a re-encode through the encoding cache (every text a hit).
 
-    .venv/bin/python bench/bench_encoding.py [--texts 2000] [--batch-size 64] [--repeats 3] [--quick]
+    .venv/bin/python bench/bench_encoding.py [--texts 1000] [--batch-size 64] [--repeats 2] [--quick]
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def run(quick: bool = False, texts: int | None = None, batch_size: int = 64, rep
     import torch
     from sentence_transformers import SentenceTransformer
 
-    args = argparse.Namespace(texts=texts or (300 if quick else 2000), batch_size=batch_size,
-                              repeats=repeats or (1 if quick else 3))
+    args = argparse.Namespace(texts=texts or (300 if quick else 1000), batch_size=batch_size,
+                              repeats=repeats or (1 if quick else 2))
     load_before = round(os.getloadavg()[0], 2)
     texts = ml100k_texts(args.texts)
     ours = TextEncoder(EncoderConfig(batch_size=args.batch_size), progress=False)
@@ -152,9 +152,9 @@ def run(quick: bool = False, texts: int | None = None, batch_size: int = 64, rep
 
 
 def _args(ap):
-    ap.add_argument("--texts", type=int, default=None, help="default 2000 (--quick 300)")
+    ap.add_argument("--texts", type=int, default=None, help="default 1000 (--quick 300)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=None, help="default 3 (--quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="default 2 (--quick 1)")
 
 
 def main(argv: list[str] | None = None) -> int:

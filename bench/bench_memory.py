@@ -93,8 +93,9 @@ def _wrap(module, attr: str, sampler: PhaseSampler, phase: str, after: str | Non
     setattr(module, attr, wrapped)
 
 
-def child(items: int) -> dict:
-    """One long job over `items` synthetic items, measured from inside this process."""
+def child(items: int, world_dir: Path) -> dict:
+    """One long job over the `items` synthetic items written in `world_dir`, measured from inside
+    this process (which has read no data before its baseline is taken)."""
     import recaug.encoders as encoders_pkg
     import recaug.encoders.text_encoder as text_encoder_mod
     import recaug.pipelines.long_job as long_job
@@ -107,9 +108,7 @@ def child(items: int) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="recaug-bench-memory-"))
     try:
-        users, items_df, inter = synthetic_world(items)
-        paths = write_world(tmp / "world", users, items_df, inter)
-        del users, items_df, inter
+        paths = {t: str(world_dir / f"{t}.parquet") for t in ("users", "items", "interactions")}
         cfg = parse_config(fake_pipeline_config("bench-memory", tmp / "work", paths))
         text_encoder_mod.TextEncoder = HashEncoder  # run_long_job looks it up here when it runs
         import gc
@@ -152,7 +151,9 @@ def run(quick: bool = False, sizes: list[int] | None = None) -> dict:
     runs = []
     for n in sizes:
         log(f"long job over {n:,} synthetic items in a child process (fake engine, hash encoder) ...")
-        r = run_child(Path(__file__), ["--child", str(n)])
+        with tempfile.TemporaryDirectory(prefix="recaug-bench-world-") as world:
+            write_world(Path(world), *synthetic_world(n))  # written here: the child only reads it
+            r = run_child(Path(__file__), ["--child", str(n), world])
         r["growth_mib"] = r["peak_mib"] - r["baseline_mib"]
         r["kept_mib"] = sum(r["kept_output_bytes"].values()) / 2**20
         runs.append(r)
@@ -168,7 +169,7 @@ def run(quick: bool = False, sizes: list[int] | None = None) -> dict:
         ["items", "baseline MiB", "peak MiB", "peak - baseline MiB", "output tables MiB", "bytes/entity (peak)",
          "bytes/entity (output)", "wall s"],
         rows,
-        notes=["baseline = RSS after imports, before reading any data. output tables = Arrow bytes of the "
+        notes=["baseline = the child's RSS after imports, before reading any data. output tables = Arrow bytes of the "
                "generated-text and embedding tables the job publishes (what it must hold)."],
     )
     t2 = table(
@@ -208,7 +209,7 @@ def _args(ap):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
-        print(json.dumps(child(int(argv[1]))), flush=True)
+        print(json.dumps(child(int(argv[1]), Path(argv[2]))), flush=True)
         return 0
     return standalone(run, argv, _args, __doc__.splitlines()[0])
 
