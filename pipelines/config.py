@@ -107,6 +107,8 @@ class EngineConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
     max_attempts: int = Field(2, ge=1, le=10)
+    # transformers engine: constrain JSON answers to the augmenter's schema (llguidance); false = parse only
+    constrained_decoding: bool = True
     # http engine
     base_url: str | None = None
     api_key_env: str = "RECAUG_API_KEY"

@@ -6,6 +6,8 @@ run) reuses it. Generation budgets are tiny (<= 12 new tokens) to keep this file
 
 from __future__ import annotations
 
+import json
+import pickle
 import threading
 
 import pytest
@@ -143,3 +145,60 @@ def test_concurrent_conversions_convert_once_and_publish_atomically(tmp_path, mo
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
     assert not list(target.parent.glob(".*.tmp-*"))  # the temp folder was renamed, not copied
     assert capsys.readouterr().err.count("converting the packaged SmolLM2") == 1
+
+
+# --- JSON-schema-constrained decoding (llguidance) -----------------------------------------------
+
+FILM_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "genre": {"enum": ["Animation", "Comedy", "Drama", "Horror"]},
+        "year": {"type": "integer", "minimum": 1900, "maximum": 2030},
+        "tagline": {"type": "string", "maxLength": 40},
+    },
+    "required": ["genre", "year", "tagline"],
+    "additionalProperties": False,
+}
+# prompts that, left free, a 135M model answers in prose
+FILM_PROMPTS = {
+    "toy": "Tell me about the movie Toy Story (1995).",
+    "jaws": "What do you think of Jaws?",
+    "hi": "Hi",
+}
+
+
+@pytest.mark.slow
+def test_constrained_answers_are_json_of_the_schema_and_end_when_complete(engine):
+    assert engine.supports_json_schema
+    free = engine.generate([req(k, p, 40) for k, p in FILM_PROMPTS.items()])
+    constrained = engine.generate([
+        GenerationRequest(k, ({"role": "user", "content": p},), 40, FILM_SCHEMA) for k, p in FILM_PROMPTS.items()
+    ])
+    # without the constraint at least one answer is not JSON at all: the constraint is what makes it so
+    assert any(not r.text.lstrip().startswith("{") for r in free)
+    for r in constrained:
+        obj = json.loads(r.text)  # the whole text, nothing before or after the object
+        assert list(obj) == ["genre", "year", "tagline"]  # the schema's order
+        assert obj["genre"] in FILM_SCHEMA["properties"]["genre"]["enum"]
+        assert 1900 <= obj["year"] <= 2030 and len(obj["tagline"]) <= 40
+        # a complete object ends generation, well inside the budget
+        assert r.finish_reason == "stop" and r.output_tokens < 40
+
+
+@pytest.mark.slow
+def test_a_batch_mixes_constrained_and_free_rows(engine):
+    mixed = engine.generate([
+        GenerationRequest("toy", ({"role": "user", "content": FILM_PROMPTS["toy"]},), 40, FILM_SCHEMA),
+        req("hi", "Hi", 40),
+    ])
+    assert set(json.loads(mixed[0].text)) == {"genre", "year", "tagline"}
+    assert not mixed[1].text.lstrip().startswith("{") and mixed[1].output_tokens > 0
+
+
+def test_constrained_decoding_can_be_switched_off_and_enters_the_sampling_key():
+    on = TransformersEngine(EngineConfig(kind="transformers"))
+    off = TransformersEngine(EngineConfig(kind="transformers", constrained_decoding=False))
+    assert on.supports_json_schema and not off.supports_json_schema
+    assert on.sampling_key()["json_constrained"] is True and off.sampling_key()["json_constrained"] is False
+    # pickled to a Ray/Beam worker, the engine keeps its setting
+    assert not pickle.loads(pickle.dumps(off)).supports_json_schema

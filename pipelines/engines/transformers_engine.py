@@ -11,8 +11,10 @@ to float rounding: a padded batch multiplies matrices of another shape, which ca
 last bits and, very rarely, flip a near-tie. With temperature > 0 the sampler is seeded per micro-batch
 from `seed` and the batch's request keys, so a re-run of the same batch reproduces its text.
 
-transformers has no built-in constrained decoding, so `supports_json_schema` is False and the
-augmenter's parser validates the text.
+transformers has no constrained decoding of its own: with `engine.constrained_decoding` on (the
+default) a request's JSON schema becomes a token mask per step through llguidance
+(json_constraint.py), so JSON augmenters get valid JSON even from a 135M model; the augmenter's parser
+still validates every answer (indices against candidates, vocabularies, ...).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from recaug.pipelines.engines.base import (
     defuse_special_tokens,
     special_token_texts,
 )
+from recaug.pipelines.engines.json_constraint import JsonSchemaLogitsProcessor, llguidance_available
 from recaug.pipelines.packaged import ensure_smollm2_dir, file_content_id, smollm2_model_id
 
 # OpenMP threads that spin while waiting for work starve each other when the cores are shared (other
@@ -107,10 +110,11 @@ def plan_micro_batches(requests: list[GenerationRequest], prompt_lengths: list[i
 
 class TransformersEngine(Engine):
     kind = "transformers"
-    supports_json_schema = False
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
+        self.supports_json_schema = bool(cfg.constrained_decoding) and llguidance_available()
+        self._ll_tokenizer = None
         self._model_dir: Path | None = None
         self._model_id: str | None = None
         self._tokenizer = None
@@ -195,6 +199,7 @@ class TransformersEngine(Engine):
 
     def close(self) -> None:
         self._model = None
+        self._ll_tokenizer = None
         if self.cfg.device.startswith("cuda"):
             import torch
 
@@ -245,6 +250,11 @@ class TransformersEngine(Engine):
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=None)
+        constraint = self._json_constraint(requests)
+        if constraint is not None:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([constraint])
         started = time.perf_counter()
         with torch.inference_mode(), torch.random.fork_rng(devices=self._cuda_devices()):
             if self.cfg.temperature > 0:
@@ -268,6 +278,17 @@ class TransformersEngine(Engine):
                 extra={"batch_latency_s": wall, "batch_size": len(requests)},
             ))
         return results
+
+    def _json_constraint(self, requests: list[GenerationRequest]) -> JsonSchemaLogitsProcessor | None:
+        if not self.supports_json_schema or all(r.json_schema is None for r in requests):
+            return None
+        if self._ll_tokenizer is None:
+            import llguidance.hf
+
+            # the model's logit width, which can exceed the tokenizer's (padded embedding matrices)
+            n_vocab = max(int(self._model.config.vocab_size), len(self.tokenizer))
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=n_vocab, eos_token=self._stop_ids)
+        return JsonSchemaLogitsProcessor(self._ll_tokenizer, [r.json_schema for r in requests])
 
     def _content_length(self, ids: list[int]) -> tuple[int, bool]:
         """Generated tokens before the first stop token (padding after it never counts)."""
