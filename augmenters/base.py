@@ -87,6 +87,7 @@ class Augmenter:
     encodes: bool = True  # False: the output is synthetic rows only, not a text worth a vector
     description: str = ""
     default_options: dict[str, Any] = field(default_factory=dict)
+    _decoding: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.select is None:
@@ -106,6 +107,20 @@ class Augmenter:
     def schema_hash(self) -> str:
         return _sha(json.dumps(self.json_schema, sort_keys=True)) if self.json_schema else "free-text"
 
+    def decoding_schema(self, domain: str) -> dict[str, Any] | None:
+        """The schema engines constrain decoding with (see `decoding_schema`), for this domain."""
+        if self.json_schema is None:
+            return None
+        if domain not in self._decoding:
+            from recaug.augmenters.vocab import VOCABULARY
+
+            self._decoding[domain] = decoding_schema(self.json_schema, VOCABULARY.get(domain, []))
+        return self._decoding[domain]
+
+    def decoding_schema_hash(self, domain: str) -> str:
+        schema = self.decoding_schema(domain)
+        return _sha(json.dumps(schema, sort_keys=True)) if schema else "free-text"
+
     @property
     def parser_id(self) -> str:
         return f"{self.parser_version}:{self.schema_hash[:12]}"
@@ -117,6 +132,38 @@ class Augmenter:
                 f"augmenter {self.name!r}: unknown option(s) {unknown}; allowed: {sorted(self.default_options) or 'none'}"
             )
         return {**self.default_options, **overrides}
+
+
+# A bound on every free string while decoding: a small model under a grammar otherwise keeps writing
+# inside one string until its token budget runs out, and a JSON cut mid-string cannot be repaired.
+DECODING_MAX_STRING = 120
+
+
+def decoding_schema(schema: dict[str, Any], vocabulary: list[str]) -> dict[str, Any]:
+    """The response schema, tightened for constrained decoding (validation still uses the model):
+    objects take no other keys, strings marked `x-vocabulary` become an enum of the domain's
+    vocabulary, other strings are bounded, and `x-decoding` on a field overrides its keywords
+    (e.g. fewer items than validation would accept)."""
+
+    def tighten(node: Any) -> Any:
+        if isinstance(node, list):
+            return [tighten(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        vocab_field = bool(node.get("x-vocabulary"))
+        overrides = node.get("x-decoding") or {}
+        out = {k: tighten(v) for k, v in node.items() if k not in ("x-vocabulary", "x-decoding")}
+        if isinstance(out.get("properties"), dict):
+            out.setdefault("additionalProperties", False)
+        if vocab_field and vocabulary:
+            out = {k: v for k, v in out.items() if k not in ("minLength", "maxLength", "type")}
+            out["enum"] = list(vocabulary)
+        out.update(overrides)
+        if out.get("type") == "string" and "enum" not in out and "const" not in out:
+            out["maxLength"] = min(int(out.get("maxLength", DECODING_MAX_STRING)), DECODING_MAX_STRING)
+        return out
+
+    return tighten(schema)
 
 
 def _sha(text: str) -> str:
@@ -192,6 +239,26 @@ def _close_brackets(text: str) -> str | None:
     return body + "".join(reversed(stack))
 
 
+_PLACEHOLDER = re.compile(r"^\s*(?:\.{2,}|…|<[^<>]*>|\[\.\.\.\])\s*$")
+
+
+def _placeholder_field(value: Any, path: str = "") -> str | None:
+    """The first field whose value is a format placeholder ("...", "<index>"), or None."""
+    if isinstance(value, str):
+        return (path or "the answer") if _PLACEHOLDER.match(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, v in items:
+        hit = _placeholder_field(v, f"{path}.{key}" if path else key)
+        if hit:
+            return hit
+    return None
+
+
 def make_json_parser(model: type[BaseModel], to_text: Callable[[BaseModel], str] | None = None) -> Parser:
     def parse(raw: str, context: dict[str, Any]) -> Parsed:
         obj = extract_json_object(raw)
@@ -201,6 +268,9 @@ def make_json_parser(model: type[BaseModel], to_text: Callable[[BaseModel], str]
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"]) or "(object)"
             raise ParseError(f"schema violation at {loc}: {first['msg']}") from None
+        placeholder = _placeholder_field(record.model_dump(mode="json"))
+        if placeholder:
+            raise ParseError(f"{placeholder} is a placeholder copied from the prompt, not an answer")
         text = to_text(record) if to_text else json.dumps(record.model_dump(mode="json"), sort_keys=True)
         return Parsed(record=record.model_dump(mode="json"), text=text)
 

@@ -4,7 +4,7 @@ candidate list, fields against the schema."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,8 +17,9 @@ from recaug.augmenters.vocab import canonical
 
 class ImplicitFeedback(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    liked: int = Field(ge=0)
-    disliked: int = Field(ge=0)
+    # decoding stops at two digits; the parser checks the index against the candidate list
+    liked: int = Field(ge=0, json_schema_extra={"x-decoding": {"maximum": 99}})
+    disliked: int = Field(ge=0, json_schema_extra={"x-decoding": {"maximum": 99}})
 
 
 def implicit_feedback_context(inputs, user_ids: list[str], options: dict) -> pl.DataFrame:
@@ -74,13 +75,19 @@ def _attributes_text(rec: ItemAttributes) -> str:
     return f"director: {rec.director}; country: {rec.country}; language: {rec.language}"
 
 
+Genre = Annotated[str, Field(json_schema_extra={"x-vocabulary": True})]
+# a few short entries are what the profile text uses; validation accepts more from other engines
+_FEW = {"x-decoding": {"maxItems": 4}}
+
+
 class UserProfile(BaseModel):
     model_config = ConfigDict(extra="ignore")
     age: int | None = Field(default=None, ge=0, le=120)
-    gender: str = "unknown"
-    liked_genres: list[str] = Field(default_factory=list, max_length=10)
-    disliked_genres: list[str] = Field(default_factory=list, max_length=10)
-    liked_directors: list[str] = Field(default_factory=list, max_length=10)
+    gender: str = Field("unknown", json_schema_extra={"x-decoding": {"enum": ["male", "female", "unknown"]}})
+    liked_genres: list[Genre] = Field(default_factory=list, max_length=10, json_schema_extra=_FEW)
+    disliked_genres: list[Genre] = Field(default_factory=list, max_length=10, json_schema_extra=_FEW)
+    liked_directors: list[Annotated[str, Field(json_schema_extra={"x-decoding": {"maxLength": 40}})]] = Field(
+        default_factory=list, max_length=10, json_schema_extra=_FEW)
     country: str = "unknown"
     language: str = "unknown"
 
@@ -126,7 +133,7 @@ def llmrec_item_attributes() -> Augmenter:
         build_context=item_context,
         response_model=ItemAttributes,
         parse=make_json_parser(ItemAttributes, _attributes_text),
-        parser_version="1",
+        parser_version="2",  # 2: format placeholders ("...") are dead letters, not attributes
         description="item attribute completion: director, country, language",
     )
 

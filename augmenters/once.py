@@ -5,7 +5,7 @@ marked synthetic tables. Outputs are schema-validated (the reference code's were
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Annotated, Any
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,10 +22,15 @@ def parse_summary(raw: str, context: dict[str, Any]) -> Parsed:
     return Parsed(record={"summary": text}, text=text)
 
 
+Topic = Annotated[str, Field(json_schema_extra={"x-vocabulary": True})]
+
+
 class TopicProfile(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    topics: list[str] = Field(min_length=1, max_length=8)
-    regions: list[str] = Field(default_factory=list, max_length=5)
+    # decoding: 1-5 topics from the vocabulary (the prompt asks for 1 to 5), a few short regions
+    topics: list[Topic] = Field(min_length=1, max_length=8, json_schema_extra={"x-decoding": {"maxItems": 5}})
+    regions: list[Annotated[str, Field(json_schema_extra={"x-decoding": {"maxLength": 30}})]] = Field(
+        default_factory=list, max_length=5, json_schema_extra={"x-decoding": {"maxItems": 2}})
 
 
 def parse_topics(raw: str, context: dict[str, Any]) -> Parsed:
@@ -40,14 +45,15 @@ def parse_topics(raw: str, context: dict[str, Any]) -> Parsed:
 
 class GeneratedItem(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    title: str = Field(min_length=1, max_length=200)
-    abstract: str = Field(min_length=1, max_length=1000)
-    category: str = Field(min_length=1, max_length=100)
+    title: str = Field(min_length=1, max_length=200, json_schema_extra={"x-decoding": {"maxLength": 60}})
+    abstract: str = Field(min_length=1, max_length=1000, json_schema_extra={"x-decoding": {"maxLength": 100}})
+    category: str = Field(min_length=1, max_length=100, json_schema_extra={"x-vocabulary": True})
 
 
 class GeneratedItems(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    items: list[GeneratedItem] = Field(min_length=1, max_length=10)
+    # decoding stops at 2 items (the default n_items; the parser keeps the first n_items)
+    items: list[GeneratedItem] = Field(min_length=1, max_length=10, json_schema_extra={"x-decoding": {"maxItems": 2}})
 
 
 def select_cold_users(inputs: AugmentInputs, options: dict[str, Any]) -> list[str]:

@@ -143,13 +143,22 @@ def sample_entities(ids: list[str], limit: int | None, seed: int) -> list[str]:
     return sorted(ranked[:limit])
 
 
-def _key_parts(aug: Augmenter, engine: Engine, messages, max_new_tokens: int) -> dict[str, Any]:
+def _sampling_key(aug: Augmenter, engine: Engine) -> dict[str, Any]:
+    sampling = engine.sampling_key()
+    if aug.json_schema is None:
+        # constrained decoding cannot change a free-text answer: switching it must not re-generate those
+        sampling = {k: v for k, v in sampling.items() if k != "json_constrained"}
+    return sampling
+
+
+def _key_parts(aug: Augmenter, engine: Engine, messages, max_new_tokens: int, domain: str) -> dict[str, Any]:
     return {
         "augmenter": aug.name,
         "template": aug.prompt.content_hash,
         "model": engine.model_id,
-        "sampling": engine.sampling_key(),
-        "schema": aug.schema_hash,
+        "sampling": _sampling_key(aug, engine),
+        # the response schema as the engine constrains it (per domain: vocabulary enums)
+        "schema": aug.decoding_schema_hash(domain),
         "max_new_tokens": max_new_tokens,
         "messages": list(messages),
     }
@@ -196,7 +205,7 @@ def build_pending(
             except PromptError as exc:
                 failed.append({"entity_id": row["entity_id"], "reason": f"render: {exc}", "prompt": ""})
                 continue
-            key = request_key(_key_parts(aug, engine, messages, max_new))
+            key = request_key(_key_parts(aug, engine, messages, max_new, inputs.domain))
             pending.append(Pending(row["entity_id"], variables, messages, key, key, 1, max_new))
     return pending, failed, list(entity_ids)
 
@@ -206,7 +215,7 @@ def retry_of(p: Pending, raw: str, reason: str, aug: Augmenter, engine: Engine) 
         {"role": "assistant", "content": raw},
         {"role": "user", "content": RETRY_INSTRUCTION.format(reason=reason)},
     )
-    key = request_key({**_key_parts(aug, engine, messages, p.max_new_tokens), "base": p.base_key, "attempt": p.attempt + 1})
+    key = request_key({**_key_parts(aug, engine, messages, p.max_new_tokens, p.context["domain"]), "base": p.base_key, "attempt": p.attempt + 1})
     return Pending(p.entity_id, p.context, messages, p.base_key, key, p.attempt + 1, p.max_new_tokens)
 
 
@@ -278,8 +287,9 @@ def run_augmenter(
         todo = [s for s in todo if s]
         fresh: dict[str, GenerationResult] = {}
         if todo:
+            schema = aug.decoding_schema(inputs.domain)
             requests = [
-                [GenerationRequest(p.key, p.messages, p.max_new_tokens, aug.json_schema) for p in shard] for shard in todo
+                [GenerationRequest(p.key, p.messages, p.max_new_tokens, schema) for p in shard] for shard in todo
             ]
             total = sum(len(s) for s in requests)
             started = time.perf_counter()

@@ -185,7 +185,8 @@ def cmd_preview(args) -> int:
         print(f"{aug.name}: no entities selected (check the augmenter's options)")
         return EXIT_OK
     engine.load()
-    requests = [GenerationRequest(p.key, p.messages, p.max_new_tokens, aug.json_schema) for p in pending]
+    schema = aug.decoding_schema(cfg.dataset.domain)
+    requests = [GenerationRequest(p.key, p.messages, p.max_new_tokens, schema) for p in pending]
     try:
         results = engine.generate(requests)
     except Exception as exc:  # show the prompts and the failure, as a run would dead-letter it

@@ -230,3 +230,37 @@ def test_budget_defers_changed_entities_and_carries_their_previous_answer(tmp_pa
                              cache, LocalRunner(engine).execute, shard_size=4, budget=Budget(max_entities=4),
                              carry_over=out.generated)
     assert next_run.stats.deferred == 0 and engine.requests_seen == 8
+
+
+class ConstrainingEngine(ScriptedEngine):
+    """A scripted engine that says it constrains decoding, with a switch like the real ones."""
+
+    def __init__(self, responder, constrained: bool):
+        super().__init__(responder)
+        self.supports_json_schema = constrained
+        self.schemas = []
+
+    def sampling_key(self):
+        return {"temperature": 0.0, "json_constrained": self.supports_json_schema}
+
+    def generate(self, requests):
+        self.schemas += [r.json_schema for r in requests]
+        return super().generate(requests)
+
+
+def test_constrained_decoding_rekeys_json_augmenters_only_and_sends_the_domain_schema(tmp_path, inputs):
+    cache = GenerationCache(tmp_path)
+    answer = lambda r: '{"director": "A. Director", "country": "USA", "language": "English"}'  # noqa: E731
+    for constrained in (False, True):
+        engine = ConstrainingEngine(answer, constrained)
+        free = run("kar_item_knowledge", inputs, engine, cache)
+        json_out = run("llmrec_item_attributes", inputs, engine, cache)
+        if not constrained:
+            assert free.stats.llm_requests == 20 and json_out.stats.llm_requests == 20
+        else:
+            # switching the constraint on cannot change a free-text answer: all cache hits
+            assert free.stats.llm_requests == 0
+            # a JSON answer can change: re-generated, with the schema as the engine constrains it
+            assert json_out.stats.llm_requests == 20
+            expected = get_augmenter("llmrec_item_attributes").decoding_schema("movies")
+            assert engine.schemas == [expected] * 20 and expected["additionalProperties"] is False

@@ -179,3 +179,36 @@ def test_a_new_augmenter_is_a_template_and_a_few_lines(tmp_path, monkeypatch, in
             aug.options({"colour": "red"})
     finally:
         REGISTRY.pop("item_one_liner")
+
+
+def test_decoding_schema_tightens_the_response_schema_for_the_domain():
+    from recaug.augmenters.base import DECODING_MAX_STRING
+    from recaug.augmenters.vocab import VOCABULARY
+
+    profile = get_augmenter("llmrec_user_profile")
+    movies, books = profile.decoding_schema("movies"), profile.decoding_schema("books")
+    liked = movies["properties"]["liked_genres"]
+    assert liked["items"] == {"enum": VOCABULARY["movies"]} and liked["maxItems"] == 4  # x-decoding override
+    assert books["properties"]["liked_genres"]["items"] == {"enum": VOCABULARY["books"]}
+    assert profile.decoding_schema_hash("movies") != profile.decoding_schema_hash("books")
+    assert movies["additionalProperties"] is False and movies["properties"]["gender"]["enum"] == ["male", "female", "unknown"]
+    # validation still accepts what the response model accepts (more items, any genre string to canonicalise)
+    assert profile.json_schema["properties"]["liked_genres"]["maxItems"] == 10
+    assert "x-vocabulary" not in json.dumps(movies) and "x-decoding" not in json.dumps(movies)
+    # free strings are bounded; nested objects ($defs) are closed too
+    attrs = get_augmenter("llmrec_item_attributes").decoding_schema("movies")
+    assert attrs["properties"]["director"]["maxLength"] == DECODING_MAX_STRING
+    gen = get_augmenter("once_cold_item_generator").decoding_schema("movies")
+    item = gen["$defs"]["GeneratedItem"]
+    assert item["additionalProperties"] is False and item["properties"]["category"]["enum"] == VOCABULARY["movies"]
+    assert get_augmenter("kar_item_knowledge").decoding_schema("movies") is None
+
+
+def test_json_parser_refuses_format_placeholders_copied_from_the_prompt():
+    parse = get_augmenter("llmrec_item_attributes").parse
+    with pytest.raises(ParseError, match="director is a placeholder"):
+        parse('{"director": "...", "country": "USA", "language": "English"}', {})
+    with pytest.raises(ParseError, match="language is a placeholder"):
+        parse('{"director": "Ridley Scott", "country": "UK", "language": "<language>"}', {})
+    ok = parse('{"director": "J. Doe...", "country": "U.S.", "language": "English"}', {})
+    assert ok.record["country"] == "U.S."
