@@ -33,6 +33,10 @@ def tiny_demo_config(tmp_path: Path, runner: str) -> Path:
         {"name": "kar_user_preference", "max_entities": 4, "max_new_tokens": 12, "history_token_budget": 200},
         {"name": "kar_item_knowledge", "max_entities": 5, "max_new_tokens": 12},
     ]
+    # the demo's own gate floors name augmenters this cut-down config drops; a floor for an unlisted one is a config error
+    kept = {a["name"] for a in data["augmenters"]}
+    floors = data.get("output_gate", {}).get("augmenters", {})
+    data["output_gate"]["augmenters"] = {name: f for name, f in floors.items() if name in kept}
     path = tmp_path / f"ml100k-{runner}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
