@@ -103,29 +103,28 @@ class Budget:
 
 
 def apply_budget(
-    todo: list[Pending], budget: Budget | None, known: set[str], count_tokens: Callable[[list[str]], list[int]]
-) -> tuple[list[Pending], list[Pending]]:
-    """(run now, defer): entities never answered before come first, then changed ones, each in a
-    stable hash order so the same entities are not starved run after run."""
+    todo: list[tuple[str, str, int]], budget: Budget | None, known: set[str]
+) -> tuple[list[str], list[str]]:
+    """(entity ids to run now, entity ids to defer) from the cache misses (entity_id, key, token cost):
+    entities never answered before come first, then changed ones, each in a stable hash order so the
+    same entities are not starved run after run."""
     if budget is None or (budget.max_entities is None and budget.max_tokens is None):
-        return todo, []
-    ranked = sorted(todo, key=lambda p: (p.entity_id in known, p.key))
+        return [t[0] for t in todo], []
+    ranked = sorted(todo, key=lambda t: (t[0] in known, t[1]))
     if budget.max_entities is not None:
         ranked, over = ranked[: budget.max_entities], ranked[budget.max_entities :]
     else:
         over = []
     if budget.max_tokens is not None and ranked:
-        prompts = ["\n".join(m["content"] for m in p.messages) for p in ranked]
-        costs = [c + p.max_new_tokens for c, p in zip(count_tokens(prompts), ranked)]
         kept, spent = [], 0
-        for p, cost in zip(ranked, costs):
-            if spent + cost > budget.max_tokens:
-                over.append(p)
+        for t in ranked:
+            if spent + t[2] > budget.max_tokens:
+                over.append(t)
                 continue
-            kept.append(p)
-            spent += cost
+            kept.append(t)
+            spent += t[2]
         ranked = kept
-    return ranked, over
+    return [t[0] for t in ranked], [t[0] for t in over]
 
 
 # A runner executes shards of requests and calls on_shard(results, committed) as each completes;
@@ -178,6 +177,17 @@ def _gc_paused():
             gc.enable()
 
 
+def augmenter_options(aug: Augmenter, aug_cfg: AugmenterConfig) -> dict[str, Any]:
+    options = aug.options(aug_cfg.options)
+    options["history_token_budget"] = aug_cfg.history_token_budget
+    return options
+
+
+def select_entities(aug: Augmenter, aug_cfg: AugmenterConfig, inputs: AugmentInputs) -> list[str]:
+    """The entities this augmenter works on in this run: its selection, sampled to max_entities."""
+    return sample_entities(aug.select(inputs, augmenter_options(aug, aug_cfg)), aug_cfg.max_entities, inputs.seed)
+
+
 def build_pending(
     aug: Augmenter,
     aug_cfg: AugmenterConfig,
@@ -187,10 +197,9 @@ def build_pending(
     entity_ids: list[str] | None = None,
 ) -> tuple[list[Pending], list[dict[str, Any]], list[str]]:
     """First-attempt requests, plus render failures (as dead-letter dicts) and the expected ids."""
-    options = aug.options(aug_cfg.options)
-    options["history_token_budget"] = aug_cfg.history_token_budget
+    options = augmenter_options(aug, aug_cfg)
     if entity_ids is None:
-        entity_ids = sample_entities(aug.select(inputs, options), aug_cfg.max_entities, inputs.seed)
+        entity_ids = select_entities(aug, aug_cfg, inputs)
     if not entity_ids:
         return [], [], []
     ctx = aug.build_context(inputs, entity_ids, options)
@@ -230,6 +239,16 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+# Entities per chunk: the stage renders, generates, parses and tabulates one chunk at a time, so its
+# Python objects (contexts, prompts, answers) never exceed one chunk; what it keeps across chunks are
+# the finished Arrow tables. Requests are still cut into shards deterministically (within a chunk).
+ENTITY_CHUNK = 10_000
+
+
+def _chunks(ids: list[str], size: int) -> list[list[str]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
 def run_augmenter(
     aug: Augmenter,
     aug_cfg: AugmenterConfig,
@@ -243,46 +262,90 @@ def run_augmenter(
     entity_ids: list[str] | None = None,
     budget: Budget | None = None,
     carry_over: pa.Table | None = None,
+    chunk_size: int = ENTITY_CHUNK,
 ) -> AugmenterOutput:
-    """Generate, parse, retry (bounded) and assemble this augmenter's tables."""
+    """Generate, parse, retry (bounded) and assemble this augmenter's tables, a chunk of entities at a time."""
     stats = AugmenterStats(augmenter=aug.name)
-    pending, render_failed, expected = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, entity_ids)
+    expected = list(entity_ids) if entity_ids is not None else select_entities(aug, aug_cfg, inputs)
     stats.entities = len(expected)
-    stats.render_errors = len(render_failed)
+    now = _now()
+    deferred: set[str] = set()
+    carried: pl.DataFrame | None = None
+    if budget is not None and (budget.max_entities is not None or budget.max_tokens is not None):
+        deferred = _over_budget(aug, aug_cfg, inputs, engine, engine_cfg, cache, expected, budget, carry_over, chunk_size)
+        stats.deferred = len(deferred)
+        if deferred and carry_over is not None:
+            carried = pl.from_arrow(carry_over).filter(pl.col("entity_id").is_in(list(deferred)))
+            stats.carried_over = carried.height
+
+    parts: dict[str, list[pa.Table]] = {"generated": [], "dead": [], "items": [], "inter": []}
+    common = {
+        "entity_kind": aug.entity_kind,
+        "augmenter": aug.name,
+        "template_hash": aug.prompt.content_hash,
+        "model": engine.model_id,
+        "created_at": now,
+    }
+    for chunk in _chunks([e for e in expected if e not in deferred] if deferred else expected, chunk_size):
+        _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk, stats,
+                   common, parts)
+
+    stats.parsed = sum(t.num_rows for t in parts["generated"])
+    stats.dead_letter = sum(t.num_rows for t in parts["dead"])
+    generated = _concat(parts["generated"], GENERATED_TEXTS, "entity_id")
+    if carried is not None and carried.height:
+        # a deferred entity keeps its previous answer, with the lineage it was made with
+        generated = _concat([generated, _to_table(carried, GENERATED_TEXTS, "entity_id")], GENERATED_TEXTS, "entity_id")
+    return AugmenterOutput(
+        augmenter=aug,
+        generated=generated,
+        dead_letter=_concat(parts["dead"], DEAD_LETTER, "entity_id"),
+        synthetic_items=_concat(parts["items"], SYNTHETIC_ITEMS, "item_id"),
+        synthetic_interactions=_concat(parts["inter"], SYNTHETIC_INTERACTIONS, "user_id"),
+        stats=stats,
+        expected_entities=expected,
+    )
+
+
+def _over_budget(aug, aug_cfg, inputs, engine, engine_cfg, cache, expected, budget, carry_over, chunk_size) -> set[str]:
+    """The entities a budgeted run leaves for later. Ranking needs every cache miss, so this pass
+    renders each chunk for its keys (and token costs) and keeps only (entity, key, cost)."""
+    misses: list[tuple[str, str, int]] = []
+    for chunk in _chunks(expected, chunk_size):
+        pending, _, _ = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, chunk)
+        hits = set(cache.lookup([p.key for p in pending])["cache_key"].to_list())
+        todo = [p for p in pending if p.key not in hits]
+        if budget.max_tokens is not None and todo:
+            costs = engine.count_tokens(["\n".join(m["content"] for m in p.messages) for p in todo])
+            misses += [(p.entity_id, p.key, c + p.max_new_tokens) for p, c in zip(todo, costs)]
+        else:
+            misses += [(p.entity_id, p.key, 0) for p in todo]
+    known = set() if carry_over is None else set(carry_over.column("entity_id").to_pylist())
+    _, over = apply_budget(misses, budget, known)
+    return set(over)
+
+
+def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk, stats, common,
+               parts) -> None:
+    """One chunk of entities from requests to finished Arrow tables (appended to `parts`)."""
+    pending, render_failed, _ = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, chunk)
+    stats.render_errors += len(render_failed)
     # the generated rows, column by column (one dict per row cost ~2 KB per entity at 1M entities)
     gen_cols: dict[str, list[Any]] = {name: [] for name in _GENERATED_ROW_COLUMNS}
-    carried: pl.DataFrame | None = None
-    dead_rows: list[dict[str, Any]] = []
+    dead_rows: list[dict[str, Any]] = [
+        dict(entity_id=f["entity_id"], prompt="", raw_text="", reason=f["reason"], finish_reason=FINISH_ERROR,
+             attempts=0, cache_key="")
+        for f in render_failed
+    ]
     synth_items: list[dict[str, Any]] = []
     synth_inter: list[dict[str, Any]] = []
-    now = _now()
 
-    for f in render_failed:
-        dead_rows.append(
-            dict(entity_id=f["entity_id"], prompt="", raw_text="", reason=f["reason"], finish_reason=FINISH_ERROR,
-                 attempts=0, cache_key="")
-        )
-
-    attempt = 1
     while pending:
         stats.requests += len(pending)
         shards = shard_requests(pending, shard_size)
         hits = cache.lookup([p.key for p in pending])
         hit_keys = set(hits["cache_key"].to_list())
         stats.cache_hits += len(hit_keys)
-        if attempt == 1 and budget is not None:
-            previous = set() if carry_over is None else set(carry_over.column("entity_id").to_pylist())
-            _, deferred = apply_budget([p for p in pending if p.key not in hit_keys], budget, previous, engine.count_tokens)
-            if deferred:
-                deferred_ids = {p.entity_id for p in deferred}
-                pending = [p for p in pending if p.entity_id not in deferred_ids]
-                shards = shard_requests(pending, shard_size)
-                stats.requests -= len(deferred)
-                stats.deferred = len(deferred)
-                if carry_over is not None:
-                    kept = pl.from_arrow(carry_over).filter(pl.col("entity_id").is_in(list(deferred_ids)))
-                    stats.carried_over = kept.height
-                    carried = kept
         todo = [[p for p in shard if p.key not in hit_keys] for shard in shards]
         todo = [s for s in todo if s]
         fresh: dict[str, GenerationResult] = {}
@@ -306,11 +369,12 @@ def run_augmenter(
                 if progress:
                     progress(len(results), sum(r.output_tokens for r in results), total)
 
-            if progress:  # open the bar now: rows/s then counts the first shard's generation time too
+            if progress:  # open the bar now (or grow it by this pass): rows/s then counts the first shard too
                 progress(0, 0, total)
             execute(requests, on_shard, cache.sink(aug.name, engine.model_id))
             stats.generate_seconds += time.perf_counter() - started
             stats.llm_requests += total
+            del requests
 
         # key -> (raw_text, input_tokens, output_tokens, finish_reason, latency_s, error): cached rows
         # straight from the lookup's columns, then this run's results
@@ -368,39 +432,28 @@ def run_augmenter(
         del answers
         stats.retries += len(retry)
         pending = retry
-        attempt += 1
 
-    stats.parsed = len(gen_cols["entity_id"])
-    stats.dead_letter = len(dead_rows)
-    common = {
-        "entity_kind": aug.entity_kind,
-        "augmenter": aug.name,
-        "template_hash": aug.prompt.content_hash,
-        "model": engine.model_id,
-        "created_at": now,
-    }
-    gen = None
-    if stats.parsed:
+    if gen_cols["entity_id"]:
         gen = pl.DataFrame(gen_cols, schema_overrides=_GENERATED_ROW_TYPES).with_columns(
             *(pl.lit(v).alias(k) for k, v in common.items()), pl.lit(aug.parser_id).alias("parser_version")
         )
-        del gen_cols
-    if carried is not None and carried.height:
-        # a deferred entity keeps its previous answer, with the lineage it was made with
-        carried = carried.select(GENERATED_TEXTS.names)
-        gen = carried if gen is None else pl.concat([gen.select(GENERATED_TEXTS.names).cast(carried.schema), carried])
-    dead = pl.DataFrame([{**common, **r} for r in dead_rows]) if dead_rows else None
-    return AugmenterOutput(
-        augmenter=aug,
-        generated=_to_table(gen, GENERATED_TEXTS, "entity_id"),
-        dead_letter=_to_table(dead, DEAD_LETTER, "entity_id"),
-        synthetic_items=_to_table(pl.DataFrame(synth_items) if synth_items else None, SYNTHETIC_ITEMS, "item_id"),
-        synthetic_interactions=_to_table(
-            pl.DataFrame(synth_inter) if synth_inter else None, SYNTHETIC_INTERACTIONS, "user_id"
-        ),
-        stats=stats,
-        expected_entities=expected,
-    )
+        parts["generated"].append(_to_table(gen, GENERATED_TEXTS, "entity_id"))
+    if dead_rows:
+        parts["dead"].append(_to_table(pl.DataFrame([{**common, **r} for r in dead_rows]), DEAD_LETTER, "entity_id"))
+    if synth_items:
+        parts["items"].append(_to_table(pl.DataFrame(synth_items), SYNTHETIC_ITEMS, "item_id"))
+    if synth_inter:
+        parts["inter"].append(_to_table(pl.DataFrame(synth_inter), SYNTHETIC_INTERACTIONS, "user_id"))
+
+
+def _concat(tables: list[pa.Table], schema: pa.Schema, sort_by: str) -> pa.Table:
+    """Chunk tables as one table, sorted as a single chunk's would be."""
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return schema.empty_table()
+    if len(tables) == 1:
+        return tables[0]
+    return _to_table(pl.from_arrow(pa.concat_tables(tables)), schema, sort_by)
 
 
 _GENERATED_ROW_COLUMNS = (

@@ -264,3 +264,66 @@ def test_constrained_decoding_rekeys_json_augmenters_only_and_sends_the_domain_s
             assert json_out.stats.llm_requests == 20
             expected = get_augmenter("llmrec_item_attributes").decoding_schema("movies")
             assert engine.schemas == [expected] * 20 and expected["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("name", ["kar_item_knowledge", "llmrec_implicit_feedback", "llmrec_item_attributes"])
+def test_chunked_stage_gives_the_tables_of_one_chunk(tmp_path, inputs, name):
+    """The stage streams chunks of entities; chunk boundaries change nothing in what it returns."""
+    def answer(r):
+        text = r.messages[-1]["content"]
+        if name == "llmrec_implicit_feedback":
+            return '{"liked": 0, "disliked": 1}'
+        if name == "llmrec_item_attributes":  # a placeholder for every third title: dead letters too
+            return '{"director": "...", "country": "X", "language": "Y"}' if len(text) % 3 == 0 else \
+                '{"director": "D", "country": "X", "language": "Y"}'
+        return "About " + text[:20]
+
+    outs = {}
+    for chunk_size in (10_000, 3):
+        engine = ScriptedEngine(answer)
+        aug = get_augmenter(name)
+        outs[chunk_size] = run_augmenter(aug, AugmenterConfig(name=name), inputs, engine, EngineConfig(kind="fake"),
+                                         GenerationCache(tmp_path / str(chunk_size)), LocalRunner(engine).execute,
+                                         shard_size=4, chunk_size=chunk_size)
+    one, many = outs[10_000], outs[3]
+    for table in ("generated", "dead_letter", "synthetic_items", "synthetic_interactions"):
+        a, b = getattr(one, table), getattr(many, table)
+        cols = [c for c in a.column_names if c != "created_at"]
+        assert a.select(cols).equals(b.select(cols)), table
+    assert one.generated.num_rows + one.dead_letter.num_rows == len(one.expected_entities) > 0
+    s1, s2 = one.stats.as_dict(), many.stats.as_dict()
+    for k in ("entities", "requests", "llm_requests", "parsed", "dead_letter", "retries", "cache_hits"):
+        assert s1[k] == s2[k], k
+
+
+def test_budget_ranks_misses_across_chunks(tmp_path, inputs):
+    from recaug.pipelines.augment import Budget
+
+    engine = ScriptedEngine(lambda r: "About " + r.messages[-1]["content"][:30])
+    aug = get_augmenter("kar_item_knowledge")
+    picked = {}
+    for chunk_size in (10_000, 3):
+        out = run_augmenter(aug, AugmenterConfig(name="kar_item_knowledge"), inputs, engine, EngineConfig(kind="fake"),
+                            GenerationCache(tmp_path / str(chunk_size)), LocalRunner(engine).execute, shard_size=4,
+                            budget=Budget(max_entities=7), chunk_size=chunk_size)
+        assert out.stats.llm_requests == 7 and out.stats.deferred == 13
+        picked[chunk_size] = sorted(pl.from_arrow(out.generated)["entity_id"].to_list())
+    assert picked[10_000] == picked[3]  # the same entities, whichever chunks they fell in
+
+
+def test_compaction_merges_only_what_came_since_the_last_one(tmp_path):
+    cache = GenerationCache(tmp_path)
+
+    def commit(keys):
+        for k in keys:  # one shard per result, as a run with tiny shards would
+            cache.commit([GenerationResult(k, f"text {k}", 1, 2, "stop", 0.0)], "a", "m")
+
+    commit([f"k{n}" for n in range(4)])
+    assert cache.compact(min_shards=4) and len(cache.shards()) == 1
+    first = cache.shards()[0]
+    commit([f"k{n}" for n in range(3, 8)])  # k3 again: an overlap a crash could leave
+    assert cache.compact(min_shards=4)
+    assert first in cache.shards() and len(cache.shards()) == 2  # the earlier merge is left as it is
+    found = cache.lookup([f"k{n}" for n in range(8)])
+    assert sorted(found["cache_key"].to_list()) == [f"k{n}" for n in range(8)]  # one row per key
+    assert not cache.compact(min_shards=2)  # nothing new to merge
