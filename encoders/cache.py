@@ -118,7 +118,8 @@ class EncodingCache:
         """Merge many small shards into one; the merged shard is whole before any source goes. Also
         removes the temporary files of writes killed long ago."""
         remove_stale_temporaries(self.dir)
-        shards = self.shards()
+        # earlier merges stay as they are: memory is bounded by what came since the last compaction
+        shards = [p for p in self.shards() if "-compacted-" not in p.name]
         if len(shards) < min_shards:
             return False
         schema = shard_schema(self.dim, self.encoder_id)

@@ -165,7 +165,9 @@ class GenerationCache:
         any source is removed, and duplicates in between are de-duplicated by `lookup`. Also removes
         the temporary files of writes killed long ago."""
         remove_stale_temporaries(self.dir)
-        shards = self.shards()
+        # only the small per-shard files are merged (earlier merges stay as they are): the memory this
+        # takes is bounded by what was committed since the last compaction, not by the whole cache
+        shards = [p for p in self.shards() if "-compacted-" not in p.name]
         if len(shards) < min_shards:
             return False
         merged = (
