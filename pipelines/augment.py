@@ -1,8 +1,10 @@
 """The augmentation stage: augmenter -> requests -> cache -> runner/engine -> parse -> tables.
 
-This part is the same for every runner; runners only execute the requests the cache lacks. Shards
-are cut deterministically from *all* requests (cached or not), so a resumed, Ray or Beam run sends
-the engine exactly the batches an uninterrupted local run would have, and greedy outputs match.
+This part is the same for every runner; runners only execute the requests the cache lacks. Entities
+are taken a chunk at a time (`runner.chunk_entities`) so memory does not grow with the catalogue.
+Shards are cut deterministically from *all* requests of a chunk (cached or not), so a resumed, Ray or
+Beam run with the same config sends the engine exactly the batches an uninterrupted local run would
+have, and greedy outputs match.
 """
 
 from __future__ import annotations

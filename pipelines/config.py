@@ -147,6 +147,9 @@ class AugmenterConfig(_Section):
 class RunnerConfig(_Section):
     kind: Literal["local", "ray", "beam"] = "local"
     shard_size: int = Field(32, ge=1)  # rows committed to the cache at a time
+    # entities the augmentation stage holds at once (memory); each chunk with cache misses is one
+    # execute on the runner, which costs Ray/Beam a fixed start-up (raise it there for big jobs)
+    chunk_entities: int = Field(10_000, ge=1)
     # ray
     num_actors: int | None = None
     cpus_per_actor: float = Field(0.5, gt=0.0)

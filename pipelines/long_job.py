@@ -120,7 +120,7 @@ def run_augmentation(
         try:
             out = run_augmenter(
                 aug, aug_cfg, inputs, engine, cfg.engine, cache, runner.execute, cfg.runner.shard_size, bar,
-                budget=budget, carry_over=(carry_over or {}).get(aug.name),
+                budget=budget, carry_over=(carry_over or {}).get(aug.name), chunk_size=cfg.runner.chunk_entities,
             )
         finally:
             bar.close()
