@@ -37,6 +37,10 @@ def embedding_metadata(table: pa.Table) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
 
 
+# texts per cache lookup and encode call (each is one execute on a Ray/Beam encode stage)
+ENCODE_CHUNK = 100_000
+
+
 def encode_table(
     generated: pa.Table,
     encoder,
@@ -64,7 +68,13 @@ def encode_table(
     cache = cache_dir if isinstance(cache_dir, EncodingCache) else EncodingCache(Path(cache_dir), encoder.encoder_id, encoder.dim)
     if cache.encoder_id != encoder.encoder_id:
         raise ValueError(f"cache is for encoder {cache.encoder_id!r}, not {encoder.encoder_id!r}")
-    vectors, hashes = cache.get_or_encode(text_col, encode or encoder.encode)
+    # a slice of texts at a time: the cache lookup and the hashes are Python lists per text, which at
+    # a million texts held ~0.5 KB per entity beyond the vectors kept
+    vector_parts, hash_parts = [], []
+    for start in range(0, max(len(text_col), 1), ENCODE_CHUNK):
+        vectors, hashes = cache.get_or_encode(text_col.slice(start, ENCODE_CHUNK), encode or encoder.encode)
+        vector_parts.append(fixed_size_vectors(vectors))
+        hash_parts.append(pa.array(hashes, pa.string()))
     templates = sorted(set(pc.unique(generated.column("template_hash")).to_pylist()))
     cfg = encoder.cfg
     meta = {
@@ -81,7 +91,8 @@ def encode_table(
     }
     schema = embedding_schema(encoder.dim, meta)
     return pa.Table.from_arrays(
-        [generated.column("entity_id").cast(pa.string()), fixed_size_vectors(vectors), pa.array(hashes, pa.string())],
+        [generated.column("entity_id").cast(pa.string()), pa.chunked_array(vector_parts, vector_parts[0].type),
+         pa.chunked_array(hash_parts, pa.string())],
         schema=schema,
     )
 

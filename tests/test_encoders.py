@@ -356,3 +356,18 @@ def test_pca_fit_recovers_the_variance_directions():
     )
     reduced = apply_pca(table, projection)
     np.testing.assert_allclose(vectors_numpy(reduced).mean(axis=0), 0.0, atol=1e-4)
+
+
+def test_a_table_encoded_in_slices_equals_one_encoded_whole(encoder, tmp_path, monkeypatch):
+    import recaug.encoders.tables as tables
+
+    texts = TEXTS + [TEXTS[0], TEXTS[1]]  # duplicates across slices are encoded once
+    whole = encode_table(generated(texts), encoder, tmp_path / "whole", "kar_user")
+    monkeypatch.setattr(tables, "ENCODE_CHUNK", 2)
+    cache = EncodingCache(tmp_path / "sliced", encoder.encoder_id, encoder.dim)
+    sliced = encode_table(generated(texts), encoder, cache, "kar_user")
+    assert sliced.schema.equals(whole.schema, check_metadata=True)
+    assert sliced.column("entity_id").equals(whole.column("entity_id"))
+    assert sliced.column("text_hash").equals(whole.column("text_hash"))
+    np.testing.assert_allclose(vectors_numpy(sliced), vectors_numpy(whole), atol=1e-5)
+    assert cache.misses == len(TEXTS)  # a text seen in an earlier slice is a hit in a later one
