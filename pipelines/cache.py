@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import polars as pl
 import pyarrow as pa
@@ -51,10 +51,39 @@ def request_key(parts: dict[str, Any]) -> str:
 
 def write_parquet_atomic(table: pa.Table, path: Path, crash_at: str | None = None) -> None:
     """`crash_at` names the crash point (pipelines/crashpoints.py) between the write and the rename."""
+    _write_atomic(path, lambda tmp: pq.write_table(table, tmp), crash_at)
+
+
+def concat_parquet_atomic(
+    sources: list[Path], schema: pa.Schema, path: Path, crash_at: str | None = None, rows_per_group: int = 65_536
+) -> None:
+    """The rows of `sources` as one Parquet file, read a row group at a time and written in row groups
+    of about `rows_per_group` rows (memory: one output row group, not the whole set)."""
+
+    def write(tmp: Path) -> None:
+        pending: list[pa.Table] = []
+        rows = 0
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for src in sources:
+                pf = pq.ParquetFile(src)
+                for i in range(pf.num_row_groups):
+                    part = pf.read_row_group(i).cast(schema)
+                    pending.append(part)
+                    rows += part.num_rows
+                    if rows >= rows_per_group:
+                        writer.write_table(pa.concat_tables(pending))
+                        pending, rows = [], 0
+            if pending:
+                writer.write_table(pa.concat_tables(pending))
+
+    _write_atomic(path, write, crash_at)
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None], crash_at: str | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(table, tmp)
+        write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         if crash_at:
@@ -170,11 +199,9 @@ class GenerationCache:
         shards = [p for p in self.shards() if "-compacted-" not in p.name]
         if len(shards) < min_shards:
             return False
-        merged = (
-            pl.scan_parquet(shards).collect().sort("created_at").unique("cache_key", keep="first", maintain_order=True)
-        )
+        # copied row group by row group, duplicates included: `lookup` keeps the first committed row per key
         name = f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-compacted-{uuid.uuid4().hex[:8]}.parquet"
-        write_parquet_atomic(merged.to_arrow().cast(CACHE_SCHEMA), self.dir / name)
+        concat_parquet_atomic(shards, CACHE_SCHEMA, self.dir / name)
         for shard in shards:
             shard.unlink(missing_ok=True)
             crash_point("generate.compact")
