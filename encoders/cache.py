@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from recaug.encoders.vectors import fixed_size_vectors, vectors_numpy
-from recaug.pipelines.cache import remove_stale_temporaries, write_parquet_atomic
+from recaug.pipelines.cache import concat_parquet_atomic, remove_stale_temporaries, write_parquet_atomic
 from recaug.pipelines.crashpoints import crash_point
 
 
@@ -122,12 +122,9 @@ class EncodingCache:
         shards = [p for p in self.shards() if "-compacted-" not in p.name]
         if len(shards) < min_shards:
             return False
-        schema = shard_schema(self.dim, self.encoder_id)
-        merged = pads.dataset([str(p) for p in shards], format="parquet", schema=schema).to_table()
-        first = pc.index_in(pc.unique(merged.column("text_hash")), value_set=merged.column("text_hash"))
-        merged = merged.take(first)
+        # copied row group by row group (memory: one row group); `lookup` keeps one vector per text
         name = f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-compacted-{uuid.uuid4().hex[:8]}.parquet"
-        write_parquet_atomic(merged, self.dir / name)
+        concat_parquet_atomic(shards, shard_schema(self.dim, self.encoder_id), self.dir / name)
         for shard in shards:
             shard.unlink(missing_ok=True)
         return True
