@@ -153,7 +153,8 @@ def _derive(inputs: Sequence[GateInput]):
             pd.DataFrame(
                 {
                     "augmenter": np.full(n, inp.augmenter, dtype=object),
-                    "entity_id": emb.column("entity_id").to_pandas(),
+                    # Arrow-backed strings: a million ids as Python str objects cost ~80 MB more
+                    "entity_id": emb.column("entity_id").cast(pa.string()).to_pandas(types_mapper=pd.ArrowDtype),
                     "dim": np.full(n, dim, dtype=np.int64),
                     "expected_dim": np.full(n, expected_dim, dtype=np.int64),
                     "nan_or_inf": bad,
