@@ -262,7 +262,7 @@ def gate_allows(rates: dict[str, tuple[float, float]], cfg) -> bool:
 def test_output_gate_publishes_a_mostly_good_run_and_blocks_a_bad_one(tmp_path, capsys):
     write_shop(tmp_path)
     # 1. a few failures: published, with its dead letters in the snapshot
-    low = shop_config(tmp_path, {"empty": 0.04, "error": 0.04, "truncated": 0.1, "malformed": 0.1, "seed": 1})
+    low = shop_config(tmp_path, {"empty": 0.04, "error": 0.04, "truncated": 0.25, "malformed": 0.1, "seed": 1})
     code = cli.main(["run", str(low)])
     out, err = capsys.readouterr()
     assert "Traceback" not in err
