@@ -33,7 +33,7 @@ def test_preview_shows_prompt_answer_and_parsed_record(tmp_path, capsys, write_c
     assert cli.main(["preview", str(path), "llmrec_item_attributes", "-n", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("=================== llmrec_item_attributes · item") == 2
-    assert "--- prompt [user]" in out and "Reply with JSON" in out
+    assert "--- prompt [user]" in out and "Reply with a JSON object" in out
     assert "--- LLM answer (" in out
     # each sample ends either in a parsed record or in the validation error that would dead-letter it
     assert out.count("--- parsed record") + out.count("--- validation error:") == 2
