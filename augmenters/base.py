@@ -88,6 +88,7 @@ class Augmenter:
     description: str = ""
     default_options: dict[str, Any] = field(default_factory=dict)
     _decoding: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _decoding_hash: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.select is None:
@@ -118,8 +119,11 @@ class Augmenter:
         return self._decoding[domain]
 
     def decoding_schema_hash(self, domain: str) -> str:
-        schema = self.decoding_schema(domain)
-        return _sha(json.dumps(schema, sort_keys=True)) if schema else "free-text"
+        # part of every request key: computed once per domain, not once per entity
+        if domain not in self._decoding_hash:
+            schema = self.decoding_schema(domain)
+            self._decoding_hash[domain] = _sha(json.dumps(schema, sort_keys=True)) if schema else "free-text"
+        return self._decoding_hash[domain]
 
     @property
     def parser_id(self) -> str:

@@ -56,7 +56,6 @@ class JsonSchemaLogitsProcessor:
             if matcher.is_error():
                 raise ValueError(f"the JSON schema cannot be compiled for constrained decoding: {matcher.get_error()}")
             self.matchers.append(matcher)
-        self.errors: list[str | None] = [None] * len(schemas)
         self._prompt_len: int | None = None
         self._words = (ll_tokenizer.vocab_size + 31) // 32
 
@@ -71,7 +70,6 @@ class JsonSchemaLogitsProcessor:
                 if matcher is None or matcher.is_stopped():
                     continue
                 if not matcher.consume_token(last[i]):
-                    self.errors[i] = matcher.get_error() or f"token {last[i]} rejected"
                     self.matchers[i] = None
         # a stopped matcher (complete JSON) still masks: only a stop token may follow
         rows = [i for i, m in enumerate(self.matchers) if m is not None]
