@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from recaug.encoders.cache import EncodingCache
 from recaug.encoders.pca import PCAProjection, apply_pca, fit_pca
 from recaug.encoders.vectors import fixed_size_vectors, vectors_numpy
+from recaug.pipelines.memory import release_memory
 from recaug.schemas.tables import embedding_schema
 
 # placeholder until publish_snapshot stamps the id it assigns
@@ -75,6 +76,8 @@ def encode_table(
         vectors, hashes = cache.get_or_encode(text_col.slice(start, ENCODE_CHUNK), encode or encoder.encode)
         vector_parts.append(fixed_size_vectors(vectors))
         hash_parts.append(pa.array(hashes, pa.string()))
+        del vectors, hashes
+        release_memory()  # the slice's texts and hashes as Python objects
     templates = sorted(set(pc.unique(generated.column("template_hash")).to_pylist()))
     cfg = encoder.cfg
     meta = {

@@ -26,6 +26,7 @@ from recaug.augmenters.vocab import VOCABULARY
 from recaug.pipelines.cache import CacheSink, GenerationCache, request_key
 from recaug.pipelines.config import AugmenterConfig, EngineConfig
 from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, Engine, GenerationRequest, GenerationResult
+from recaug.pipelines.memory import release_memory
 from recaug.prompts import PromptError
 from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS, SYNTHETIC_INTERACTIONS, SYNTHETIC_ITEMS
 
@@ -291,6 +292,7 @@ def run_augmenter(
     for chunk in _chunks(sorted(e for e in expected if e not in deferred), chunk_size):
         _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk, stats,
                    common, parts)
+        release_memory()  # the chunk's prompts, answers and rows as Python objects
 
     stats.parsed = sum(t.num_rows for t in parts["generated"])
     stats.dead_letter = sum(t.num_rows for t in parts["dead"])

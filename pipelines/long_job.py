@@ -27,6 +27,7 @@ from recaug.pipelines.config import AugmenterConfig, PipelineConfig
 from recaug.pipelines.crashpoints import crash_point
 from recaug.pipelines.engines.base import Engine
 from recaug.pipelines.inputs import PreparedInputs
+from recaug.pipelines.memory import release_memory
 from recaug.pipelines.splits import prompt_context
 
 
@@ -133,6 +134,7 @@ def run_augmentation(
             + (f"  {s.tokens_per_s:6.1f} tok/s" if s.llm_requests else "")
         )
     cache.compact()
+    release_memory()
     result = AugmentationResult(run_id, workdir / "runs" / run_id, outputs, time.perf_counter() - started)
     result.report = augmentation_report(cfg, engine, result)
     write_run(result)

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recaug.pipelines.crashpoints import crash_point
+from recaug.pipelines.memory import release_memory
 
 FORMAT_VERSION = 1
 LATEST_FILE = "LATEST"
@@ -445,6 +446,7 @@ def publish_snapshot(
         for name, table in tables.items():
             rel = f"{name}.parquet"
             entries[name] = {"path": rel, **_write_table(table, tmp / rel, snapshot_id)}
+            release_memory()  # the Parquet writer's encoding buffers
             _crash_point("first_table")
         _crash_point("tables_written")
         full_manifest = {
