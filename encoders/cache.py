@@ -59,7 +59,10 @@ class EncodingCache:
             return schema.empty_table()
         try:
             dataset = pads.dataset([str(p) for p in shards], format="parquet", schema=schema)
-            found = dataset.to_table(filter=pc.field("text_hash").isin(pa.array(hashes, pa.string())))
+            # one shard's row group at a time: the default read-ahead decoded up to 4 shards x 16
+            # batches at once, a transient that grew with the cache (+280 MB at a million vectors)
+            found = dataset.to_table(filter=pc.field("text_hash").isin(pa.array(hashes, pa.string())),
+                                     batch_readahead=1, fragment_readahead=1, use_threads=False)
         except (pa.ArrowInvalid, OSError) as exc:
             raise RuntimeError(
                 f"the encoding cache {self.dir} has an unreadable shard ({exc}); delete that folder to rebuild it "
