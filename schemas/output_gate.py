@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recaug.pipelines.config import OutputGateConfig
+from recaug.pipelines.memory import release_memory
 from recaug.schemas.tables import EMBEDDING_METADATA_KEYS
 
 
@@ -106,18 +107,30 @@ def _metadata(table: pa.Table) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
 
 
+# rows per block of the vector statistics: a copy of every vector in float64 (and its square) cost
+# 16 bytes per component of the whole table at once, ~6 KB per row for 384-d vectors
+_STATS_BLOCK = 65_536
+
+
 def _vector_stats(table: pa.Table) -> tuple[int, np.ndarray, np.ndarray]:
-    """(dim, non-finite count per row, L2 norm over the finite components per row)."""
+    """(dim, non-finite count per row, L2 norm over the finite components per row), a block of rows
+    at a time so the working copies stay a block's size."""
     from recaug.encoders.vectors import vectors_numpy
 
     field_type = table.schema.field("vector").type
     if not pa.types.is_fixed_size_list(field_type):
         raise TypeError(f"embedding column 'vector' must be fixed_size_list<float32>[d], got {field_type}")
-    vectors = vectors_numpy(table)  # null rows come back as NaN rows and count as non-finite
-    finite = np.isfinite(vectors)
-    bad = (~finite).sum(axis=1).astype(np.int64)
-    clean = np.where(finite, vectors, 0.0).astype(np.float64)
-    norms = np.sqrt((clean * clean).sum(axis=1))
+    n = table.num_rows
+    bad = np.zeros(n, dtype=np.int64)
+    norms = np.zeros(n, dtype=np.float64)
+    column = table.column("vector")
+    for start in range(0, n, _STATS_BLOCK):
+        vectors = vectors_numpy(column.slice(start, _STATS_BLOCK))  # null rows come back as NaN rows: non-finite
+        finite = np.isfinite(vectors)
+        stop = start + len(vectors)
+        bad[start:stop] = (~finite).sum(axis=1)
+        clean = np.where(finite, vectors, 0.0).astype(np.float64)
+        norms[start:stop] = np.sqrt(np.einsum("ij,ij->i", clean, clean))
     return field_type.list_size, bad, norms
 
 
@@ -239,6 +252,7 @@ def run_output_gate(inputs: Iterable[GateInput] | GateInput, cfg: OutputGateConf
     if len(set(names)) != len(names):
         raise ValueError(f"augmenter listed twice in the gate inputs: {sorted({n for n in names if names.count(n) > 1})}")
     rows, texts, summary = _derive(inputs)
+    release_memory()  # the blocks of vector statistics
     gx, ctx = _gx()
     E = gx.expectations
     source = ctx.data_sources.add_pandas("recaug_output")

@@ -87,6 +87,32 @@ def _nan_vectors():
     return embeddings(IDS, arr)
 
 
+def test_vector_statistics_by_block_equal_the_whole_table(monkeypatch):
+    """The gate computes per-row statistics a block of rows at a time (bounded memory); blocks that cut
+    across Arrow chunks, a null row and non-finite values give what the whole array gives."""
+    from recaug.schemas import output_gate
+
+    rng = np.random.default_rng(3)
+    arr = rng.standard_normal((23, DIM)).astype(np.float32)
+    arr[4, 1], arr[11, 0], arr[11, 5], arr[20, 2] = np.nan, np.inf, -np.inf, np.nan
+    whole = embeddings([f"u{i}" for i in range(23)], arr)
+    vectors = pa.chunked_array([fixed_size_vectors(arr[:9]), fixed_size_vectors(arr[9:])])
+    vectors = pa.chunked_array([vectors.chunk(0), pa.array([None] + vectors.chunk(1).to_pylist()[1:], vectors.type)])
+    table = whole.set_column(1, whole.schema.field("vector"), vectors)
+    expected_arr = arr.copy()
+    expected_arr[9] = np.nan  # the null row counts as non-finite in every component
+    finite = np.isfinite(expected_arr)
+    expected_bad = (~finite).sum(axis=1)
+    expected_norms = np.sqrt((np.where(finite, expected_arr, 0.0).astype(np.float64) ** 2).sum(axis=1))
+
+    monkeypatch.setattr(output_gate, "_STATS_BLOCK", 5)
+    dim, bad, norms = output_gate._vector_stats(table)
+    assert dim == DIM
+    np.testing.assert_array_equal(bad, expected_bad)
+    assert bad[9] == DIM and bad[11] == 2 and bad[4] == 1
+    np.testing.assert_allclose(norms, expected_norms, rtol=1e-12)
+
+
 FAILURES = {
     # kind -> (gate input, the check that must fail, its unexpected count)
     "planted NaN/Inf": (lambda: clean_input(embeddings=_nan_vectors()), "no_nan_or_inf", 2),
