@@ -152,38 +152,95 @@ def _count_in(values: pa.Array, value_set: pa.Array) -> int:
     return int(pc.sum(pc.is_in(values, value_set=value_set)).as_py() or 0)
 
 
+# rows per frame handed to GX: row-level checks are validated block by block (GX copies the columns it
+# checks, so one frame of a million rows cost ~450 MB on top of the tables)
+_GX_BLOCK = 250_000
+
+
+@dataclass
+class _Rows:
+    """One value per embedding row (or generated row), all augmenters end to end; `code` indexes
+    `names` (the augmenter of the row)."""
+
+    names: list[str]
+    code: np.ndarray  # int16
+    columns: dict[str, Any]  # name -> numpy array, or an Arrow array for string columns
+
+    def __len__(self) -> int:
+        return len(self.code)
+
+    def frames(self, block: int):
+        """pandas frames of at most `block` rows, indexed by row number in the whole."""
+        import pandas as pd
+
+        categories = pd.CategoricalDtype(self.names)
+        for start in range(0, len(self), block):
+            stop = min(start + block, len(self))
+            cols = {"augmenter": pd.Categorical.from_codes(self.code[start:stop], dtype=categories)}
+            for name, values in self.columns.items():
+                if isinstance(values, (pa.Array, pa.ChunkedArray)):
+                    # Arrow-backed strings: a million ids as Python str objects cost ~80 MB more
+                    cols[name] = values.slice(start, stop - start).to_pandas(types_mapper=pd.ArrowDtype)
+                    cols[name].index = pd.RangeIndex(start, stop)
+                else:
+                    cols[name] = values[start:stop]
+            yield pd.DataFrame(cols, index=pd.RangeIndex(start, stop))
+
+    def failing(self, mask: np.ndarray) -> str:
+        """Which augmenters hold the rows in `mask`, most first."""
+        if not mask.any():
+            return ""
+        counts = np.bincount(self.code[mask], minlength=len(self.names))
+        order = sorted((i for i in range(len(self.names)) if counts[i]), key=lambda i: (-counts[i], self.names[i]))
+        return "in " + ", ".join(f"{self.names[i]} ({counts[i]})" for i in order)
+
+
+def _rows(names: list[str], parts: list[dict[str, Any]]) -> _Rows:
+    code = np.concatenate([np.full(len(next(iter(p.values()))), i, np.int16) for i, p in enumerate(parts)]) if parts else np.zeros(0, np.int16)
+    columns = {}
+    for name in (parts[0] if parts else {}):
+        values = [p[name] for p in parts]
+        if isinstance(values[0], (pa.Array, pa.ChunkedArray)):
+            chunks = [c for v in values for c in (v.chunks if isinstance(v, pa.ChunkedArray) else [v])]
+            columns[name] = pa.chunked_array(chunks, values[0].type)
+        else:
+            columns[name] = np.concatenate(values)
+    return _Rows(names, code, columns)
+
+
+def _id_codes(ids: pa.ChunkedArray) -> np.ndarray:
+    """A small integer per distinct id (null is one value too), so GX judges uniqueness on integers
+    instead of a frame of a million strings."""
+    encoded = pc.dictionary_encode(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids, null_encoding="encode")
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def _derive(inputs: Sequence[GateInput]):
+    """(embedding rows, id rows, generated-text rows, per-augmenter summary frame)."""
     import pandas as pd
 
-    row_frames, text_frames, summary_rows = [], [], []
+    row_parts, id_parts, text_parts, text_names, summary_rows = [], [], [], [], []
     for inp in inputs:
         emb = inp.embeddings
         meta = _metadata(emb)
         dim, bad, norms = _vector_stats(emb)
         expected_dim = inp.expected_dim if inp.expected_dim is not None else int(meta.get("recaug.dim", dim))
         n = emb.num_rows
-        row_frames.append(
-            pd.DataFrame(
-                {
-                    "augmenter": np.full(n, inp.augmenter, dtype=object),
-                    # Arrow-backed strings: a million ids as Python str objects cost ~80 MB more
-                    "entity_id": emb.column("entity_id").cast(pa.string()).to_pandas(types_mapper=pd.ArrowDtype),
-                    "dim": np.full(n, dim, dtype=np.int64),
-                    "expected_dim": np.full(n, expected_dim, dtype=np.int64),
-                    "nan_or_inf": bad,
-                    "l2_norm": norms,
-                }
-            )
-        )
+        ids = emb.column("entity_id").cast(pa.string())
+        row_parts.append({
+            "entity_id": ids,
+            "dim": np.full(n, dim, dtype=np.int64),
+            "expected_dim": np.full(n, expected_dim, dtype=np.int64),
+            "nan_or_inf": bad,
+            "l2_norm": norms,
+        })
+        id_parts.append({"entity_id": _id_codes(ids)})
         if inp.generated is not None:
-            text_frames.append(
-                pd.DataFrame(
-                    {
-                        "augmenter": np.full(inp.generated.num_rows, inp.augmenter, dtype=object),
-                        "text_chars": pc.utf8_length(pc.fill_null(inp.generated.column("text"), "")).to_numpy().astype(np.int64),
-                    }
-                )
-            )
+            text_names.append(inp.augmenter)
+            text_parts.append({
+                # lengths first, then 0 for a null text (filling the texts would copy every text)
+                "text_chars": pc.fill_null(pc.utf8_length(inp.generated.column("text")), 0).to_numpy(zero_copy_only=False).astype(np.int64),
+            })
         generated_rows = inp.generated.num_rows if inp.generated is not None else n
         dead_rows = inp.dead_letter.num_rows if inp.dead_letter is not None else 0
         dead_ids = _ids(inp.dead_letter.column("entity_id") if inp.dead_letter is not None else None)
@@ -206,10 +263,11 @@ def _derive(inputs: Sequence[GateInput]):
                 "missing_metadata_keys": ",".join(k for k in EMBEDDING_METADATA_KEYS if not meta.get(k)),
             }
         )
-    rows = pd.concat(row_frames, ignore_index=True) if row_frames else None
-    texts = pd.concat(text_frames, ignore_index=True) if text_frames else None
-    summary = pd.DataFrame(summary_rows)
-    return rows, texts, summary
+    names = [inp.augmenter for inp in inputs]
+    rows = _rows(names, row_parts)
+    id_rows = _rows(names, id_parts)
+    texts = _rows(text_names, text_parts) if text_parts else None
+    return rows, id_rows, texts, pd.DataFrame(summary_rows)
 
 
 # --- the gate ----------------------------------------------------------------------------------------
@@ -237,6 +295,15 @@ def _failing(frame, mask) -> str:
     return "in " + ", ".join(f"{a} ({c})" for a, c in counts.items())
 
 
+def _duplicated(id_rows: _Rows) -> np.ndarray:
+    """True on every row whose (augmenter, entity_id) another row shares (pandas keep=False)."""
+    if not len(id_rows):
+        return np.zeros(0, bool)
+    key = id_rows.code.astype(np.int64) << 40 | id_rows.columns["entity_id"]
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    return counts[inverse] > 1
+
+
 def _result_key(kind: str, kwargs: dict[str, Any]) -> tuple:
     """Which expectation a result belongs to: its type and the column(s) it looked at."""
     cols = kwargs.get("column") or kwargs.get("column_list") or (kwargs.get("column_A"), kwargs.get("column_B"))
@@ -251,51 +318,65 @@ def run_output_gate(inputs: Iterable[GateInput] | GateInput, cfg: OutputGateConf
     names = [i.augmenter for i in inputs]
     if len(set(names)) != len(names):
         raise ValueError(f"augmenter listed twice in the gate inputs: {sorted({n for n in names if names.count(n) > 1})}")
-    rows, texts, summary = _derive(inputs)
+    rows, id_rows, texts, summary = _derive(inputs)
     release_memory()  # the blocks of vector statistics
     gx, ctx = _gx()
     E = gx.expectations
     source = ctx.data_sources.add_pandas("recaug_output")
 
-    # (frame name, frame, [(our name, column, expectation, threshold text, observed text, failing mask)])
+    # (frame name, frames (row blocks), [(our name, column, expectation, threshold text, observed text, failing detail)])
     plans = []
-    if rows is not None:
-        dup = rows.duplicated(["augmenter", "entity_id"], keep=False)
-        plans.append(
-            (
-                "embedding_rows",
-                rows,
-                [
-                    ("vector_dim", "dim", E.ExpectColumnPairValuesToBeEqual(column_A="dim", column_B="expected_dim"),
-                     "== " + "/".join(map(str, sorted(rows["expected_dim"].unique()))) if len(rows) else "== d",
-                     "/".join(map(str, sorted(rows["dim"].unique()))) if len(rows) else "-", rows["dim"] != rows["expected_dim"]),
-                    ("no_nan_or_inf", "nan_or_inf", E.ExpectColumnValuesToBeBetween(column="nan_or_inf", min_value=0, max_value=0),
-                     "0", f"max {int(rows['nan_or_inf'].max()) if len(rows) else 0}", rows["nan_or_inf"] != 0),
-                    ("l2_norm_range", "l2_norm",
-                     E.ExpectColumnValuesToBeBetween(column="l2_norm", min_value=cfg.min_norm, max_value=cfg.max_norm),
-                     f"[{cfg.min_norm:g}, {cfg.max_norm:g}]",
-                     f"[{_fmt(float(rows['l2_norm'].min()))}, {_fmt(float(rows['l2_norm'].max()))}]" if len(rows) else "-",
-                     (rows["l2_norm"] < cfg.min_norm) | (rows["l2_norm"] > cfg.max_norm)),
-                    ("entity_id_not_null", "entity_id", E.ExpectColumnValuesToNotBeNull(column="entity_id"),
-                     "no nulls", f"{int(rows['entity_id'].isna().sum())} null", rows["entity_id"].isna()),
-                    ("entity_id_unique", "augmenter+entity_id",
-                     E.ExpectCompoundColumnsToBeUnique(column_list=["augmenter", "entity_id"]),
-                     "unique", f"{int(dup.sum())} rows share an id", dup),
-                ],
-            )
+    r = rows.columns
+    some = len(rows) > 0
+    dim_mask = r["dim"] != r["expected_dim"]
+    bad_mask = r["nan_or_inf"] != 0
+    norm_mask = (r["l2_norm"] < cfg.min_norm) | (r["l2_norm"] > cfg.max_norm)
+    null_mask = r["entity_id"].is_null().to_numpy(zero_copy_only=False)
+    dup = _duplicated(id_rows)
+    plans.append(
+        (
+            "embedding_rows",
+            rows.frames(_GX_BLOCK),
+            [
+                ("vector_dim", "dim", E.ExpectColumnPairValuesToBeEqual(column_A="dim", column_B="expected_dim"),
+                 "== " + "/".join(map(str, np.unique(r["expected_dim"]))) if some else "== d",
+                 "/".join(map(str, np.unique(r["dim"]))) if some else "-", rows.failing(dim_mask)),
+                ("no_nan_or_inf", "nan_or_inf", E.ExpectColumnValuesToBeBetween(column="nan_or_inf", min_value=0, max_value=0),
+                 "0", f"max {int(r['nan_or_inf'].max()) if some else 0}", rows.failing(bad_mask)),
+                ("l2_norm_range", "l2_norm",
+                 E.ExpectColumnValuesToBeBetween(column="l2_norm", min_value=cfg.min_norm, max_value=cfg.max_norm),
+                 f"[{cfg.min_norm:g}, {cfg.max_norm:g}]",
+                 f"[{_fmt(float(r['l2_norm'].min()))}, {_fmt(float(r['l2_norm'].max()))}]" if some else "-",
+                 rows.failing(norm_mask)),
+                ("entity_id_not_null", "entity_id", E.ExpectColumnValuesToNotBeNull(column="entity_id"),
+                 "no nulls", f"{int(null_mask.sum())} null", rows.failing(null_mask)),
+            ],
         )
+    )
+    plans.append(
+        (
+            # uniqueness needs every row at once: ids as integers, not strings, keep that frame small
+            "embedding_ids",
+            id_rows.frames(max(len(id_rows), 1)),
+            [
+                ("entity_id_unique", "augmenter+entity_id",
+                 E.ExpectCompoundColumnsToBeUnique(column_list=["augmenter", "entity_id"]),
+                 "unique", f"{int(dup.sum())} rows share an id", id_rows.failing(dup)),
+            ],
+        )
+    )
     if texts is not None:
-        chars = texts["text_chars"]
+        chars = texts.columns["text_chars"]
         plans.append(
             (
                 "generated_texts",
-                texts,
+                texts.frames(_GX_BLOCK),
                 [
                     ("text_length", "text_chars",
                      E.ExpectColumnValuesToBeBetween(column="text_chars", min_value=cfg.min_text_chars, max_value=cfg.max_text_chars),
                      f"[{cfg.min_text_chars}, {cfg.max_text_chars}]",
                      f"[{int(chars.min())}, {int(chars.max())}]" if len(texts) else "-",
-                     (chars < cfg.min_text_chars) | (chars > cfg.max_text_chars)),
+                     texts.failing((chars < cfg.min_text_chars) | (chars > cfg.max_text_chars))),
                 ],
             )
         )
@@ -312,54 +393,60 @@ def run_output_gate(inputs: Iterable[GateInput] | GateInput, cfg: OutputGateConf
     plans.append(
         (
             "augmenter_summary",
-            s,
+            [s],
             [
                 ("coverage", "coverage",
                  E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="coverage", column_B="min_coverage", or_equal=True),
-                 floors("min_coverage", ">="), f"min {_fmt(float(s['coverage'].min()))}", s["coverage"] < s["min_coverage"]),
+                 floors("min_coverage", ">="), f"min {_fmt(float(s['coverage'].min()))}",
+                 _failing(s, s["coverage"] < s["min_coverage"])),
                 ("parse_rate", "parse_rate",
                  E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="parse_rate", column_B="min_parse_rate", or_equal=True),
-                 floors("min_parse_rate", ">="), f"min {_fmt(float(s['parse_rate'].min()))}", s["parse_rate"] < s["min_parse_rate"]),
+                 floors("min_parse_rate", ">="), f"min {_fmt(float(s['parse_rate'].min()))}",
+                 _failing(s, s["parse_rate"] < s["min_parse_rate"])),
                 ("dead_letter_share", "dead_letter_share",
                  E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="max_dead_letter_share", column_B="dead_letter_share", or_equal=True),
                  floors("max_dead_letter_share", "<="), f"max {_fmt(float(s['dead_letter_share'].max()))}",
-                 s["dead_letter_share"] > s["max_dead_letter_share"]),
+                 _failing(s, s["dead_letter_share"] > s["max_dead_letter_share"])),
                 ("metadata_complete", "missing_metadata",
                  E.ExpectColumnValuesToBeBetween(column="missing_metadata", min_value=0, max_value=0),
                  "0 missing", ", ".join(sorted({k for v in s["missing_metadata_keys"] for k in v.split(",") if k})) or "0 missing",
-                 s["missing_metadata"] > 0),
+                 _failing(s, s["missing_metadata"] > 0)),
             ],
         )
     )
 
     checks: list[GateCheck] = []
-    for frame_name, frame, specs in plans:
-        asset = source.add_dataframe_asset(frame_name)
-        batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})
-        suite = ctx.suites.add(gx.ExpectationSuite(name=f"recaug_output_{frame_name}"))
-        for _, _, expectation, *_ in specs:
-            suite.add_expectation(expectation)
-        validation = batch.validate(suite)
-        by_key = {_result_key(res.expectation_config.type, res.expectation_config.kwargs): res for res in validation.results}
-        for name, column, expectation, threshold, observed, mask in specs:
-            res = by_key[_result_key(expectation.expectation_type, expectation.configuration.kwargs)]
-            unexpected = int((res.result or {}).get("unexpected_count") or 0)
-            if res.exception_info and res.exception_info.get("raised_exception"):
-                raise RuntimeError(f"output gate check {name} could not run: {res.exception_info.get('exception_message')}")
-            checks.append(
-                GateCheck(
-                    name=name,
-                    expectation=res.expectation_config.type,
-                    column=column,
-                    success=bool(res.success),
-                    unexpected_count=unexpected,
-                    threshold=threshold,
-                    observed=observed,
-                    detail=_failing(frame, mask),
-                )
-            )
+    for frame_name, frames, specs in plans:
+        outcome = _validate_blocks(gx, ctx, source, frame_name, frames, specs)
+        for (name, column, _, threshold, observed, detail), (kind, success, unexpected) in zip(specs, outcome):
+            checks.append(GateCheck(name=name, expectation=kind, column=column, success=success,
+                                    unexpected_count=unexpected, threshold=threshold, observed=observed, detail=detail))
     metrics = {
         r["augmenter"]: {k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items() if k != "augmenter"}
         for r in summary.to_dict("records")
     }
     return OutputGateResult(success=all(c.success for c in checks), checks=checks, metrics=metrics)
+
+
+def _validate_blocks(gx, ctx, source, frame_name: str, frames, specs) -> list[tuple[str, bool, int]]:
+    """Run one suite over every block frame; per expectation (type, passed in every block, unexpected
+    rows summed over the blocks), in the order of `specs`."""
+    asset = source.add_dataframe_asset(frame_name)
+    definition = asset.add_batch_definition_whole_dataframe("all")
+    suite = ctx.suites.add(gx.ExpectationSuite(name=f"recaug_output_{frame_name}"))
+    for _, _, expectation, *_ in specs:
+        suite.add_expectation(expectation)
+    totals = [[expectation.expectation_type, True, 0] for _, _, expectation, *_ in specs]
+    for frame in frames:
+        validation = definition.get_batch(batch_parameters={"dataframe": frame}).validate(suite)
+        by_key = {_result_key(res.expectation_config.type, res.expectation_config.kwargs): res for res in validation.results}
+        for total, (name, _, expectation, *_) in zip(totals, specs):
+            res = by_key[_result_key(expectation.expectation_type, expectation.configuration.kwargs)]
+            if res.exception_info and res.exception_info.get("raised_exception"):
+                raise RuntimeError(f"output gate check {name} could not run: {res.exception_info.get('exception_message')}")
+            total[0] = res.expectation_config.type
+            total[1] = total[1] and bool(res.success)
+            total[2] += int((res.result or {}).get("unexpected_count") or 0)
+        del frame, validation, by_key
+        release_memory()
+    return [tuple(t) for t in totals]

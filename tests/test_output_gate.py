@@ -198,3 +198,22 @@ def test_a_gate_override_must_name_a_configured_augmenter():
     with pytest.raises(ValueError, match="output_gate.augmenters names kar_usr"):
         PipelineConfig(name="x", augmenters=[{"name": "kar_user_preference"}],
                        output_gate={"augmenters": {"kar_usr": {"min_parse_rate": 0.1}}})
+
+
+@pytest.mark.parametrize("kind", ["planted NaN/Inf", "wrong dimension", "norm out of range", "empty text", "duplicate ids"])
+def test_row_checks_validated_in_blocks_report_what_one_frame_reports(monkeypatch, kind):
+    """GX sees the row-level frames a block at a time (bounded memory); counts, verdicts and the
+    failing augmenters add up to what a single frame gives. Blocks of 8 split the planted NaN (row 7)
+    from the Inf (row 9)."""
+    from recaug.schemas import output_gate
+
+    make = FAILURES[kind][0]
+    whole = run_output_gate([make(), clean_input(augmenter="kar_item", embeddings=embeddings(IDS[:13]),
+                                                 generated=generated(IDS[:13], augmenter="kar_item"), expected_entities=IDS[:13])], CFG)
+    monkeypatch.setattr(output_gate, "_GX_BLOCK", 8)
+    blocks = run_output_gate([make(), clean_input(augmenter="kar_item", embeddings=embeddings(IDS[:13]),
+                                                  generated=generated(IDS[:13], augmenter="kar_item"), expected_entities=IDS[:13])], CFG)
+    seen = [(c.name, c.expectation, c.success, c.unexpected_count, c.observed, c.detail) for c in blocks.checks]
+    assert seen == [(c.name, c.expectation, c.success, c.unexpected_count, c.observed, c.detail) for c in whole.checks]
+    failed = blocks.check(FAILURES[kind][1])
+    assert not failed.success and failed.unexpected_count == FAILURES[kind][2] and "kar_user" in failed.detail
