@@ -11,9 +11,13 @@ those (DESIGN.md §2):
                       dead_letter_share = dead-lettered entities / expected entities
                       missing_metadata  = EMBEDDING_METADATA_KEYS absent from the table's schema
 
-Thresholds come from `OutputGateConfig`. The result lists every expectation with its observed
-value; `success` is False if any failed, which callers turn into "publish nothing, exit non-zero".
-GX runs with an ephemeral context (nothing written to disk) and analytics off.
+Row-level frames go to GX a block of rows at a time (`_GX_BLOCK`), so the gate's memory does not grow
+with the catalogue beyond these derived columns; uniqueness, which needs every row at once, is judged
+on integer codes of the ids.
+
+Thresholds come from `OutputGateConfig`. The result lists every expectation with its observed value;
+`success` is False if any failed, which callers turn into "publish nothing, exit non-zero". GX runs
+with an ephemeral context (nothing written to disk) and analytics off.
 """
 
 from __future__ import annotations
@@ -196,9 +200,11 @@ class _Rows:
 
 
 def _rows(names: list[str], parts: list[dict[str, Any]]) -> _Rows:
-    code = np.concatenate([np.full(len(next(iter(p.values()))), i, np.int16) for i, p in enumerate(parts)]) if parts else np.zeros(0, np.int16)
+    if not parts:
+        return _Rows(names, np.zeros(0, np.int16), {})
+    code = np.concatenate([np.full(len(next(iter(p.values()))), i, np.int16) for i, p in enumerate(parts)])
     columns = {}
-    for name in (parts[0] if parts else {}):
+    for name in parts[0]:
         values = [p[name] for p in parts]
         if isinstance(values[0], (pa.Array, pa.ChunkedArray)):
             chunks = [c for v in values for c in (v.chunks if isinstance(v, pa.ChunkedArray) else [v])]
