@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from recaug.encoders.vectors import fixed_size_vectors, vectors_numpy
-from recaug.pipelines.cache import concat_parquet_atomic, remove_stale_temporaries, write_parquet_atomic
+from recaug.pipelines.cache import compact_shards, write_parquet_atomic
 from recaug.pipelines.crashpoints import crash_point
 
 
@@ -118,16 +118,5 @@ class EncodingCache:
         return np.ascontiguousarray(known_vectors[row_of], dtype=np.float32), hashes
 
     def compact(self, min_shards: int = 32) -> bool:
-        """Merge many small shards into one; the merged shard is whole before any source goes. Also
-        removes the temporary files of writes killed long ago."""
-        remove_stale_temporaries(self.dir)
-        # earlier merges stay as they are: memory is bounded by what came since the last compaction
-        shards = [p for p in self.shards() if "-compacted-" not in p.name]
-        if len(shards) < min_shards:
-            return False
-        # copied row group by row group (memory: one row group); `lookup` keeps one vector per text
-        name = f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-compacted-{uuid.uuid4().hex[:8]}.parquet"
-        concat_parquet_atomic(shards, shard_schema(self.dim, self.encoder_id), self.dir / name)
-        for shard in shards:
-            shard.unlink(missing_ok=True)
-        return True
+        """Merge many small shards into one (see `compact_shards`); `lookup` keeps one vector per text."""
+        return compact_shards(self.dir, shard_schema(self.dim, self.encoder_id), min_shards)

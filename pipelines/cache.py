@@ -79,6 +79,26 @@ def concat_parquet_atomic(
     _write_atomic(path, write, crash_at)
 
 
+def compact_shards(folder: Path, schema: pa.Schema, min_shards: int, crash_at: str | None = None) -> bool:
+    """Merge the small Parquet shards of a cache folder into one, once there are `min_shards` of them.
+
+    Earlier merges ("-compacted-" files) stay as they are, so the work is bounded by what was committed
+    since the last compaction, and rows are copied a row group at a time, duplicates included. Safe
+    under a kill: the merged shard is whole before any source is removed (`crash_at` fires after each
+    removal). Also removes the temporary files of writes killed long ago."""
+    remove_stale_temporaries(folder)
+    shards = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".") and "-compacted-" not in p.name)
+    if len(shards) < min_shards:
+        return False
+    name = f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-compacted-{uuid.uuid4().hex[:8]}.parquet"
+    concat_parquet_atomic(shards, schema, folder / name)
+    for shard in shards:
+        shard.unlink(missing_ok=True)
+        if crash_at:
+            crash_point(crash_at)
+    return True
+
+
 def _write_atomic(path: Path, write: Callable[[Path], None], crash_at: str | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -190,19 +210,6 @@ class GenerationCache:
         return len(ok)
 
     def compact(self, min_shards: int = 64) -> bool:
-        """Merge many small shards into one. Safe under a kill: the merged shard is complete before
-        any source is removed, and duplicates in between are de-duplicated by `lookup`. Also removes
-        the temporary files of writes killed long ago."""
-        remove_stale_temporaries(self.dir)
-        # only the small per-shard files are merged (earlier merges stay as they are): the memory this
-        # takes is bounded by what was committed since the last compaction, not by the whole cache
-        shards = [p for p in self.shards() if "-compacted-" not in p.name]
-        if len(shards) < min_shards:
-            return False
-        # copied row group by row group, duplicates included: `lookup` keeps the first committed row per key
-        name = f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-compacted-{uuid.uuid4().hex[:8]}.parquet"
-        concat_parquet_atomic(shards, CACHE_SCHEMA, self.dir / name)
-        for shard in shards:
-            shard.unlink(missing_ok=True)
-            crash_point("generate.compact")
-        return True
+        """Merge many small shards into one (see `compact_shards`); duplicates in between are
+        de-duplicated by `lookup`, which keeps the first committed row per key."""
+        return compact_shards(self.dir, CACHE_SCHEMA, min_shards, crash_at="generate.compact")
