@@ -21,6 +21,7 @@ from recaug.encoders.cache import EncodingCache
 from recaug.encoders.pca import PCAProjection, apply_pca, fit_pca
 from recaug.encoders.vectors import fixed_size_vectors, vectors_numpy
 from recaug.pipelines.memory import release_memory
+from recaug.pipelines.spill import TableParts
 from recaug.schemas.tables import embedding_schema
 
 # placeholder until publish_snapshot stamps the id it assigns
@@ -49,12 +50,14 @@ def encode_table(
     augmenter: str,
     snapshot_id: str = UNPUBLISHED,
     encode: Callable[[list[str]], np.ndarray] | None = None,
+    spill_dir: Path | None = None,
 ) -> pa.Table:
     """Encode the `text` column of one augmenter's GENERATED_TEXTS table.
 
     `cache_dir` may be a folder or an `EncodingCache` (pass one to read its hits/misses counters).
     Texts already in the cache for this encoder id are not encoded again. `encode` computes the
     vectors of the cache misses (default `encoder.encode`; a runner's encode stage plugs in here).
+    With `spill_dir` the table is memory-mapped from an anonymous file there instead of held in memory.
     """
     for col in ("entity_id", "entity_kind", "augmenter", "template_hash", "text"):
         if col not in generated.column_names:
@@ -69,15 +72,6 @@ def encode_table(
     cache = cache_dir if isinstance(cache_dir, EncodingCache) else EncodingCache(Path(cache_dir), encoder.encoder_id, encoder.dim)
     if cache.encoder_id != encoder.encoder_id:
         raise ValueError(f"cache is for encoder {cache.encoder_id!r}, not {encoder.encoder_id!r}")
-    # a slice of texts at a time: the cache lookup and the hashes are Python lists per text, which at
-    # a million texts held ~0.5 KB per entity beyond the vectors kept
-    vector_parts, hash_parts = [], []
-    for start in range(0, max(len(text_col), 1), ENCODE_CHUNK):
-        vectors, hashes = cache.get_or_encode(text_col.slice(start, ENCODE_CHUNK), encode or encoder.encode)
-        vector_parts.append(fixed_size_vectors(vectors))
-        hash_parts.append(pa.array(hashes, pa.string()))
-        del vectors, hashes
-        release_memory()  # the slice's texts and hashes as Python objects
     templates = sorted(set(pc.unique(generated.column("template_hash")).to_pylist()))
     cfg = encoder.cfg
     meta = {
@@ -93,11 +87,19 @@ def encode_table(
         "recaug.template_hash": ",".join(templates),
     }
     schema = embedding_schema(encoder.dim, meta)
-    return pa.Table.from_arrays(
-        [generated.column("entity_id").cast(pa.string()), pa.chunked_array(vector_parts, vector_parts[0].type),
-         pa.chunked_array(hash_parts, pa.string())],
-        schema=schema,
-    )
+    ids = generated.column("entity_id").cast(pa.string())
+    # a slice of texts at a time: the cache lookup and the hashes are Python lists per text, which at
+    # a million texts held ~0.5 KB per entity beyond the vectors kept; with `spill_dir` each slice's
+    # rows go to disk as they are done (pipelines/spill.py)
+    parts = TableParts(schema, folder=spill_dir)
+    for start in range(0, len(text_col), ENCODE_CHUNK):
+        vectors, hashes = cache.get_or_encode(text_col.slice(start, ENCODE_CHUNK), encode or encoder.encode)
+        parts.append(pa.Table.from_arrays(
+            [ids.slice(start, ENCODE_CHUNK), fixed_size_vectors(vectors), pa.array(hashes, pa.string())], schema=schema,
+        ))
+        del vectors, hashes
+        release_memory()  # the slice's texts and hashes as Python objects
+    return parts.table().replace_schema_metadata(schema.metadata)
 
 
 @dataclass
@@ -125,14 +127,15 @@ def encode_outputs(
     cache_dir: Path,
     snapshot_id: str = UNPUBLISHED,
     encode: Callable[[list[str]], np.ndarray] | None = None,
+    spill_dir: Path | None = None,
 ) -> EncodingResult:
     """Encode every augmenter's generated texts; with `encoder.cfg.pca_dim`, fit and apply PCA per table.
-    `encode` is passed to `encode_table` (which texts get encoded, and the cache, stay the same)."""
+    `encode` and `spill_dir` are passed to `encode_table` (which texts get encoded, and the cache, stay the same)."""
     started = time.perf_counter()
     cache = EncodingCache(Path(cache_dir), encoder.encoder_id, encoder.dim)
     result = EncodingResult({})
     for augmenter, table in generated.items():
-        emb = encode_table(table, encoder, cache, augmenter, snapshot_id, encode)
+        emb = encode_table(table, encoder, cache, augmenter, snapshot_id, encode, spill_dir)
         pca_dim = encoder.cfg.pca_dim
         if pca_dim:
             projection = fit_pca(vectors_numpy(emb), pca_dim, encoder.cfg.normalize, label=f"augmenter {augmenter}")

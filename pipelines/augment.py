@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import polars as pl
@@ -27,6 +28,7 @@ from recaug.pipelines.cache import CacheSink, GenerationCache, request_key
 from recaug.pipelines.config import AugmenterConfig, EngineConfig
 from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, Engine, GenerationRequest, GenerationResult
 from recaug.pipelines.memory import release_memory
+from recaug.pipelines.spill import TableParts, frame_to_table
 from recaug.prompts import PromptError
 from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS, SYNTHETIC_INTERACTIONS, SYNTHETIC_ITEMS
 
@@ -266,8 +268,11 @@ def run_augmenter(
     budget: Budget | None = None,
     carry_over: pa.Table | None = None,
     chunk_size: int = ENTITY_CHUNK,
+    spill_dir: Path | None = None,
 ) -> AugmenterOutput:
-    """Generate, parse, retry (bounded) and assemble this augmenter's tables, a chunk of entities at a time."""
+    """Generate, parse, retry (bounded) and assemble this augmenter's tables, a chunk of entities at a time.
+    With `spill_dir`, each chunk's tables go to disk as they are finished (see pipelines/spill.py) and
+    the output tables are memory-mapped from there."""
     stats = AugmenterStats(augmenter=aug.name)
     expected = list(entity_ids) if entity_ids is not None else select_entities(aug, aug_cfg, inputs)
     stats.entities = len(expected)
@@ -281,7 +286,12 @@ def run_augmenter(
             carried = pl.from_arrow(carry_over).filter(pl.col("entity_id").is_in(list(deferred)))
             stats.carried_over = carried.height
 
-    parts: dict[str, list[pa.Table]] = {"generated": [], "dead": [], "items": [], "inter": []}
+    parts = {
+        "generated": TableParts(GENERATED_TEXTS, "entity_id", spill_dir),
+        "dead": TableParts(DEAD_LETTER, "entity_id", spill_dir),
+        "items": TableParts(SYNTHETIC_ITEMS, "item_id", spill_dir),
+        "inter": TableParts(SYNTHETIC_INTERACTIONS, "user_id", spill_dir),
+    }
     common = {
         "entity_kind": aug.entity_kind,
         "augmenter": aug.name,
@@ -294,18 +304,17 @@ def run_augmenter(
                    common, parts)
         release_memory()  # the chunk's prompts, answers and rows as Python objects
 
-    stats.parsed = sum(t.num_rows for t in parts["generated"])
-    stats.dead_letter = sum(t.num_rows for t in parts["dead"])
-    generated = _concat(parts["generated"], GENERATED_TEXTS, "entity_id")
+    stats.parsed = parts["generated"].rows
+    stats.dead_letter = parts["dead"].rows
     if carried is not None and carried.height:
         # a deferred entity keeps its previous answer, with the lineage it was made with
-        generated = _concat([generated, _to_table(carried, GENERATED_TEXTS, "entity_id")], GENERATED_TEXTS, "entity_id")
+        parts["generated"].append(frame_to_table(carried, GENERATED_TEXTS, "entity_id"))
     return AugmenterOutput(
         augmenter=aug,
-        generated=generated,
-        dead_letter=_concat(parts["dead"], DEAD_LETTER, "entity_id"),
-        synthetic_items=_concat(parts["items"], SYNTHETIC_ITEMS, "item_id"),
-        synthetic_interactions=_concat(parts["inter"], SYNTHETIC_INTERACTIONS, "user_id"),
+        generated=parts["generated"].table(),
+        dead_letter=parts["dead"].table(),
+        synthetic_items=parts["items"].table(),
+        synthetic_interactions=parts["inter"].table(),
         stats=stats,
         expected_entities=expected,
     )
@@ -441,30 +450,13 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
         gen = pl.DataFrame(gen_cols, schema_overrides=_GENERATED_ROW_TYPES).with_columns(
             *(pl.lit(v).alias(k) for k, v in common.items()), pl.lit(aug.parser_id).alias("parser_version")
         )
-        parts["generated"].append(_to_table(gen, GENERATED_TEXTS, "entity_id"))
+        parts["generated"].append(frame_to_table(gen, GENERATED_TEXTS, "entity_id"))
     if dead_rows:
-        parts["dead"].append(_to_table(pl.DataFrame([{**common, **r} for r in dead_rows]), DEAD_LETTER, "entity_id"))
+        parts["dead"].append(frame_to_table(pl.DataFrame([{**common, **r} for r in dead_rows]), DEAD_LETTER, "entity_id"))
     if synth_items:
-        parts["items"].append(_to_table(pl.DataFrame(synth_items), SYNTHETIC_ITEMS, "item_id"))
+        parts["items"].append(frame_to_table(pl.DataFrame(synth_items), SYNTHETIC_ITEMS, "item_id"))
     if synth_inter:
-        parts["inter"].append(_to_table(pl.DataFrame(synth_inter), SYNTHETIC_INTERACTIONS, "user_id"))
-
-
-def _concat(tables: list[pa.Table], schema: pa.Schema, sort_by: str) -> pa.Table:
-    """Chunk tables as one table, sorted as a single chunk's would be. Chunks cover ascending,
-    disjoint entity ranges, so sorted chunk tables usually follow each other in order: then they are
-    joined without a copy (a sorted copy of the whole output doubled the stage's peak memory)."""
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        return schema.empty_table()
-    if len(tables) == 1:
-        return tables[0]
-    in_order = all(
-        a.column(sort_by)[-1].as_py() < b.column(sort_by)[0].as_py() for a, b in zip(tables, tables[1:])
-    )
-    if in_order:
-        return pa.concat_tables(tables)
-    return _to_table(pl.from_arrow(pa.concat_tables(tables)), schema, sort_by)
+        parts["inter"].append(frame_to_table(pl.DataFrame(synth_inter), SYNTHETIC_INTERACTIONS, "user_id"))
 
 
 _GENERATED_ROW_COLUMNS = (
@@ -476,10 +468,3 @@ _GENERATED_ROW_TYPES = {
     "parsed_json": pl.String, "input_tokens": pl.Int64, "output_tokens": pl.Int64, "finish_reason": pl.String,
     "latency_s": pl.Float64, "attempts": pl.Int64,
 }
-
-
-def _to_table(df: pl.DataFrame | None, schema: pa.Schema, sort_by: str) -> pa.Table:
-    if df is None or df.height == 0:
-        return schema.empty_table()
-    df = df.select(schema.names).sort([sort_by] + [c for c in ("item_id", "cache_key") if c in df.columns and c != sort_by])
-    return df.to_arrow().select(schema.names).cast(schema)

@@ -49,9 +49,14 @@ def request_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+# rows per row group of the tables a run writes whole (pyarrow's default, a million rows, makes the
+# writer hold a whole million-row table's encoded pages before it flushes them)
+PARQUET_ROW_GROUP = 131_072
+
+
 def write_parquet_atomic(table: pa.Table, path: Path, crash_at: str | None = None) -> None:
     """`crash_at` names the crash point (pipelines/crashpoints.py) between the write and the rename."""
-    _write_atomic(path, lambda tmp: pq.write_table(table, tmp), crash_at)
+    _write_atomic(path, lambda tmp: pq.write_table(table, tmp, row_group_size=PARQUET_ROW_GROUP), crash_at)
 
 
 def concat_parquet_atomic(

@@ -1,7 +1,9 @@
 """The long job: validate input -> augment -> (encode -> gate -> publish).
 
 Every table of a run is written into a private run folder that is renamed into place only when the
-whole stage succeeded, so no partial output is ever visible.
+whole stage succeeded, so no partial output is ever visible. While the job runs, the generated-text
+and embedding tables it builds live in anonymous files under `<workdir>/tmp` (memory-mapped, see
+pipelines/spill.py), so its memory does not grow with the catalogue.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from recaug.pipelines.crashpoints import crash_point
 from recaug.pipelines.engines.base import Engine
 from recaug.pipelines.inputs import PreparedInputs
 from recaug.pipelines.memory import release_memory
+from recaug.pipelines.spill import spill_folder
 from recaug.pipelines.splits import prompt_context
 
 
@@ -122,6 +125,7 @@ def run_augmentation(
             out = run_augmenter(
                 aug, aug_cfg, inputs, engine, cfg.engine, cache, runner.execute, cfg.runner.shard_size, bar,
                 budget=budget, carry_over=(carry_over or {}).get(aug.name), chunk_size=cfg.runner.chunk_entities,
+                spill_dir=spill_folder(workdir),
             )
         finally:
             bar.close()
@@ -286,7 +290,8 @@ def run_long_job(
     # the runner encodes the cache misses (local: in this process; Ray / Beam: on their workers)
     encode = getattr(runner, "encode", None)
     enc = encode_outputs(encoded, encoder, enc_dir,
-                         encode=None if encode is None else (lambda texts: encode(texts, encoder, str(enc_dir))))
+                         encode=None if encode is None else (lambda texts: encode(texts, encoder, str(enc_dir))),
+                         spill_dir=spill_folder(cfg.workdir_path()))
     log(f"  {enc.cache_misses:,} encoded, {enc.cache_hits:,} from the encoding cache, {enc.seconds:.1f} s")
 
     gate_inputs = [

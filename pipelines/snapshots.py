@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recaug.pipelines.cache import PARQUET_ROW_GROUP
 from recaug.pipelines.crashpoints import crash_point
 from recaug.pipelines.memory import release_memory
 
@@ -399,7 +400,7 @@ def _write_table(table: pa.Table, path: Path, snapshot_id: str) -> dict[str, Any
     meta = dict(table.schema.metadata or {})
     meta[b"recaug.snapshot"] = snapshot_id.encode()
     table = table.replace_schema_metadata(meta)
-    pq.write_table(table, path)
+    pq.write_table(table, path, row_group_size=PARQUET_ROW_GROUP)
     _fsync_file(path)
     table_meta = {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"recaug.")}
     return {

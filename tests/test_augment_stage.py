@@ -279,17 +279,20 @@ def test_chunked_stage_gives_the_tables_of_one_chunk(tmp_path, inputs, name):
         return "About " + text[:20]
 
     outs = {}
-    for chunk_size in (10_000, 3):
+    # one chunk in memory, small chunks in memory, small chunks spilled to disk (what the long job does)
+    for variant, chunk_size, spill in (("one", 10_000, None), ("many", 3, None), ("spilled", 3, tmp_path / "spill")):
         engine = ScriptedEngine(answer)
         aug = get_augmenter(name)
-        outs[chunk_size] = run_augmenter(aug, AugmenterConfig(name=name), inputs, engine, EngineConfig(kind="fake"),
-                                         GenerationCache(tmp_path / str(chunk_size)), LocalRunner(engine).execute,
-                                         shard_size=4, chunk_size=chunk_size)
-    one, many = outs[10_000], outs[3]
+        outs[variant] = run_augmenter(aug, AugmenterConfig(name=name), inputs, engine, EngineConfig(kind="fake"),
+                                      GenerationCache(tmp_path / variant), LocalRunner(engine).execute,
+                                      shard_size=4, chunk_size=chunk_size, spill_dir=spill)
+    one, many = outs["one"], outs["many"]
     for table in ("generated", "dead_letter", "synthetic_items", "synthetic_interactions"):
-        a, b = getattr(one, table), getattr(many, table)
+        a = getattr(one, table)
         cols = [c for c in a.column_names if c != "created_at"]
-        assert a.select(cols).equals(b.select(cols)), table
+        for other in ("many", "spilled"):
+            assert a.select(cols).equals(getattr(outs[other], table).select(cols)), (table, other)
+    assert not any((tmp_path / "spill").glob("*"))  # spill files are anonymous
     assert one.generated.num_rows + one.dead_letter.num_rows == len(one.expected_entities) > 0
     s1, s2 = one.stats.as_dict(), many.stats.as_dict()
     for k in ("entities", "requests", "llm_requests", "parsed", "dead_letter", "retries", "cache_hits"):

@@ -371,3 +371,15 @@ def test_a_table_encoded_in_slices_equals_one_encoded_whole(encoder, tmp_path, m
     assert sliced.column("text_hash").equals(whole.column("text_hash"))
     np.testing.assert_allclose(vectors_numpy(sliced), vectors_numpy(whole), atol=1e-5)
     assert cache.misses == len(TEXTS)  # a text seen in an earlier slice is a hit in a later one
+
+
+def test_a_spilled_embedding_table_equals_the_one_held_in_memory(encoder, tmp_path, monkeypatch):
+    import recaug.encoders.tables as tables
+
+    monkeypatch.setattr(tables, "ENCODE_CHUNK", 2)  # several slices, each appended to the spill file
+    held = encode_table(generated(TEXTS), encoder, tmp_path / "cache", "kar_user")
+    spill = tmp_path / "spill"
+    spilled = encode_table(generated(TEXTS), encoder, tmp_path / "cache", "kar_user", spill_dir=spill)
+    assert spilled.schema.equals(held.schema, check_metadata=True)
+    assert spilled.equals(held)
+    assert list(spill.iterdir()) == []  # the spill file is anonymous: nothing is left to clean up
