@@ -164,6 +164,19 @@ def current_rss_mib() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def current_anon_mib() -> float:
+    """Resident anonymous memory (RssAnon: heap and allocator pages), without the page-cache pages of
+    memory-mapped files that RSS also counts; 0 where /proc does not say."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def run_child(script: Path, args: list[str], timeout: float = 3600) -> dict[str, Any]:
     """Run `python <script> <args>` in a fresh interpreter; its last stdout line is a JSON object
     (the child measures itself, e.g. its own ru_maxrss). Adds the wall time seen from here."""
