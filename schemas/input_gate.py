@@ -17,7 +17,10 @@ gate works in three steps, all columnar:
    boolean columns first and judged by GX with ExpectColumnValuesToBeInSet([True]). Membership is
    computed that way on purpose: GX re-serialises an expectation's `value_set` many times per
    validation, so a direct in-set over the ids costs ~0.4 s for ML-100K's 1,682 items and ~28 s
-   for 200k ids, while the boolean column costs ~0.03 s whatever the catalogue size.
+   for 200k ids, while the boolean column costs ~0.03 s whatever the catalogue size. GX gets the
+   frame a block of rows at a time (`_GX_BLOCK`), so its pandas copy is one block's, not a whole
+   catalogue's; uniqueness, which needs every row at once, is judged on one frame of integer codes
+   of the key columns.
 
 Every failed check of a row is one quarantine row (QUARANTINE schema) with the check name, a
 readable reason naming the value, and the raw row as JSON. A row that fails anything is not in the
@@ -653,35 +656,98 @@ def _gx_frame(conv: _Converted):
     return pl.DataFrame(cols)
 
 
-def _validate(gx, ctx, table: str, frame: pl.DataFrame, extra: dict[str, np.ndarray], checks: list[_Check]):
+# rows per frame handed to GX for the row-by-row checks (as in the output gate): one pandas copy of a
+# million-row table, as Python objects, cost ~300 MB on top of the tables
+_GX_BLOCK = 250_000
+# checks that need every row at once: judged on one frame of integer codes of their columns
+_WHOLE_TABLE = ("expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique")
+
+
+@dataclass
+class _Outcome:
+    """One check's result over every block: `result` holds unexpected_count and unexpected_index_list
+    (row numbers in the whole table)."""
+
+    type: str
+    success: bool
+    result: dict[str, Any]
+
+
+def _row_blocks(frame: pl.DataFrame, extra: dict[str, np.ndarray], block: int):
+    """pandas frames of at most `block` rows, indexed by row number in the whole table."""
     import pandas as pd
 
-    pdf = frame.to_pandas()
-    for name, values in extra.items():
-        pdf[name] = pd.Series(values, dtype=object)
-    pdf.index = pd.RangeIndex(len(pdf))
-    asset = ctx.data_sources.add_pandas(f"recaug_input_{table}").add_dataframe_asset(table)
-    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": pdf})
-    suite = gx.ExpectationSuite(name=f"recaug_input_{table}")
+    for start in range(0, max(frame.height, 1), block):
+        stop = min(start + block, frame.height)
+        pdf = frame.slice(start, stop - start).to_pandas()
+        for name, values in extra.items():
+            pdf[name] = pd.Series(values[start:stop], dtype=object)
+        pdf.index = pd.RangeIndex(start, stop)
+        yield pdf
+
+
+def _key_codes(frame: pl.DataFrame, columns: list[str]):
+    """The key columns as dense integer ranks (null stays null): uniqueness is the same on them, and a
+    frame of integers is a fraction of one of strings."""
+    import pandas as pd
+
+    pdf = frame.select([pl.col(c).rank("dense").cast(pl.Int64) for c in columns]).to_pandas()
+    pdf.index = pd.RangeIndex(frame.height)
+    return pdf
+
+
+def _validate(gx, ctx, table: str, frame: pl.DataFrame, extra: dict[str, np.ndarray], checks: list[_Check]) -> dict[str, _Outcome]:
+    whole = [c for c in checks if c.expectation.expectation_type in _WHOLE_TABLE]
+    per_row = [c for c in checks if c.expectation.expectation_type not in _WHOLE_TABLE]
+    source = ctx.data_sources.add_pandas(f"recaug_input_{table}")
+    outcomes: dict[str, _Outcome] = {}
+    try:
+        if per_row:
+            outcomes.update(_run_suite(gx, source, table, "rows", per_row, _row_blocks(frame, extra, _GX_BLOCK)))
+        if whole:
+            columns = sorted({col for c in whole for col in _columns(c.expectation)})
+            outcomes.update(_run_suite(gx, source, table, "keys", whole, [_key_codes(frame, columns)]))
+    finally:
+        ctx.data_sources.delete(source.name)  # GX keeps the last batch (a whole frame) while its source lives
+    return outcomes
+
+
+def _columns(expectation) -> list[str]:
+    kwargs = expectation.configuration.kwargs
+    return list(kwargs.get("column_list") or [kwargs["column"]])
+
+
+def _run_suite(gx, source, table: str, part: str, checks: list[_Check], frames) -> dict[str, _Outcome]:
+    """One suite of `checks` over every frame; per check: passed in every frame, unexpected rows of all."""
+    asset = source.add_dataframe_asset(f"{table}_{part}")
+    definition = asset.add_batch_definition_whole_dataframe("all")
+    suite = gx.ExpectationSuite(name=f"recaug_input_{table}_{part}")
     for check in checks:
         check.expectation.meta = {"recaug_check": check.name}
         suite.add_expectation(check.expectation)
-    with _quiet_gx():
-        validation = batch.validate(suite, result_format="COMPLETE")
-    by_check = {}
-    for res in validation.results:
-        name = (res.expectation_config.meta or {}).get("recaug_check")
-        info = res.exception_info or {}
-        raised = info.get("raised_exception") if "raised_exception" in info else any(
-            isinstance(v, dict) and v.get("raised_exception") for v in info.values()
-        )
-        if raised:
-            message = info.get("exception_message") or next(
-                (v.get("exception_message") for v in info.values() if isinstance(v, dict) and v.get("exception_message")), "unknown error"
+    outcomes: dict[str, _Outcome] = {}
+    for pdf in frames:
+        with _quiet_gx():
+            validation = definition.get_batch(batch_parameters={"dataframe": pdf}).validate(suite, result_format="COMPLETE")
+        for res in validation.results:
+            name = (res.expectation_config.meta or {}).get("recaug_check")
+            info = res.exception_info or {}
+            raised = info.get("raised_exception") if "raised_exception" in info else any(
+                isinstance(v, dict) and v.get("raised_exception") for v in info.values()
             )
-            raise RuntimeError(f"input gate check {table}/{name} could not run in great-expectations: {message}")
-        by_check[name] = res
-    return by_check
+            if raised:
+                message = info.get("exception_message") or next(
+                    (v.get("exception_message") for v in info.values() if isinstance(v, dict) and v.get("exception_message")), "unknown error"
+                )
+                raise RuntimeError(f"input gate check {table}/{name} could not run in great-expectations: {message}")
+            result = res.result or {}
+            out = outcomes.setdefault(name, _Outcome(res.expectation_config.type, True, {"unexpected_count": 0, "unexpected_index_list": []}))
+            out.success = out.success and bool(res.success)
+            out.result["unexpected_count"] += int(result.get("unexpected_count") or 0)
+            out.result["unexpected_index_list"].extend(result.get("unexpected_index_list") or [])
+        del pdf, validation
+        release_memory()
+    return outcomes
 
 
 # --- the gate ----------------------------------------------------------------------------------------
@@ -739,7 +805,7 @@ def run_input_gate(
         extra: dict[str, np.ndarray] = {}
         checks = _build_checks(gx, table, raw_t, conv, cfg, timestamp_max, extra, clean_ids, quarantined_ids)
         results = _validate(gx, ctx, table, _gx_frame(conv), extra, checks)
-        release_memory()  # the pandas copy GX validated: ~800 bytes per row as Python objects
+        release_memory()  # the pandas blocks GX validated
 
         bad = np.zeros(raw_t.num_rows, bool)
         entries_rows: list[np.ndarray] = []
@@ -753,7 +819,7 @@ def run_input_gate(
                 {
                     "table": table,
                     "check": check.name,
-                    "expectation": res.expectation_config.type,
+                    "expectation": res.type,
                     "column": check.column,
                     "success": bool(res.success),
                     "unexpected_count": int(result.get("unexpected_count") or 0),

@@ -192,6 +192,20 @@ def test_counts_and_expectations(dirty):
     assert all(set(e) >= {"table", "expectation", "column", "success", "unexpected_count"} for e in dirty.expectations)
 
 
+def test_gating_in_blocks_of_rows_gives_the_whole_table_result(dirty, monkeypatch):
+    """GX sees a million-row table a block of rows at a time (uniqueness on integer codes of the keys,
+    all rows at once): blocks of 3 rows, with duplicates across blocks, give the one-block result."""
+    import recaug.schemas.input_gate as input_gate
+
+    monkeypatch.setattr(input_gate, "_GX_BLOCK", 3)
+    blocked = run_input_gate(_dirty_raw(), CFG, as_of=AS_OF)
+    assert blocked.quarantine.equals(dirty.quarantine)
+    assert blocked.counts == dirty.counts
+    assert blocked.expectations == dirty.expectations
+    for table in ("users", "items", "interactions"):
+        assert blocked.tables[table].equals(dirty.tables[table]), table
+
+
 def test_summary_reads_as_a_table(dirty):
     text = dirty.summary()
     lines = text.splitlines()
