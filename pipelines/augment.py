@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from recaug.augmenters.base import AugmentInputs, Augmenter, ParseError
 from recaug.augmenters.vocab import VOCABULARY
@@ -245,8 +246,9 @@ def _now() -> dt.datetime:
 
 
 # Entities per chunk: the stage renders, generates, parses and tabulates one chunk at a time, so its
-# Python objects (contexts, prompts, answers) never exceed one chunk; what it keeps across chunks are
-# the finished Arrow tables. Requests are still cut into shards deterministically (within a chunk).
+# Python objects (contexts, prompts, answers) never exceed one chunk; each chunk's finished Arrow
+# tables are appended to the output (on disk with `spill_dir`). Requests are still cut into shards
+# deterministically (within a chunk).
 ENTITY_CHUNK = 10_000
 
 
@@ -283,7 +285,9 @@ def run_augmenter(
         deferred = _over_budget(aug, aug_cfg, inputs, engine, engine_cfg, cache, expected, budget, carry_over, chunk_size)
         stats.deferred = len(deferred)
         if deferred and carry_over is not None:
-            carried = pl.from_arrow(carry_over).filter(pl.col("entity_id").is_in(list(deferred)))
+            # filtered in Arrow first: the previous snapshot's table is the whole catalogue's
+            keep = pc.is_in(carry_over.column("entity_id"), value_set=pa.array(sorted(deferred), pa.string()))
+            carried = pl.from_arrow(carry_over.filter(keep))
             stats.carried_over = carried.height
 
     parts = {

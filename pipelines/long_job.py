@@ -3,7 +3,8 @@
 Every table of a run is written into a private run folder that is renamed into place only when the
 whole stage succeeded, so no partial output is ever visible. While the job runs, the generated-text
 and embedding tables it builds live in anonymous files under `<workdir>/tmp` (memory-mapped, see
-pipelines/spill.py), so its memory does not grow with the catalogue.
+pipelines/spill.py), so its heap does not hold them (with `encoder.pca_dim`, the PCA fit and the
+projected vectors are in memory).
 """
 
 from __future__ import annotations
@@ -282,6 +283,7 @@ def run_long_job(
 
     carry = previous_generated(cfg) if budget is not None else {}
     aug = run_augmentation(cfg, prep, engine, runner, only=only, progress=progress, log=log, budget=budget, carry_over=carry)
+    del carry  # the previous snapshot's generated tables, read whole for the deferred entities' rows
     encoded = {name: out.generated for name, out in aug.outputs.items() if out.augmenter.encodes}
     encoder = TextEncoder(cfg.encoder, progress=progress)
     log(f"encode: {encoder.model_id} ({cfg.encoder.pooling} pooling, {'L2-normalised' if cfg.encoder.normalize else 'raw'}) "

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 class TableParts:
@@ -77,9 +78,30 @@ class TableParts:
             whole = self.schema.empty_table()
         self._in_memory = []
         if not self.in_order and self.sort_by is not None:
-            whole = frame_to_table(pl.from_arrow(whole), self.schema, self.sort_by)
+            whole = self._sorted(whole)
         self._done = whole
         return whole
+
+    def _sorted(self, whole: pa.Table) -> pa.Table:
+        """`whole` in the order one sorted piece would have (see `frame_to_table`): the sort looks at
+        the key columns only, and a spilled table is copied into a new spill a block of rows at a
+        time, so sorting does not bring it into memory."""
+        keys = _sort_keys(self.schema.names, self.sort_by)
+        order = pc.sort_indices(whole.select(keys), sort_keys=[(k, "ascending") for k in keys])
+        if self.folder is None:
+            return whole.take(order)
+        out = TableParts(self.schema, folder=self.folder)
+        for start in range(0, len(order), SORT_BLOCK):
+            out.append(whole.take(order.slice(start, SORT_BLOCK)))
+        return out.table()
+
+
+# rows per block when a spilled table is re-ordered
+SORT_BLOCK = 100_000
+
+
+def _sort_keys(columns: list[str], sort_by: str) -> list[str]:
+    return [sort_by] + [c for c in ("item_id", "cache_key") if c in columns and c != sort_by]
 
 
 def frame_to_table(df: pl.DataFrame | None, schema: pa.Schema, sort_by: str) -> pa.Table:
@@ -87,7 +109,7 @@ def frame_to_table(df: pl.DataFrame | None, schema: pa.Schema, sort_by: str) -> 
     present: the order every table of the augmentation stage has, however it was built."""
     if df is None or df.height == 0:
         return schema.empty_table()
-    df = df.select(schema.names).sort([sort_by] + [c for c in ("item_id", "cache_key") if c in df.columns and c != sort_by])
+    df = df.select(schema.names).sort(_sort_keys(df.columns, sort_by))
     return df.to_arrow().select(schema.names).cast(schema)
 
 

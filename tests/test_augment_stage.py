@@ -217,6 +217,8 @@ def test_budget_defers_changed_entities_and_carries_their_previous_answer(tmp_pa
                         "genres": [["Drama"]] * 3, "description": [None] * 3}, schema=changed.schema)
     inputs.items = pl.concat([changed, new])
     engine.requests_seen = 0
+    before = tmp_path.parent / f"{tmp_path.name}-cache-before"  # the cache as this run finds it, for a second run
+    shutil.copytree(tmp_path, before)
     aug = get_augmenter("kar_item_knowledge")
     out = run_augmenter(aug, AugmenterConfig(name="kar_item_knowledge"), inputs, engine, EngineConfig(kind="fake"), cache,
                         LocalRunner(engine).execute, shard_size=4, budget=Budget(max_entities=4), carry_over=first.generated)
@@ -226,6 +228,15 @@ def test_budget_defers_changed_entities_and_carries_their_previous_answer(tmp_pa
     fresh_ids = set(gen.filter(pl.col("attempts") > 0).join(pl.from_arrow(first.generated).select("entity_id", "cache_key"),
                                                             on=["entity_id", "cache_key"], how="anti")["entity_id"])
     assert {"n1", "n2", "n3"} <= fresh_ids and len(fresh_ids) == 4  # new entities first, then one changed
+    # the same run with its tables spilled to disk (as the long job runs it; the carried rows come last,
+    # out of entity order, and are sorted in blocks there): the same table
+    other = ScriptedEngine(engine.responder)
+    spilled = run_augmenter(aug, AugmenterConfig(name="kar_item_knowledge"), inputs, other, EngineConfig(kind="fake"),
+                            GenerationCache(before), LocalRunner(other).execute, shard_size=4,
+                            budget=Budget(max_entities=4), carry_over=first.generated, spill_dir=tmp_path / "spill")
+    assert other.requests_seen == 4 and spilled.stats.carried_over == 4
+    cols = [c for c in out.generated.column_names if c not in ("created_at", "latency_s")]
+    assert spilled.generated.select(cols).equals(out.generated.select(cols))
     next_run = run_augmenter(aug, AugmenterConfig(name="kar_item_knowledge"), inputs, engine, EngineConfig(kind="fake"),
                              cache, LocalRunner(engine).execute, shard_size=4, budget=Budget(max_entities=4),
                              carry_over=out.generated)
