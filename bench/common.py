@@ -166,15 +166,12 @@ def current_rss_mib() -> float:
 
 def current_anon_mib() -> float:
     """Resident anonymous memory (RssAnon: heap and allocator pages), without the page-cache pages of
-    memory-mapped files that RSS also counts; 0 where /proc does not say."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    memory-mapped files that RSS also counts. Linux only: elsewhere there is no figure to report."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no RssAnon line: the heap cannot be measured on this system")
 
 
 def run_child(script: Path, args: list[str], timeout: float = 3600) -> dict[str, Any]:

@@ -659,6 +659,11 @@ def _gx_frame(conv: _Converted):
 # rows per frame handed to GX for the row-by-row checks (as in the output gate): one pandas copy of a
 # million-row table, as Python objects, cost ~300 MB on top of the tables
 _GX_BLOCK = 250_000
+# checks whose verdict on a row depends on that row alone: validated block by block, results added up
+_ROW_BY_ROW = (
+    "expect_column_values_to_not_be_null", "expect_column_values_to_be_in_set", "expect_column_values_to_be_between",
+    "expect_column_value_lengths_to_be_between", "expect_column_values_to_not_match_regex",
+)
 # checks that need every row at once: judged on one frame of integer codes of their columns
 _WHOLE_TABLE = ("expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique")
 
@@ -684,6 +689,7 @@ def _row_blocks(frame: pl.DataFrame, extra: dict[str, np.ndarray], block: int):
             pdf[name] = pd.Series(values[start:stop], dtype=object)
         pdf.index = pd.RangeIndex(start, stop)
         yield pdf
+        del pdf  # before the next block is built
 
 
 def _key_codes(frame: pl.DataFrame, columns: list[str]):
@@ -697,8 +703,13 @@ def _key_codes(frame: pl.DataFrame, columns: list[str]):
 
 
 def _validate(gx, ctx, table: str, frame: pl.DataFrame, extra: dict[str, np.ndarray], checks: list[_Check]) -> dict[str, _Outcome]:
+    for c in checks:
+        kind = c.expectation.expectation_type
+        # a `mostly` or an aggregate check would not add up over blocks
+        if kind not in _ROW_BY_ROW + _WHOLE_TABLE or c.expectation.configuration.kwargs.get("mostly") is not None:
+            raise TypeError(f"input gate check {c.name}: {kind} is neither row-by-row nor a uniqueness check")
     whole = [c for c in checks if c.expectation.expectation_type in _WHOLE_TABLE]
-    per_row = [c for c in checks if c.expectation.expectation_type not in _WHOLE_TABLE]
+    per_row = [c for c in checks if c.expectation.expectation_type in _ROW_BY_ROW]
     source = ctx.data_sources.add_pandas(f"recaug_input_{table}")
     outcomes: dict[str, _Outcome] = {}
     try:
