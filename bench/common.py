@@ -7,7 +7,7 @@ Every benchmark module has `run(quick=False, **options) -> dict` returning
      "summary": [one-line findings], "data": {raw figures for the JSON}}
 
 and a `main()` that runs it alone, prints its tables and writes `bench/results/<name>.json`.
-`bench/run_all.py` runs them all and writes one JSON and one markdown file per session.
+`bench/run_all.py` runs them all and writes one JSON and one markdown file per run.
 """
 
 from __future__ import annotations
