@@ -99,7 +99,7 @@ def encode_table(
         ))
         del vectors, hashes
         release_memory()  # the slice's texts and hashes as Python objects
-    return parts.table().replace_schema_metadata(schema.metadata)
+    return parts.table()
 
 
 @dataclass

@@ -402,7 +402,7 @@ def _write_table(table: pa.Table, path: Path, snapshot_id: str) -> dict[str, Any
     table = table.replace_schema_metadata(meta)
     # embedding tables keep pyarrow's row groups of up to 1 Mi rows: a reader then gets the vectors as one
     # chunk, which `vectors_numpy` views without a copy (docs/feature-tables.md); the others are bounded
-    embeddings = (table.schema.metadata or {}).get(b"recaug.table") == b"embeddings"
+    embeddings = meta.get(b"recaug.table") == b"embeddings"
     pq.write_table(table, path, row_group_size=None if embeddings else PARQUET_ROW_GROUP)
     _fsync_file(path)
     table_meta = {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"recaug.")}

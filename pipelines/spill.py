@@ -27,8 +27,8 @@ class TableParts:
     """Pieces of one table with a fixed schema, in order; `table()` joins them.
 
     `sort_by` names the column the whole table is sorted on: pieces that cover ascending, disjoint
-    ranges of it (the stage's chunks do) are joined as they are; otherwise `table()` sorts a copy in
-    memory, as one piece would have been sorted.
+    ranges of it (the stage's chunks do) are joined as they are; otherwise `table()` re-orders the
+    rows as one piece would have been sorted (a spilled table into a new spill, a block at a time).
     """
 
     def __init__(self, schema: pa.Schema, sort_by: str | None = None, folder: Path | None = None):
