@@ -56,6 +56,8 @@ demo: $(STAMP)
 	$(BIN)/recaug demo $(CONFIG)
 
 test: $(STAMP)
+	@# the layer contract (.importlinter, docs/architecture.md) before any test
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -1,9 +1,10 @@
 """recaug: offline LLM feature augmentation for recommender systems.
 
-The repository root is the package; each top-level folder is one sub-package:
-``schemas`` (data contracts and gates), ``prompts`` (templates), ``augmenters`` (tasks),
-``encoders`` (text -> vectors), ``pipelines`` (config, engines, runners, cache, snapshots, CLI)
-and ``ctr_models`` (CTR backbones, adaptor, training).
+The repository root is the package; each top-level folder is one layer, imports going down only
+(docs/architecture.md): ``core`` (the ground), ``schemas`` (data contracts and gates), ``prompts``
+(templates), ``augmenters`` (tasks), ``encoders`` (text -> vectors), ``ctr_models`` (splits, CTR
+backbones, adaptor, training) and ``pipelines`` (orchestration: engines, runners, cache, snapshots,
+scheduler, CLI).
 """
 
 __version__ = "0.1.0"

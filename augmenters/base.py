@@ -11,7 +11,7 @@ A new augmenter is a template in ``prompts/`` plus a few lines of Python::
         )
 
 Versioning is automatic: the template's content hash, the response schema and the parser version
-enter every cache key (DESIGN.md §5), so editing one of them re-generates (or re-parses) exactly
+enter every cache key (docs/architecture.md, "Contracts"), so editing one of them re-generates (or re-parses) exactly
 that augmenter and nothing else.
 """
 

@@ -76,7 +76,7 @@ def _pass(label, cfg, world_dir, users, items, inter, shard_size):
 
 def run(quick: bool = False, items: int | None = None, changed_share: float = 0.01, shard_size: int = 256,
         keep: bool = False) -> dict:
-    from recaug.pipelines.config import parse_config
+    from recaug.core.config import parse_config
 
     n = items or (20_000 if quick else 1_000_000)
     n_changed = max(1, round(n * changed_share))

@@ -36,7 +36,7 @@ def random_embeddings(ids: list[str], augmenter: str, kind: str, seed: int):
     import numpy as np
     import pyarrow as pa
 
-    from recaug.encoders.vectors import fixed_size_vectors
+    from recaug.schemas.vectors import fixed_size_vectors
     from recaug.schemas.tables import embedding_schema
 
     vec = np.random.default_rng(seed).normal(size=(len(ids), DIM)).astype(np.float32)
@@ -91,7 +91,7 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
 
     from recaug.pipelines import features
     from recaug.ctr_models.data import build_ctr_data
-    from recaug.pipelines.config import CTRConfig, load_config
+    from recaug.core.config import CTRConfig, load_config
     from recaug.pipelines.inputs import prepare_inputs
     from recaug.pipelines.snapshots import publish_snapshot
 

@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from recaug.encoders import EncodingCache, TextEncoder  # noqa: E402
-from recaug.pipelines.config import EncoderConfig  # noqa: E402
-from recaug.pipelines.packaged import minilm_dir, ml100k_dir  # noqa: E402
+from recaug.core.config import EncoderConfig  # noqa: E402
+from recaug.core.packaged import minilm_dir, ml100k_dir  # noqa: E402
 
 NAME = "encoding"
 

@@ -41,7 +41,7 @@ import recaug.augmenters.kar  # noqa: E402,F401  (registers the KAR augmenters)
 from recaug.augmenters.base import get_augmenter  # noqa: E402
 from recaug.pipelines.augment import build_pending, run_augmenter  # noqa: E402
 from recaug.pipelines.cache import GenerationCache  # noqa: E402
-from recaug.pipelines.config import AugmenterConfig, EngineConfig, load_config  # noqa: E402
+from recaug.core.config import AugmenterConfig, EngineConfig, load_config  # noqa: E402
 from recaug.pipelines.engines.base import GenerationRequest  # noqa: E402
 from recaug.pipelines.engines.transformers_engine import TransformersEngine  # noqa: E402
 from recaug.pipelines.runners.local import LocalRunner  # noqa: E402

@@ -6,7 +6,7 @@ engine on the local runner (empty cache, so every entity is generated and commit
 the output gate and publishing the snapshot. The sentence encoder is replaced by a tiny
 deterministic hash encoder (32-d, no model), so the figures are the pipeline's own memory, not a
 model's. A sampler thread records the peaks inside each phase: of RSS, and of the anonymous part of
-it (the process's heap), since the output tables are memory-mapped from disk (pipelines/spill.py)
+it (the process's heap), since the output tables are memory-mapped from disk (core/spill.py)
 and RSS also counts the page-cache pages of those files that the job touched.
 
 "Streams" means: one more entity costs at most 1.5x the bytes of the tables the job keeps (the
@@ -111,7 +111,7 @@ def child(items: int, world_dir: Path) -> dict:
     import recaug.pipelines.long_job as long_job
     import recaug.pipelines.snapshots as snapshots
     import recaug.schemas.output_gate as output_gate
-    from recaug.pipelines.config import parse_config
+    from recaug.core.config import parse_config
     from recaug.pipelines.engines.fake import FakeEngine
     from recaug.pipelines.inputs import prepare_inputs
     from recaug.pipelines.runners import make_runner
@@ -195,7 +195,7 @@ def run(quick: bool = False, sizes: list[int] | None = None) -> dict:
                "that the job touched (clean, file-backed: the kernel drops them under pressure). anon = the job's own "
                "heap (RssAnon, sampled every 50 ms): what it needs to run. baseline = after imports, before any data. "
                "output tables = Arrow bytes of the generated-text and embedding tables it publishes, built on disk under "
-               "<workdir>/tmp and memory-mapped (pipelines/spill.py). input tables = Arrow bytes of the validated users, "
+               "<workdir>/tmp and memory-mapped (core/spill.py). input tables = Arrow bytes of the validated users, "
                "items, interactions, split and CTR-sample tables it keeps in memory for the whole run."],
     )
     t2 = table(

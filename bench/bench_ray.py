@@ -30,7 +30,7 @@ def make_shards(rows: int, shard_size: int):
     import recaug.augmenters.kar  # noqa: F401  (registers the KAR augmenters)
     from recaug.augmenters.base import AugmentInputs, get_augmenter
     from recaug.pipelines.augment import build_pending, shard_requests
-    from recaug.pipelines.config import AugmenterConfig, EngineConfig
+    from recaug.core.config import AugmenterConfig, EngineConfig
     from recaug.pipelines.engines.base import GenerationRequest
     from recaug.pipelines.engines.fake import FakeEngine
 
@@ -56,7 +56,7 @@ def _execute(runner, shards) -> tuple[float, float, int]:
 
 
 def run(quick: bool = False, rows: list[int] | None = None, shard_size: int = 32, repeats: int | None = None) -> dict:
-    from recaug.pipelines.config import EngineConfig, RunnerConfig
+    from recaug.core.config import EngineConfig, RunnerConfig
     from recaug.pipelines.engines.fake import FakeEngine
     from recaug.pipelines.runners.local import LocalRunner
     from recaug.pipelines.runners.ray_runner import RayRunner

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from recaug.encoders.vectors import vectors_numpy
+from recaug.schemas.vectors import vectors_numpy
 
 PAD = 0
 UNKNOWN = 1

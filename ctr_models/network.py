@@ -23,7 +23,7 @@ from recaug.ctr_models.backbone import Backbone, KnowledgeField
 from recaug.ctr_models.data import SPARSE_FIELDS, FeatureSpec
 from recaug.ctr_models.deepctr_import import BaseModel, DenseFeat, SparseFeat, VarLenSparseFeat
 from recaug.ctr_models.zoo import get_backbone
-from recaug.pipelines.config import CTRConfig
+from recaug.core.config import CTRConfig
 
 
 def feature_columns(

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from recaug.encoders.vectors import fixed_size_vectors
-from recaug.pipelines.config import SplitConfig
-from recaug.pipelines.splits import ctr_samples, split_interactions
+from recaug.schemas.vectors import fixed_size_vectors
+from recaug.core.config import SplitConfig
+from recaug.ctr_models.splits import ctr_samples, split_interactions
 from recaug.schemas import INTERACTIONS, ITEMS, SYNTHETIC_INTERACTIONS, USERS, conform, embedding_schema
 
 GENRES = ("Action", "Comedy", "Drama", "Romance", "Sci-Fi", "Thriller")

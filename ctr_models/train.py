@@ -1,6 +1,6 @@
 """The one training loop for every backbone: validation-only model selection, test read once.
 
-Protocol (DESIGN.md §6):
+Protocol (docs/architecture.md, "CTR side and the long-short schedule"):
   * Adam (cfg.learning_rate), binary cross-entropy summed over the batch plus deepctr's L2 terms
     (deepctr's own convention, so its per-model regularisation strengths mean what they say),
     mini-batches of cfg.batch_size in a seeded random order.
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from recaug.ctr_models.data import CTRData, FeatureSpec, SplitArrays, build_ctr_data
 from recaug.ctr_models.metrics import auc, gauc, logloss
 from recaug.ctr_models.network import KnowledgeCTRModel, build_model
-from recaug.pipelines.config import CTRConfig
+from recaug.core.config import CTRConfig
 
 CHECKPOINT_FORMAT = "recaug.ctr_checkpoint/1"
 EVAL_BATCH_SIZE = 8192

@@ -7,7 +7,7 @@ transformers on first access.
 from recaug.encoders.cache import EncodingCache, text_hashes  # noqa: F401
 from recaug.encoders.pca import PCAProjection, apply_pca, fit_pca  # noqa: F401
 from recaug.encoders.tables import UNPUBLISHED, EncodingResult, embedding_metadata, encode_outputs, encode_table  # noqa: F401
-from recaug.encoders.vectors import fixed_size_vectors, vector_dim, vectors_numpy  # noqa: F401
+from recaug.schemas.vectors import fixed_size_vectors, vector_dim, vectors_numpy  # noqa: F401
 
 
 def __getattr__(name):

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from recaug.encoders.vectors import fixed_size_vectors, vectors_numpy
-from recaug.pipelines.cache import compact_shards, write_parquet_atomic
-from recaug.pipelines.crashpoints import crash_point
+from recaug.schemas.vectors import fixed_size_vectors, vectors_numpy
+from recaug.core.storage import compact_shards, write_parquet_atomic
+from recaug.core.crashpoints import crash_point
 
 
 def text_hashes(texts: Sequence[str]) -> list[str]:

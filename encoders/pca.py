@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from recaug.encoders.vectors import fixed_size_vectors, vector_dim, vectors_numpy
+from recaug.schemas.vectors import fixed_size_vectors, vector_dim, vectors_numpy
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Generated-text tables -> embedding tables (DESIGN.md §5 "Embedding tables").
+"""Generated-text tables -> embedding tables (docs/architecture.md, "Contracts").
 
 An embedding table has one row per generated row (same order): `entity_id`, `vector`
 (`fixed_size_list<float32>[d]`) and `text_hash` (sha256 of the encoded text), and its schema
@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 
 from recaug.encoders.cache import EncodingCache
 from recaug.encoders.pca import PCAProjection, apply_pca, fit_pca
-from recaug.encoders.vectors import fixed_size_vectors, vectors_numpy
-from recaug.pipelines.memory import release_memory
-from recaug.pipelines.spill import TableParts
+from recaug.schemas.vectors import fixed_size_vectors, vectors_numpy
+from recaug.core.memory import release_memory
+from recaug.core.spill import TableParts
 from recaug.schemas.tables import embedding_schema
 
 # placeholder until publish_snapshot stamps the id it assigns
@@ -90,7 +90,7 @@ def encode_table(
     ids = generated.column("entity_id").cast(pa.string())
     # a slice of texts at a time: the cache lookup and the hashes are Python lists per text, which at
     # a million texts held ~0.5 KB per entity beyond the vectors kept; with `spill_dir` each slice's
-    # rows go to disk as they are done (pipelines/spill.py)
+    # rows go to disk as they are done (core/spill.py)
     parts = TableParts(schema, folder=spill_dir)
     for start in range(0, len(text_col), ENCODE_CHUNK):
         vectors, hashes = cache.get_or_encode(text_col.slice(start, ENCODE_CHUNK), encode or encoder.encode)

@@ -1,4 +1,4 @@
-"""Text -> vectors with a Hugging Face transformer and our own pooling (DESIGN.md §3 `encoders/`).
+"""Text -> vectors with a Hugging Face transformer and our own pooling (docs/architecture.md, "Layers").
 
 Pooling is done here over the token embeddings and the attention mask rather than through
 sentence-transformers' module stack, so that one code path serves encoder models (mean / CLS) and
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import sys
 from functools import cached_property
 from pathlib import Path
@@ -24,9 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
-from recaug.pipelines.config import EncoderConfig
-from recaug.pipelines.crashpoints import crash_point
-from recaug.pipelines.packaged import MINILM_PACKAGE, minilm_dir
+from recaug.core.progress import progress_wanted
+from recaug.core.config import EncoderConfig
+from recaug.core.crashpoints import crash_point
+from recaug.core.packaged import MINILM_PACKAGE, minilm_dir
 
 PACKAGED_MINILM = "minilm"
 PACKAGED_MINILM_ID = f"sentence-transformers/all-MiniLM-L6-v2@{MINILM_PACKAGE}"
@@ -35,15 +35,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _IDENTITY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 # below this many batches a progress bar is noise
 _PROGRESS_MIN_BATCHES = 4
-
-
-def progress_wanted(progress: bool | None) -> bool:
-    """An explicit flag wins; otherwise a bar only on a terminal and unless RECAUG_NO_PROGRESS is set."""
-    if progress is not None:
-        return progress
-    if os.environ.get("RECAUG_NO_PROGRESS", "").strip() not in ("", "0", "false", "False"):
-        return False
-    return sys.stderr.isatty()
 
 
 def resolve_model_dir(model: str) -> Path:

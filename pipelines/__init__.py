@@ -1,1 +1,1 @@
-"""Config, engines, runners, cache, snapshots, scheduler and the CLI."""
+"""Orchestration: the long job, engines, runners, cache, snapshots, scheduler, experiments and the CLI."""

@@ -26,10 +26,10 @@ import pyarrow.compute as pc
 from recaug.augmenters.base import AugmentInputs, Augmenter, ParseError
 from recaug.augmenters.vocab import VOCABULARY
 from recaug.pipelines.cache import CacheSink, GenerationCache, request_key
-from recaug.pipelines.config import AugmenterConfig, EngineConfig
+from recaug.core.config import AugmenterConfig, EngineConfig
 from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, Engine, GenerationRequest, GenerationResult
-from recaug.pipelines.memory import release_memory
-from recaug.pipelines.spill import TableParts, frame_to_table
+from recaug.core.memory import release_memory
+from recaug.core.spill import TableParts, frame_to_table
 from recaug.prompts import PromptError
 from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS, SYNTHETIC_INTERACTIONS, SYNTHETIC_ITEMS
 
@@ -273,7 +273,7 @@ def run_augmenter(
     spill_dir: Path | None = None,
 ) -> AugmenterOutput:
     """Generate, parse, retry (bounded) and assemble this augmenter's tables, a chunk of entities at a time.
-    With `spill_dir`, each chunk's tables go to disk as they are finished (see pipelines/spill.py) and
+    With `spill_dir`, each chunk's tables go to disk as they are finished (see core/spill.py) and
     the output tables are memory-mapped from there."""
     stats = AugmenterStats(augmenter=aug.name)
     expected = list(entity_ids) if entity_ids is not None else select_entities(aug, aug_cfg, inputs)

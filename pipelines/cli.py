@@ -9,10 +9,11 @@ cannot be read or lacks required columns); 4 input gate stopped the run (too man
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import sys
 from pathlib import Path
+
+from recaug.core.offline import go_offline
+from recaug.core.timeparse import format_utc, to_unix_seconds
 
 # the CTR zoo's names, listed here so `--help` does not import torch (a test keeps them equal)
 MODEL_NAMES = ("deepfm", "dcn", "din", "autoint", "xdeepfm", "wdl")
@@ -22,33 +23,17 @@ EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_INPUT, EXIT_INPUT_GATE, EXIT_OUTPUT_G
 
 def _quiet_third_party() -> None:
     # Offline by contract: nothing may reach a hub, and GX must not send analytics.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # spinning OpenMP workers starve each other on a shared 2-core box (10x slower decoding)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    go_offline()
 
 
 def parse_time(value: str | None) -> int | None:
     """`--as-of` / `--now`: unix seconds, or an ISO date/datetime (UTC unless it says otherwise)."""
     if value is None:
         return None
-    if value.lstrip("-").isdigit():
-        return int(value)
     try:
-        parsed = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a time: {value!r} (use 2026-11-22, 2026-11-22T06:00 or unix seconds)")
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return int(parsed.timestamp())
-
-
-def _fmt_ts(ts: int | None) -> str:
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return to_unix_seconds(value, "time")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _table(rows: list[list[object]], header: list[str]) -> str:
@@ -66,7 +51,7 @@ def _table(rows: list[list[object]], header: list[str]) -> str:
 
 
 def cmd_validate(args) -> int:
-    from recaug.pipelines.config import load_config
+    from recaug.core.config import load_config
     import pyarrow.compute as pc
 
     from recaug.pipelines.inputs import prepare_inputs
@@ -87,7 +72,7 @@ def cmd_validate(args) -> int:
     if sanitized:
         print("sanitized (kept, not quarantined): " + "; ".join(sanitized))
     if prep.not_yet_visible:
-        print(f"not yet visible at --as-of {_fmt_ts(args.as_of)}: {prep.not_yet_visible:,} interactions")
+        print(f"not yet visible at --as-of {format_utc(args.as_of)}: {prep.not_yet_visible:,} interactions")
     sizes = prep.sizes()
     print()
     print("splits (KAR protocol: per-user oldest part is prompt context only; CTR samples by global time):")
@@ -98,11 +83,11 @@ def cmd_validate(args) -> int:
         )
     )
     if prep.bounds:
-        print(f"valid from {_fmt_ts(prep.bounds.valid_from)}; test from {_fmt_ts(prep.bounds.test_from)}")
+        print(f"valid from {format_utc(prep.bounds.valid_from)}; test from {format_utc(prep.bounds.test_from)}")
     n_samples = prep.samples.num_rows
     pos = int(pc.sum(prep.samples.column("label")).as_py() or 0)
     print(f"CTR samples: {n_samples:,} (positive share {pos / max(n_samples, 1):.1%}, label = rating > {cfg.split.click_threshold:g})")
-    print(f"data cutoff: {_fmt_ts(prep.data_cutoff)}")
+    print(f"data cutoff: {format_utc(prep.data_cutoff)}")
     return EXIT_OK
 
 
@@ -125,9 +110,9 @@ def _say_waiting(lock: Path, wait: float):
 
 
 def cmd_run(args) -> int:
-    from recaug.pipelines.config import load_config
+    from recaug.core.config import load_config
     from recaug.pipelines.inputs import prepare_inputs
-    from recaug.pipelines.locking import RunLock
+    from recaug.core.locking import RunLock
     from recaug.pipelines.long_job import run_long_job
 
     cfg = load_config(args.config)
@@ -140,7 +125,7 @@ def cmd_run(args) -> int:
         print(
             f"input: {c['users']['rows_ok']:,} users, {c['items']['rows_ok']:,} items, "
             f"{c['interactions']['rows_ok']:,} interactions ({prep.gate.quarantine.num_rows:,} quarantined); "
-            f"data cutoff {_fmt_ts(prep.data_cutoff)}"
+            f"data cutoff {format_utc(prep.data_cutoff)}"
         )
         print(f"augment: engine {engine.kind} ({engine.model_id}), runner {runner.kind}")
         try:
@@ -164,7 +149,7 @@ def cmd_preview(args) -> int:
 
     from recaug.augmenters.base import ParseError, get_augmenter
     from recaug.pipelines.augment import build_pending
-    from recaug.pipelines.config import AugmenterConfig, load_config
+    from recaug.core.config import AugmenterConfig, load_config
     from recaug.pipelines.engines.base import GenerationRequest
     from recaug.pipelines.inputs import prepare_inputs
     from recaug.pipelines.long_job import augment_inputs
@@ -214,7 +199,7 @@ def cmd_preview(args) -> int:
 def cmd_snapshots(args) -> int:
     import json
 
-    from recaug.pipelines.config import load_config
+    from recaug.core.config import load_config
     from recaug.pipelines.snapshots import list_pins, list_snapshots, resolve_snapshot, snapshot_root
 
     cfg = load_config(args.config)
@@ -233,7 +218,7 @@ def cmd_snapshots(args) -> int:
             n_emb = sum(e["rows"] for k, e in m["tables"].items() if k.startswith("embeddings/"))
             rows.append([
                 info.snapshot_id + (" (latest)" if info.snapshot_id == latest else ""),
-                _fmt_ts(m["data_cutoff"]), len([k for k in m["tables"] if k.startswith("embeddings/")]), n_emb,
+                format_utc(m["data_cutoff"]), len([k for k in m["tables"] if k.startswith("embeddings/")]), n_emb,
                 "pinned" if info.pinned else "",
             ])
         print(_table(rows, ["snapshot", "data cutoff", "tables", "vectors", ""]))
@@ -245,7 +230,7 @@ def cmd_snapshots(args) -> int:
         return EXIT_OK
     print(f"snapshot {info.snapshot_id}  ({info.path})")
     print(f"created {m['created_at']} by run {m.get('run_id')} · code {m.get('code_version')} · runner {m.get('runner')}")
-    print(f"data cutoff {_fmt_ts(m['data_cutoff'])}")
+    print(f"data cutoff {format_utc(m['data_cutoff'])}")
     model = m.get("model", {})
     print(f"model {model.get('id')} ({model.get('engine')}, sampling {model.get('sampling')})")
     print(f"encoder {m.get('encoder', {}).get('id')} (dim {m.get('encoder', {}).get('dim')})")
@@ -278,8 +263,8 @@ def _snapshots_diff(root, args) -> int:
 
 
 def cmd_train(args) -> int:
-    from recaug.ctr_models.experiment import train_model
-    from recaug.pipelines.config import load_config
+    from recaug.pipelines.experiment import train_model
+    from recaug.core.config import load_config
 
     cfg = load_config(args.config)
     _, result = train_model(cfg, args.snapshot, args.model, args.seed, adaptor=args.adaptor, warm_start=args.warm_start)
@@ -291,8 +276,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from recaug.ctr_models.experiment import run_report
-    from recaug.pipelines.config import load_config
+    from recaug.pipelines.experiment import run_report
+    from recaug.core.config import load_config
 
     cfg = load_config(args.config)
     seeds = list(range(args.seeds)) if args.seeds else None
@@ -329,7 +314,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_schedule(args) -> int:
-    from recaug.pipelines.config import load_config
+    from recaug.core.config import load_config
     from recaug.pipelines.scheduler import tick
     from recaug.pipelines.snapshots import SnapshotNotFound, resolve_snapshot, snapshot_root
 
@@ -345,7 +330,7 @@ def cmd_schedule(args) -> int:
     def long_job(cfg, now: int, full_refresh: bool) -> dict:
         from recaug.pipelines.augment import Budget
         from recaug.pipelines.inputs import prepare_inputs
-        from recaug.pipelines.locking import RunLock
+        from recaug.core.locking import RunLock
         from recaug.pipelines.long_job import run_long_job
 
         c, engine, runner = _engine_and_runner(cfg, None)
@@ -360,7 +345,7 @@ def cmd_schedule(args) -> int:
         return {"snapshot": result.snapshot_id, "llm_requests": result.augmentation.report["totals"]["llm_requests"]}
 
     def short_job(cfg, now: int, warm_start: str | None) -> dict:
-        from recaug.ctr_models.experiment import train_model
+        from recaug.pipelines.experiment import train_model
 
         _, result = train_model(cfg, "latest", cfg.ctr.models[0], cfg.ctr.seeds[0], warm_start=warm_start)
         return {"checkpoint": str(result.checkpoint_path), "test_auc": result.metrics["test_auc"]}
@@ -483,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _exit_code(exc: BaseException) -> int | None:
     """Map the product's own errors to exit codes; imported lazily so `--help` stays fast."""
-    from recaug.pipelines.config import ConfigError
-    from recaug.pipelines.locking import RunLocked
+    from recaug.core.config import ConfigError
+    from recaug.core.locking import RunLocked
 
     if isinstance(exc, ConfigError):
         return EXIT_USAGE

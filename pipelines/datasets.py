@@ -13,8 +13,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from recaug.pipelines.config import DatasetConfig, PipelineConfig, TableSource
-from recaug.pipelines.packaged import ml100k_dir
+from recaug.core.config import DatasetConfig, PipelineConfig, TableSource
+from recaug.core.packaged import ml100k_dir
 from recaug.schemas import ITEMS, REQUIRED_COLUMNS, USERS, INTERACTIONS
 from recaug.schemas.input_gate import InputSchemaError
 

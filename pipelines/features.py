@@ -23,7 +23,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recaug.encoders.vectors import vector_dim, vectors_numpy  # noqa: F401  (re-exported for modelers)
+from recaug.schemas.vectors import vector_dim, vectors_numpy  # noqa: F401  (re-exported for modelers)
 from recaug.pipelines.snapshots import (  # noqa: F401  (re-exported)
     SnapshotInfo,
     SnapshotNotFound,
@@ -39,7 +39,7 @@ LONG_COLUMNS = ("snapshot_id", "augmenter", "entity_kind", "entity_id", "vector"
 
 def resolve_root(root_or_config: Any) -> Path:
     """A snapshot root folder, a PipelineConfig, or the path of a pipeline YAML file."""
-    from recaug.pipelines.config import PipelineConfig, load_config
+    from recaug.core.config import PipelineConfig, load_config
 
     if isinstance(root_or_config, PipelineConfig):
         return snapshot_root(root_or_config)

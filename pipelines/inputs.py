@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recaug.pipelines.config import PipelineConfig
+from recaug.core.config import PipelineConfig
 from recaug.pipelines.datasets import load_raw
-from recaug.pipelines.splits import SplitBoundaries, ctr_samples, split_interactions, split_sizes
+from recaug.ctr_models.splits import SplitBoundaries, ctr_samples, split_interactions, split_sizes
 from recaug.schemas.input_gate import InputGateResult, enforce_threshold, run_input_gate
 
 

@@ -3,7 +3,7 @@
 Every table of a run is written into a private run folder that is renamed into place only when the
 whole stage succeeded, so no partial output is ever visible. While the job runs, the generated-text
 and embedding tables it builds live in anonymous files under `<workdir>/tmp` (memory-mapped, see
-pipelines/spill.py), so its heap does not hold them (with `encoder.pca_dim`, the PCA fit and the
+core/spill.py), so its heap does not hold them (with `encoder.pca_dim`, the PCA fit and the
 projected vectors are in memory).
 """
 
@@ -23,16 +23,18 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from recaug.core.progress import progress_wanted
 from recaug.augmenters.base import AugmentInputs, get_augmenter
 from recaug.pipelines.augment import AugmenterOutput, run_augmenter
-from recaug.pipelines.cache import GenerationCache, remove_stale_temporaries, write_parquet_atomic
-from recaug.pipelines.config import AugmenterConfig, PipelineConfig
-from recaug.pipelines.crashpoints import crash_point
+from recaug.core.storage import remove_stale_temporaries, write_parquet_atomic
+from recaug.pipelines.cache import GenerationCache
+from recaug.core.config import AugmenterConfig, PipelineConfig
+from recaug.core.crashpoints import crash_point
 from recaug.pipelines.engines.base import Engine
 from recaug.pipelines.inputs import PreparedInputs
-from recaug.pipelines.memory import release_memory
-from recaug.pipelines.spill import spill_folder
-from recaug.pipelines.splits import prompt_context
+from recaug.core.memory import release_memory
+from recaug.core.spill import spill_folder
+from recaug.ctr_models.splits import prompt_context
 
 
 @dataclass
@@ -117,7 +119,7 @@ def run_augmentation(
     inputs = augment_inputs(cfg, prep, engine)
     run_id = new_run_id()
     started = time.perf_counter()
-    show = sys.stderr.isatty() if progress is None else progress
+    show = progress_wanted(progress)
     outputs: dict[str, AugmenterOutput] = {}
     for aug_cfg in enabled_augmenters(cfg, only):
         aug = get_augmenter(aug_cfg.name)

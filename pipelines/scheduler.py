@@ -1,4 +1,4 @@
-"""The long-short update schedule (DESIGN.md §6).
+"""The long-short update schedule (docs/architecture.md, "CTR side and the long-short schedule").
 
 cron or Airflow calls `recaug schedule tick CONFIG` every few minutes; the tick reads the recorded
 state and runs what is due:
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from recaug.pipelines.config import PipelineConfig
-from recaug.pipelines.locking import RunLock, RunLocked
+from recaug.core.config import PipelineConfig
+from recaug.core.locking import RunLock, RunLocked
 
 LONG, SHORT = "long", "short"
 

@@ -1,4 +1,4 @@
-"""Immutable feature snapshots with an atomic publish (DESIGN.md §2 "publish snapshot", §5).
+"""Immutable feature snapshots with an atomic publish (docs/architecture.md, "Contracts").
 
 Layout under a snapshot root (`<workdir>/snapshots` for a pipeline, see `snapshot_root`):
 
@@ -24,14 +24,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import signal
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +38,12 @@ from typing import Any, Callable, Iterator, TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recaug.pipelines.cache import PARQUET_ROW_GROUP
-from recaug.pipelines.crashpoints import crash_point
-from recaug.pipelines.memory import release_memory
+from recaug.core.hashing import file_sha256
+from recaug.core.locking import exclusive_lock
+from recaug.core.timeparse import to_unix_seconds
+from recaug.core.storage import PARQUET_ROW_GROUP, fsync_dir, fsync_file, write_text_atomic
+from recaug.core.crashpoints import crash_point
+from recaug.core.memory import release_memory
 
 FORMAT_VERSION = 1
 LATEST_FILE = "LATEST"
@@ -55,7 +56,7 @@ SNAPSHOT_ID_RE = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{8}$")  # 20261122T10153012
 TABLE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 RESERVED_MANIFEST_KEYS = ("snapshot_id", "created_at", "tables", "format_version", "data_cutoff_iso")
 # test seam: the publishing process SIGKILLs itself at the named step (see tests/test_snapshots.py);
-# RECAUG_CRASH_AT=publish.<step> does the same (pipelines/crashpoints.py)
+# RECAUG_CRASH_AT=publish.<step> does the same (core/crashpoints.py)
 CRASH_ENV = "RECAUG_SNAPSHOT_CRASH_AT"
 CRASH_POINTS = ("locked", "first_table", "tables_written", "manifest_written", "renamed", "committed", "retention")
 
@@ -96,44 +97,6 @@ def snapshot_root(cfg) -> Path:
     return cfg.workdir_path() / "snapshots"
 
 
-# --- small durable-write helpers ------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _crash_point(step: str) -> None:
     if os.environ.get(CRASH_ENV) == step:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -143,33 +106,15 @@ def _crash_point(step: str) -> None:
 @contextlib.contextmanager
 def _locked(root: Path, timeout: float) -> Iterator[None]:
     """An exclusive flock on the root; released by the kernel if the holder dies."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "a+") as fh:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    fh.seek(0)
-                    holder = fh.read().strip() or "another process"
-                    raise SnapshotLocked(
-                        f"{root / LOCK_FILE} is held by {holder} for more than {timeout:.0f} s; another publish is running "
-                        "(wait for it, or pass a longer lock_timeout)"
-                    ) from None
-                time.sleep(0.05)
-        try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
-            fh.flush()
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fh.flush()
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def busy(path: Path, holder: str) -> SnapshotLocked:
+        return SnapshotLocked(
+            f"{path} is held by {holder} for more than {timeout:.0f} s; another publish is running "
+            "(wait for it, or pass a longer lock_timeout)"
+        )
+
+    with exclusive_lock(root / LOCK_FILE, wait=timeout, busy=busy):
+        yield
 
 
 # --- ids, cutoffs, reading ------------------------------------------------------------------------
@@ -186,26 +131,6 @@ def new_snapshot_id(after: str | None = None) -> str:
         floor = _id_time(after) + dt.timedelta(microseconds=1)
         now = max(now, floor)  # a clock that stepped back must not reorder snapshots
     return f"{now.strftime('%Y%m%dT%H%M%S%f')}Z-{uuid.uuid4().hex[:8]}"
-
-
-def to_unix_seconds(value: Any, what: str = "data_cutoff") -> int:
-    """int/float seconds, a datetime (naive = UTC) or an ISO-8601 string -> int unix seconds."""
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be a time, got a bool")
-    if isinstance(value, (int, float)):
-        return int(value)
-    if isinstance(value, str):
-        try:
-            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise ValueError(f"{what} {value!r} is not an ISO-8601 time (e.g. 2026-11-22T00:00:00Z)") from None
-    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
-        value = dt.datetime(value.year, value.month, value.day)
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.timezone.utc)
-        return int(value.timestamp())
-    raise TypeError(f"{what} must be unix seconds, a datetime or an ISO-8601 string, got {type(value).__name__}")
 
 
 def _iso(seconds: int) -> str:
@@ -339,7 +264,7 @@ def verify_snapshot(root: Path, snapshot: str = "latest") -> list[str]:
         if not path.is_file():
             problems.append(f"{name}: file {entry['path']} is missing")
             continue
-        if _sha256_file(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             problems.append(f"{name}: file hash differs from the manifest")
             continue
         rows = pq.ParquetFile(path).metadata.num_rows
@@ -392,7 +317,7 @@ def _check_inputs(tables: dict[str, pa.Table], manifest: dict[str, Any]) -> int:
             "manifest['data_cutoff'] is required: the as-of time of the input data (unix seconds or ISO-8601); "
             "point-in-time joins use it to keep features built after a sample's time away from that sample"
         )
-    return to_unix_seconds(manifest["data_cutoff"])
+    return to_unix_seconds(manifest["data_cutoff"], "data_cutoff")
 
 
 def _write_table(table: pa.Table, path: Path, snapshot_id: str) -> dict[str, Any]:
@@ -404,12 +329,12 @@ def _write_table(table: pa.Table, path: Path, snapshot_id: str) -> dict[str, Any
     # chunk, which `vectors_numpy` views without a copy (docs/feature-tables.md); the others are bounded
     embeddings = meta.get(b"recaug.table") == b"embeddings"
     pq.write_table(table, path, row_group_size=None if embeddings else PARQUET_ROW_GROUP)
-    _fsync_file(path)
+    fsync_file(path)
     table_meta = {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"recaug.")}
     return {
         "rows": table.num_rows,
         "bytes": path.stat().st_size,
-        "sha256": _sha256_file(path),
+        "sha256": file_sha256(path),
         "kind": table_meta.get("recaug.table", ""),
         "metadata": table_meta,
     }
@@ -468,12 +393,12 @@ def publish_snapshot(
             fh.flush()
             os.fsync(fh.fileno())
         for folder in sorted({(tmp / e["path"]).parent for e in entries.values()} | {tmp}, key=lambda p: -len(p.parts)):
-            _fsync_dir(folder)
+            fsync_dir(folder)
         _crash_point("manifest_written")
         os.rename(tmp, root / snapshot_id)
-        _fsync_dir(root)
+        fsync_dir(root)
         _crash_point("renamed")
-        _write_text_atomic(root / LATEST_FILE, snapshot_id + "\n")  # the commit point
+        write_text_atomic(root / LATEST_FILE, snapshot_id + "\n")  # the commit point
         _crash_point("committed")
         removed = _apply_retention(root, keep)
     return dataclasses.replace(resolve_snapshot(root, snapshot_id), removed_by_retention=tuple(removed))
@@ -493,7 +418,7 @@ def _apply_retention(root: Path, keep: int) -> list[str]:
         _crash_point("retention")
         shutil.rmtree(trash, ignore_errors=True)
     if doomed:
-        _fsync_dir(root)
+        fsync_dir(root)
     return doomed
 
 
@@ -522,7 +447,7 @@ def pin_snapshot(root: Path, snapshot_id: str, reason: str, lock_timeout: float 
         folder.mkdir(parents=True, exist_ok=True)
         key = _pin_key(reason)
         record = {"snapshot_id": info.snapshot_id, "reason": reason, "pinned_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-        _write_text_atomic(folder / f"{key}.json", json.dumps(record, indent=2))
+        write_text_atomic(folder / f"{key}.json", json.dumps(record, indent=2))
     return key
 
 

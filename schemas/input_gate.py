@@ -45,8 +45,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from recaug.pipelines.config import InputGateConfig
-from recaug.pipelines.memory import release_memory
+from recaug.core.config import InputGateConfig
+from recaug.core.memory import release_memory
 from recaug.schemas.tables import INTERACTIONS, ITEMS, QUARANTINE, REQUIRED_COLUMNS, USERS, conform
 
 TABLES = ("users", "items", "interactions")  # gate order: interactions are checked against the clean users/items

@@ -1,7 +1,7 @@
 """The output gate: great-expectations checks on embedding tables before anything is published.
 
 GX has no expectations over vectors, so the gate derives scalar columns first and lets GX judge
-those (DESIGN.md §2):
+those (docs/architecture.md, "Data flow"):
 
   per embedding row   dim, nan_or_inf (count of non-finite components), l2_norm (over the finite
                       components), (augmenter, entity_id) uniqueness and non-null ids
@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recaug.pipelines.config import OutputGateConfig
-from recaug.pipelines.memory import release_memory
+from recaug.core.config import OutputGateConfig
+from recaug.core.memory import release_memory
 from recaug.schemas.tables import EMBEDDING_METADATA_KEYS
 
 
@@ -119,7 +119,7 @@ _STATS_BLOCK = 65_536
 def _vector_stats(table: pa.Table) -> tuple[int, np.ndarray, np.ndarray]:
     """(dim, non-finite count per row, L2 norm over the finite components per row), a block of rows
     at a time so the working copies stay a block's size."""
-    from recaug.encoders.vectors import vectors_numpy
+    from recaug.schemas.vectors import vectors_numpy
 
     field_type = table.schema.field("vector").type
     if not pa.types.is_fixed_size_list(field_type):

@@ -1,4 +1,4 @@
-"""The data contracts of every table recaug reads or writes (DESIGN.md §2, §5).
+"""The data contracts of every table recaug reads or writes (docs/architecture.md, "Data flow" and "Contracts").
 
 One place defines them; loaders, gates, augmenters, encoders, snapshots and the CTR side all
 import from here. Ids are strings everywhere (a bring-your-own catalogue may use SKUs), timestamps
@@ -173,7 +173,7 @@ def embedding_schema(dim: int, metadata: dict[str, str] | None = None) -> pa.Sch
     )
 
 
-# Keys an embedding table's schema metadata must carry (DESIGN.md §5).
+# Keys an embedding table's schema metadata must carry (docs/architecture.md, "Contracts").
 EMBEDDING_METADATA_KEYS = ("recaug.encoder", "recaug.pooling", "recaug.dim", "recaug.augmenter", "recaug.snapshot")
 
 ALL = {

@@ -12,10 +12,10 @@ import pytest
 from recaug.augmenters.base import AugmentInputs, get_augmenter, known_augmenters
 from recaug.pipelines.augment import run_augmenter
 from recaug.pipelines.cache import GenerationCache
-from recaug.pipelines.config import AugmenterConfig, EngineConfig, SplitConfig
+from recaug.core.config import AugmenterConfig, EngineConfig, SplitConfig
 from recaug.pipelines.datasets import load_ml100k
 from recaug.pipelines.runners.local import LocalRunner
-from recaug.pipelines.splits import prompt_context, split_interactions
+from recaug.ctr_models.splits import prompt_context, split_interactions
 from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS, INTERACTIONS, ITEMS, SYNTHETIC_INTERACTIONS, SYNTHETIC_ITEMS, USERS, conform
 
 pytestmark = pytest.mark.slow

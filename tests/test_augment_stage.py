@@ -13,7 +13,7 @@ import pytest
 from recaug.augmenters.base import AugmentInputs, get_augmenter
 from recaug.pipelines.augment import run_augmenter
 from recaug.pipelines.cache import GenerationCache
-from recaug.pipelines.config import AugmenterConfig, EngineConfig
+from recaug.core.config import AugmenterConfig, EngineConfig
 from recaug.pipelines.engines.base import Engine, GenerationResult
 from recaug.pipelines.runners.local import LocalRunner
 from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS, SYNTHETIC_INTERACTIONS

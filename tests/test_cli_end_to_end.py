@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 
 from recaug.pipelines import cli
-from recaug.pipelines.config import load_config
-from recaug.pipelines.locking import RunLock
+from recaug.core.config import load_config
+from recaug.core.locking import RunLock
 from recaug.pipelines.snapshots import list_snapshots, snapshot_root
 
 

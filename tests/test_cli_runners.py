@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 import yaml
 
-from recaug.encoders.vectors import vectors_numpy
-from recaug.pipelines.config import load_config
+from recaug.schemas.vectors import vectors_numpy
+from recaug.core.config import load_config
 from recaug.pipelines.snapshots import read_table, resolve_snapshot, snapshot_root
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 import pytest
 
-from recaug.pipelines.config import ConfigError, load_config, parse_config
+from recaug.core.config import ConfigError, load_config, parse_config
 
 REPO_CONFIG = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "ml100k.yaml"
 

@@ -11,7 +11,7 @@ from recaug.ctr_models.deepctr_import import SparseFeat
 from recaug.ctr_models.network import build_model
 from recaug.ctr_models.toy import make_toy_world
 from recaug.ctr_models.zoo import MODEL_NAMES, get_backbone
-from recaug.pipelines.config import CTRConfig
+from recaug.core.config import CTRConfig
 
 D = 384  # the packaged encoder's width
 

@@ -29,9 +29,9 @@ from recaug.ctr_models.train import (
     train_on_data,
 )
 from recaug.ctr_models.zoo import MODEL_NAMES
-from recaug.pipelines.config import CTRConfig, SplitConfig
-from recaug.pipelines.packaged import ml100k_dir
-from recaug.pipelines.splits import ctr_samples, split_interactions
+from recaug.core.config import CTRConfig, SplitConfig
+from recaug.core.packaged import ml100k_dir
+from recaug.ctr_models.splits import ctr_samples, split_interactions
 from recaug.schemas import CTR_SAMPLES, INTERACTIONS, ITEMS, SPLIT_INTERACTIONS, USERS, conform
 
 THREADS = 1

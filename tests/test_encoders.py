@@ -16,9 +16,9 @@ import pytest
 
 from recaug.encoders import EncodingCache, TextEncoder, encode_outputs, encode_table, pool, vectors_numpy
 from recaug.encoders.pca import PCAProjection, apply_pca, fit_pca
-from recaug.encoders.vectors import fixed_size_vectors
-from recaug.pipelines.config import EncoderConfig
-from recaug.pipelines.packaged import minilm_dir
+from recaug.schemas.vectors import fixed_size_vectors
+from recaug.core.config import EncoderConfig
+from recaug.core.packaged import minilm_dir
 from recaug.schemas.tables import EMBEDDING_METADATA_KEYS, GENERATED_TEXTS
 
 TEXTS = [

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from recaug.pipelines.config import EngineConfig
+from recaug.core.config import EngineConfig
 from recaug.pipelines.engines import make_engine
 from recaug.pipelines.engines.base import EngineError, GenerationRequest, GenerationResult
 from recaug.pipelines.engines.fake import FakeEngine

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from recaug.pipelines.config import EngineConfig
+from recaug.core.config import EngineConfig
 from recaug.pipelines.engines import http_engine, make_engine
 from recaug.pipelines.engines.base import EngineError, GenerationRequest
 from recaug.pipelines.engines.http_engine import HTTPEngine, chat_completions_url, parse_retry_after

@@ -12,8 +12,8 @@ import threading
 
 import pytest
 
-from recaug.pipelines import packaged
-from recaug.pipelines.config import EngineConfig
+from recaug.core import packaged
+from recaug.core.config import EngineConfig
 from recaug.pipelines.engines import make_engine
 from recaug.pipelines.engines.base import GenerationRequest
 from recaug.pipelines.engines.transformers_engine import TransformersEngine

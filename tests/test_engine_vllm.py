@@ -25,7 +25,7 @@ jsonschema = pytest.importorskip("jsonschema")
 from recaug.augmenters.base import AugmentInputs, get_augmenter  # noqa: E402
 from recaug.pipelines.augment import run_augmenter  # noqa: E402
 from recaug.pipelines.cache import GenerationCache  # noqa: E402
-from recaug.pipelines.config import AugmenterConfig, EngineConfig, RunnerConfig  # noqa: E402
+from recaug.core.config import AugmenterConfig, EngineConfig, RunnerConfig  # noqa: E402
 from recaug.pipelines.engines import make_engine  # noqa: E402
 from recaug.pipelines.engines.base import FINISH_LENGTH, FINISH_STOP, GenerationRequest  # noqa: E402
 from recaug.pipelines.engines.vllm_engine import VLLMEngine  # noqa: E402

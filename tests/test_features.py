@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 
 import recaug
-from recaug.encoders.vectors import fixed_size_vectors
-from recaug.pipelines.config import parse_config
+from recaug.schemas.vectors import fixed_size_vectors
+from recaug.core.config import parse_config
 from recaug.pipelines.snapshots import publish_snapshot
 from recaug.schemas.tables import embedding_schema
 

@@ -16,8 +16,8 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from recaug.pipelines.config import InputGateConfig
-from recaug.pipelines.packaged import ml100k_dir
+from recaug.core.config import InputGateConfig
+from recaug.core.packaged import ml100k_dir
 from recaug.schemas.input_gate import (
     InputGateResult,
     InputSchemaError,
@@ -311,7 +311,7 @@ def test_gx_runs_offline_without_any_network_attempt(tmp_path):
         socket.getaddrinfo = refuse
         socket.create_connection = refuse
         import pyarrow as pa
-        from recaug.pipelines.config import InputGateConfig
+        from recaug.core.config import InputGateConfig
         from recaug.schemas.input_gate import run_input_gate
         raw = {
             "users": pa.table({"user_id": ["u1"]}),

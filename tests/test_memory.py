@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from recaug.pipelines.memory import _malloc_trim, release_memory
+from recaug.core.memory import _malloc_trim, release_memory
 
 
 def _rss_mib() -> float:

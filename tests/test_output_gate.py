@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from recaug.encoders.vectors import fixed_size_vectors
-from recaug.pipelines.config import OutputGateConfig
+from recaug.schemas.vectors import fixed_size_vectors
+from recaug.core.config import OutputGateConfig
 from recaug.pipelines.snapshots import list_snapshots, publish_snapshot
 from recaug.schemas.output_gate import GateInput, OutputGateFailed, run_output_gate
 from recaug.schemas.tables import DEAD_LETTER, GENERATED_TEXTS, embedding_schema
@@ -193,7 +193,7 @@ def test_a_per_augmenter_floor_applies_to_that_augmenter_only():
 
 
 def test_a_gate_override_must_name_a_configured_augmenter():
-    from recaug.pipelines.config import PipelineConfig
+    from recaug.core.config import PipelineConfig
 
     with pytest.raises(ValueError, match="output_gate.augmenters names kar_usr"):
         PipelineConfig(name="x", augmenters=[{"name": "kar_user_preference"}],

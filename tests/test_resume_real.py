@@ -14,9 +14,9 @@ import polars as pl
 import pytest
 
 import recaug
-from recaug.encoders.vectors import vectors_numpy
-from recaug.pipelines.config import load_config
-from recaug.pipelines.crashpoints import CRASH_ENV
+from recaug.schemas.vectors import vectors_numpy
+from recaug.core.config import load_config
+from recaug.core.crashpoints import CRASH_ENV
 from recaug.pipelines.snapshots import SnapshotNotFound, list_snapshots, read_table, resolve_snapshot, snapshot_root
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ import pytest
 from recaug.augmenters.base import AugmentInputs, get_augmenter
 from recaug.pipelines.augment import run_augmenter
 from recaug.pipelines.cache import GenerationCache
-from recaug.pipelines.config import AugmenterConfig, EngineConfig, RunnerConfig
+from recaug.core.config import AugmenterConfig, EngineConfig, RunnerConfig
 from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult
 from recaug.pipelines.runners import RunnerError, make_runner
 from recaug.pipelines.runners.local import LocalRunner
@@ -446,7 +446,7 @@ ENCODE_TEXTS = [
 
 
 def test_worker_encoder_refuses_a_model_that_is_not_the_drivers():
-    from recaug.pipelines.config import EncoderConfig
+    from recaug.core.config import EncoderConfig
     from recaug.pipelines.runners import worker_encoder
 
     with pytest.raises(RunnerError, match="same encoder model files"):
@@ -461,7 +461,7 @@ def test_encode_stage_gives_the_same_vectors_on_every_runner(ray_session, tmp_pa
     import pyarrow as pa
 
     from recaug.encoders.text_encoder import TextEncoder
-    from recaug.pipelines.config import EncoderConfig
+    from recaug.core.config import EncoderConfig
     from recaug.pipelines.runners import encode_batches
     from recaug.pipelines.runners.ray_runner import BatchEncoder, encode_batches_to_tables
 
@@ -498,14 +498,14 @@ VOLATILE = ("created_at", "latency_s")
 @pytest.fixture(scope="module")
 def ml100k_inputs():
     """MovieLens-100K through the input gate once; every runner's run reads the same prepared inputs."""
-    from recaug.pipelines.config import PipelineConfig
+    from recaug.core.config import PipelineConfig
     from recaug.pipelines.inputs import prepare_inputs
 
     return prepare_inputs(PipelineConfig.model_validate({"name": "parity", "dataset": {"kind": "ml100k"}}))
 
 
 def run_long_job_on(kind: str, base: dict, workdir: Path, prep):
-    from recaug.pipelines.config import PipelineConfig
+    from recaug.core.config import PipelineConfig
     from recaug.pipelines.engines import make_engine
     from recaug.pipelines.long_job import run_long_job
 
@@ -531,7 +531,7 @@ def assert_same_features(reference: dict, other: dict, label: str) -> None:
     """Same tables; texts, keys and every other column equal (timing aside); vectors within 1e-5."""
     import numpy as np
 
-    from recaug.encoders.vectors import vectors_numpy
+    from recaug.schemas.vectors import vectors_numpy
 
     assert sorted(other) == sorted(reference), label
     for name, ref in reference.items():

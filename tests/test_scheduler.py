@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from recaug.pipelines.config import parse_config
-from recaug.pipelines.locking import RunLock
+from recaug.core.config import parse_config
+from recaug.core.locking import RunLock
 from recaug.pipelines.scheduler import LONG, SHORT, ScheduleState, tick
 
 DAY = 86_400

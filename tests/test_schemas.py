@@ -43,4 +43,4 @@ def test_split_and_synthetic_contracts():
     assert "synthetic" in schemas.CTR_SAMPLES.names
     for required in ("entity_id", "augmenter", "template_hash", "model", "input_tokens", "output_tokens",
                      "finish_reason", "created_at", "raw_text"):
-        assert required in schemas.GENERATED_TEXTS.names  # DESIGN.md §5: every generated row carries these
+        assert required in schemas.GENERATED_TEXTS.names  # docs/architecture.md, Contracts: every generated row carries these

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from recaug.encoders.vectors import fixed_size_vectors
+from recaug.schemas.vectors import fixed_size_vectors
 from recaug.pipelines import cli
 from recaug.pipelines.snapshot_diff import (
     DIFFERENT,

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recaug.encoders.vectors import fixed_size_vectors, vectors_numpy
+from recaug.schemas.vectors import fixed_size_vectors, vectors_numpy
 from recaug.pipelines.snapshots import (
     CRASH_ENV,
     CRASH_POINTS,
@@ -46,7 +46,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 from pathlib import Path
-from recaug.encoders.vectors import fixed_size_vectors
+from recaug.schemas.vectors import fixed_size_vectors
 from recaug.pipelines.snapshots import publish_snapshot
 from recaug.schemas.tables import embedding_schema
 

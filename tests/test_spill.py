@@ -1,12 +1,12 @@
 """TableParts: pieces of a table appended to an anonymous Arrow file and read back memory-mapped
-(pipelines/spill.py), equal to the same pieces held in memory."""
+(core/spill.py), equal to the same pieces held in memory."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pytest
 
-from recaug.pipelines.spill import TableParts
+from recaug.core.spill import TableParts
 
 SCHEMA = pa.schema([("entity_id", pa.string()), ("text", pa.string()), ("n", pa.int32())], metadata={"k": "v"})
 

@@ -2,9 +2,9 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from recaug.pipelines.config import SplitConfig
+from recaug.core.config import SplitConfig
 from recaug.pipelines.datasets import load_ml100k
-from recaug.pipelines.splits import ctr_samples, prompt_context, split_interactions, split_sizes
+from recaug.ctr_models.splits import ctr_samples, prompt_context, split_interactions, split_sizes
 from recaug.schemas import CTR_SAMPLES, INTERACTIONS, SPLIT_INTERACTIONS, conform
 
 

@@ -7,7 +7,7 @@ when it loads.
 
 from __future__ import annotations
 
-from recaug.pipelines.config import EngineConfig
+from recaug.core.config import EngineConfig
 from recaug.pipelines.engines.base import (
     FINISH_ERROR,
     FINISH_LENGTH,

@@ -2,7 +2,7 @@
 
 Runners (local, Ray, Beam) only ever call `load()` once per worker and `generate(batch)` per batch;
 they never know which engine runs. An engine is picklable before `load()` so that Ray and Beam can
-ship it to workers, and `model_id` / `sampling_key()` feed the cache key (DESIGN.md §5).
+ship it to workers, and `model_id` / `sampling_key()` feed the cache key (docs/architecture.md, "Contracts").
 """
 
 from __future__ import annotations

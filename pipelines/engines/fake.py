@@ -13,7 +13,7 @@ import hashlib
 import json
 from typing import Any, Callable
 
-from recaug.pipelines.config import EngineConfig
+from recaug.core.config import EngineConfig
 from recaug.pipelines.engines.base import (
     FINISH_ERROR,
     FINISH_LENGTH,

@@ -29,7 +29,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from recaug.pipelines.config import EngineConfig
+from recaug.core.config import EngineConfig
 from recaug.pipelines.engines.base import (
     FINISH_ERROR,
     FINISH_LENGTH,

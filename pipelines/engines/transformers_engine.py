@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recaug.pipelines.config import EngineConfig
+from recaug.core.config import EngineConfig
 from recaug.pipelines.engines.base import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -37,7 +37,8 @@ from recaug.pipelines.engines.base import (
     special_token_texts,
 )
 from recaug.pipelines.engines.json_constraint import JsonSchemaLogitsProcessor, llguidance_available
-from recaug.pipelines.packaged import ensure_smollm2_dir, file_content_id, smollm2_model_id
+from recaug.core.offline import go_offline
+from recaug.core.packaged import ensure_smollm2_dir, file_content_id, smollm2_model_id
 
 # OpenMP threads that spin while waiting for work starve each other when the cores are shared (other
 # workers, Ray actors, a busy CI box): measured 10x slower decoding on 2 shared cores. Sleeping waits
@@ -51,13 +52,6 @@ _IDENTITY_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
 )
-
-
-def set_offline_env() -> None:
-    """Nothing is downloaded at run time: models come from packages or local folders."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -166,7 +160,7 @@ class TransformersEngine(Engine):
     def tokenizer(self):
         """Loadable without the model (prompt budgeting runs before any generation)."""
         if self._tokenizer is None:
-            set_offline_env()
+            go_offline()
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(self.model_dir)
@@ -181,7 +175,7 @@ class TransformersEngine(Engine):
     def load(self) -> None:
         if self._model is not None:
             return
-        set_offline_env()
+        go_offline()
         import torch
         from transformers import AutoModelForCausalLM
 

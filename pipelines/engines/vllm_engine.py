@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recaug.pipelines.config import EngineConfig
+from recaug.core.config import EngineConfig
 from recaug.pipelines.engines.base import (
     FINISH_ERROR,
     FINISH_LENGTH,
@@ -34,9 +34,9 @@ from recaug.pipelines.engines.transformers_engine import (
     PACKAGED_SMOLLM2,
     folder_model_id,
     resolve_model_dir,
-    set_offline_env,
 )
-from recaug.pipelines.packaged import smollm2_model_id
+from recaug.core.offline import go_offline
+from recaug.core.packaged import smollm2_model_id
 
 INSTALL_HINT = (
     "vLLM is not installed in this environment; install the `gpu` extra in an environment of its own "
@@ -121,7 +121,7 @@ class VLLMEngine(Engine):
             if self._llm is not None:
                 self._tokenizer = self._llm.get_tokenizer()
             else:
-                set_offline_env()
+                go_offline()
                 from transformers import AutoTokenizer
 
                 self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -154,7 +154,7 @@ class VLLMEngine(Engine):
                 f"vLLM {getattr(vllm, '__version__', '?')} has neither StructuredOutputsParams nor "
                 "GuidedDecodingParams; upgrade vLLM (the `gpu` extra) for schema-constrained decoding"
             )
-        set_offline_env()
+        go_offline()
         model_dir = str(self.model_dir)
         self._llm = vllm.LLM(**self.llm_kwargs(model_dir))
         self._sampling_params_cls = vllm.SamplingParams

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 import numpy as np
 
-from recaug.pipelines.config import EncoderConfig, EngineConfig, RunnerConfig
+from recaug.core.config import EncoderConfig, EngineConfig, RunnerConfig
 from recaug.pipelines.engines.base import FINISH_ERROR, Engine, EngineError, GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:

@@ -47,7 +47,7 @@ finally:
         _root_logger.removeHandler(_import_guard)
 
 from recaug.pipelines.cache import CacheSink, GenerationCache
-from recaug.pipelines.config import EncoderConfig, EngineConfig, RunnerConfig
+from recaug.core.config import EncoderConfig, EngineConfig, RunnerConfig
 from recaug.pipelines.engines.base import FINISH_ERROR, Engine, EngineError, GenerationRequest, GenerationResult
 from recaug.pipelines.runners import (
     EncodeBatch,
@@ -130,7 +130,7 @@ class WriteVectors(beam.DoFn):
         self.run_dir = run_dir
 
     def process(self, element: tuple[int, list[int], np.ndarray]):
-        from recaug.encoders.vectors import fixed_size_vectors
+        from recaug.schemas.vectors import fixed_size_vectors
 
         index, positions, vectors = element
         table = pa.Table.from_arrays([pa.array(positions, pa.int64()), fixed_size_vectors(vectors)],
@@ -314,7 +314,7 @@ class BeamRunner:
     def encode(self, texts: list[str], encoder, scratch: str | None = None) -> np.ndarray:
         """Vectors of `texts` (rows in order). `scratch` is a folder every worker and the driver share
         (the encoding cache's): the batches go in and the vectors come out there."""
-        from recaug.encoders.vectors import vectors_numpy
+        from recaug.schemas.vectors import vectors_numpy
 
         if not texts:
             return np.zeros((0, encoder.dim), dtype=np.float32)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from recaug.pipelines.cache import CacheSink
-from recaug.pipelines.config import EncoderConfig, EngineConfig, RunnerConfig
+from recaug.core.config import EncoderConfig, EngineConfig, RunnerConfig
 from recaug.pipelines.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
 from recaug.pipelines.runners import (
     EncodeBatch,
@@ -217,7 +217,7 @@ class BatchEncoder:
         self.encoder = worker_encoder(cfg, encoder_id)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from recaug.encoders.vectors import fixed_size_vectors
+        from recaug.schemas.vectors import fixed_size_vectors
 
         positions, vectors = [], []
         for row in batch.to_pylist():  # batch_size=1: exactly one encoder batch
@@ -376,7 +376,7 @@ class RayRunner:
 
 
 def _vector_pieces(tables):
-    from recaug.encoders.vectors import vectors_numpy
+    from recaug.schemas.vectors import vectors_numpy
 
     for table in tables:
         if table.num_rows:

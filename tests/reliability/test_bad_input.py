@@ -666,7 +666,7 @@ def test_history_is_cut_to_the_budget_by_whole_items(previews):
 def test_chat_template_tokens_in_item_text_stay_text():
     """Item text holding the chat template's own special tokens must not open a new turn when the
     transformers engine tokenizes the prompt (the tokenizer would otherwise read them as control tokens)."""
-    from recaug.pipelines.config import EngineConfig
+    from recaug.core.config import EngineConfig
     from recaug.pipelines.engines.transformers_engine import TransformersEngine
 
     engine = TransformersEngine(EngineConfig())

@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 import recaug
-from recaug.encoders.vectors import fixed_size_vectors, vectors_numpy
-from recaug.pipelines.config import load_config
+from recaug.schemas.vectors import fixed_size_vectors, vectors_numpy
+from recaug.core.config import load_config
 from recaug.pipelines.snapshots import (
     SnapshotNotFound,
     list_snapshots,
@@ -184,7 +184,7 @@ import time
 from pathlib import Path
 import numpy as np
 import pyarrow as pa
-from recaug.encoders.vectors import fixed_size_vectors
+from recaug.schemas.vectors import fixed_size_vectors
 from recaug.pipelines.snapshots import publish_snapshot
 from recaug.schemas.tables import embedding_schema
 
@@ -341,7 +341,7 @@ def test_a_publish_while_a_model_trains_keeps_the_snapshot_it_trains_on(tmp_path
     import types
 
     import recaug.ctr_models as ctr_models
-    from recaug.ctr_models.experiment import train_model
+    from recaug.pipelines.experiment import train_model
     from recaug.pipelines import cli
     from recaug.pipelines.snapshots import list_pins
 

@@ -2,7 +2,7 @@
 uninterrupted run publishes.
 
 Every kill is a real SIGKILL of a real `python -m recaug.pipelines.cli run` subprocess: either the
-process kills itself at a named crash point (RECAUG_CRASH_AT, pipelines/crashpoints.py), or the test
+process kills itself at a named crash point (RECAUG_CRASH_AT, core/crashpoints.py), or the test
 kills it from outside at a seeded random moment found by watching its progress. After each kill:
 no half snapshot is visible (`latest` is a complete, hash-verified snapshot or there is none),
 readers load it, and every cache shard a reader can see is whole. At the end the same command runs
@@ -35,9 +35,9 @@ import pytest
 import yaml
 
 import recaug
-from recaug.encoders.vectors import vectors_numpy
-from recaug.pipelines.config import load_config
-from recaug.pipelines.crashpoints import CRASH_ENV, POINTS
+from recaug.schemas.vectors import vectors_numpy
+from recaug.core.config import load_config
+from recaug.core.crashpoints import CRASH_ENV, POINTS
 from recaug.pipelines.snapshots import (
     CRASH_ENV as SNAPSHOT_CRASH_ENV,
     LATEST_FILE,
@@ -420,7 +420,7 @@ def test_kills_from_outside_at_random_moments(shop):
 
 def test_only_old_temporaries_are_removed(tmp_path):
     """A temporary younger than the horizon may be a live writer's (a Beam worker's, another run's)."""
-    from recaug.pipelines.cache import remove_stale_temporaries
+    from recaug.core.storage import remove_stale_temporaries
 
     old = time.time() - 2 * 3600
     (tmp_path / ".a.parquet.1.tmp").write_text("killed writer")

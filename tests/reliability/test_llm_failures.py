@@ -23,7 +23,7 @@ from recaug.augmenters.base import AugmentInputs, get_augmenter
 from recaug.pipelines import cli
 from recaug.pipelines.augment import run_augmenter
 from recaug.pipelines.cache import GenerationCache
-from recaug.pipelines.config import AugmenterConfig, EngineConfig, load_config
+from recaug.core.config import AugmenterConfig, EngineConfig, load_config
 from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, Engine, GenerationRequest
 from recaug.pipelines.engines.chaos import MALFORMED_ANSWERS, REQUEST_KINDS, ChaosEngine
 from recaug.pipelines.engines.fake import FakeEngine

@@ -1,4 +1,4 @@
-"""Leakage-free splits (KAR protocol, DESIGN.md §4).
+"""Leakage-free splits (KAR protocol; docs/architecture.md, "Splits and leakage").
 
 Per user, the oldest part of the history (``prompt_share`` of it, at most ``prompt_cap`` rows) is
 prompt context only: the LLM sees it, the CTR model never trains or evaluates on it. Every later
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow as pa
 
-from recaug.pipelines.config import SplitConfig
+from recaug.core.config import SplitConfig
 from recaug.schemas import CTR_SAMPLES, SPLIT_INTERACTIONS, conform
 
 

