@@ -35,7 +35,7 @@ from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS  # noqa: E402
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 CPU_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "kv_cache_memory_bytes": 1 << 30}
-ENGINE_CFG = EngineConfig(kind="vllm", model="smollm2", max_new_tokens=48, max_attempts=2, vllm_args=CPU_ARGS)
+ENGINE_CFG = EngineConfig(kind="vllm", model="smollm2", max_new_tokens=48, parse_attempts=2, vllm_args=CPU_ARGS)
 
 PROMPTS = [
     "Name one famous movie director.",
