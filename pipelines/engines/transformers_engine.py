@@ -19,6 +19,7 @@ still validates every answer (indices against candidates, vocabularies, ...).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -33,6 +34,7 @@ from recaug.pipelines.engines.base import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    Resources,
     defuse_special_tokens,
     special_token_texts,
 )
@@ -92,6 +94,21 @@ def folder_model_id(path: Path, revision: str) -> str:
     return f"{path.name}@{digest.hexdigest()[:16]}"
 
 
+@functools.lru_cache(maxsize=4)
+def chat_tokenizer(model_dir: Path):
+    """The left-padding chat tokenizer of a model folder, loaded once per process."""
+    set_offline_env()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise EngineError(f"the tokenizer in {model_dir} has no chat template; use an instruct/chat model")
+    return tok
+
+
 def plan_micro_batches(requests: list[GenerationRequest], prompt_lengths: list[int], batch_size: int) -> list[list[int]]:
     """Request indices per micro-batch: grouped by max_new_tokens, length-sorted, cut at batch_size.
 
@@ -117,18 +134,9 @@ class TransformersEngine(Engine):
         self._ll_tokenizer = None
         self._model_dir: Path | None = None
         self._model_id: str | None = None
-        self._tokenizer = None
         self._model = None
         self._stop_ids: list[int] = []
         self._specials: tuple[str, ...] | None = None
-
-    # pickling ships the config only: a worker loads its own model (and reuses the converted folder)
-    def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "_model_id": self._model_id}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["cfg"])
-        self._model_id = state["_model_id"]
 
     def __repr__(self) -> str:
         return f"TransformersEngine(model={self.cfg.model!r}, device={self.cfg.device!r}, loaded={self._model is not None})"
@@ -162,21 +170,17 @@ class TransformersEngine(Engine):
 
     # --- loading ----------------------------------------------------------------------------------
 
+    def resources(self) -> Resources:
+        return Resources(gpus=1.0 if self.cfg.device.startswith("cuda") else 0.0)
+
+    def load_model(self) -> Engine:
+        return self.loaded_copy()  # the weights live on the copy; this engine stays config and identity
+
     @property
     def tokenizer(self):
-        """Loadable without the model (prompt budgeting runs before any generation)."""
-        if self._tokenizer is None:
-            set_offline_env()
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(self.model_dir)
-            tok.padding_side = "left"
-            if tok.pad_token_id is None:
-                tok.pad_token = tok.eos_token
-            if tok.chat_template is None:
-                raise EngineError(f"the tokenizer in {self.model_dir} has no chat template; use an instruct/chat model")
-            self._tokenizer = tok
-        return self._tokenizer
+        """Loadable without the model (prompt budgeting runs before any generation). Kept per process,
+        not on the engine: the engine a runner ships stays its config and identity."""
+        return chat_tokenizer(self.model_dir)
 
     def load(self) -> None:
         if self._model is not None:

@@ -12,6 +12,7 @@ to `guided_decoding=GuidedDecodingParams(json=...)` on older releases.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -27,6 +28,7 @@ from recaug.pipelines.engines.base import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    Resources,
     defuse_special_tokens,
     special_token_texts,
 )
@@ -60,6 +62,15 @@ def _json_constraint_factory():
         return None
 
 
+@functools.lru_cache(maxsize=4)
+def hf_tokenizer(model_dir: Path):
+    """A model folder's Hugging Face tokenizer, loaded once per process (prompt budgeting before vLLM loads)."""
+    set_offline_env()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 def request_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:4], "little")
 
@@ -78,15 +89,14 @@ class VLLMEngine(Engine):
         self._tokenizer = None
         self._stop_ids: set[int] = set()
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "_model_id": self._model_id}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["cfg"])
-        self._model_id = state["_model_id"]
-
     def __repr__(self) -> str:
         return f"VLLMEngine(model={self.cfg.model!r}, loaded={self._llm is not None})"
+
+    def resources(self) -> Resources:
+        return Resources(gpus=1.0)  # one engine per GPU, unless runner.gpus_per_actor says otherwise
+
+    def load_model(self) -> Engine:
+        return self.loaded_copy()  # the weights live on the copy; this engine stays config and identity
 
     @property
     def model_dir(self) -> Path:
@@ -120,11 +130,8 @@ class VLLMEngine(Engine):
         if self._tokenizer is None:
             if self._llm is not None:
                 self._tokenizer = self._llm.get_tokenizer()
-            else:
-                set_offline_env()
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            else:  # kept per process, not on the engine: the engine a runner ships stays config and identity
+                return hf_tokenizer(self.model_dir)
         return self._tokenizer
 
     def llm_kwargs(self, model_dir: str) -> dict[str, Any]:
