@@ -120,7 +120,7 @@ class EngineConfig(_Section):
     # "module.path:ClassName" (imported only when the engine is made) or the class itself
     engine_class: ClassVar[Any] = None
 
-    kind: str = Field("transformers", description="which engine: " + ", ".join(("transformers", "vllm", "http", "fake")))
+    kind: str = Field("transformers", description="which engine; each kind is a config class of its own")
     model: str = Field(
         "smollm2",
         description="`smollm2` = the packaged SmolLM2-135M-Instruct; else a local model folder (http: the served model name)",
@@ -131,7 +131,7 @@ class EngineConfig(_Section):
         "version and skips hashing the weights",
     )
     max_new_tokens: int = Field(96, ge=1, description="default answer budget in tokens (an augmenter may set its own)")
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy (reproducible); > 0 samples")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy, so outputs are reproducible; > 0 samples")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling; part of the cache key only when sampling")
     seed: int = Field(0, description="sampling seed; part of the cache key only when sampling")
     parse_attempts: int = Field(
@@ -196,7 +196,8 @@ class TransformersConfig(EngineConfig):
     device: str = Field("cpu", description="`cpu`, `cuda`, `cuda:1`; a CUDA device makes each Ray actor ask for one GPU")
     batch_size: int = Field(16, ge=1, description="micro-batch size of one `generate` call")
     constrained_decoding: bool = Field(
-        True, description="JSON answers decode under the augmenter's schema (llguidance); `false` = parse and retry only",
+        True, description="JSON answers decode under the augmenter's schema (llguidance); `false` = parse and retry "
+        "only (vLLM and HTTP engines always send the schema)",
     )
 
 
@@ -247,7 +248,58 @@ class FakeConfig(EngineConfig):
     """A deterministic engine without a model, for tests and dry runs."""
 
     engine_class: ClassVar[Any] = "recaug.pipelines.engines.fake:FakeEngine"
-    kind: Literal["fake"] = Field("fake", description="no model: deterministic words from a hash of the prompt (tests)")
+    kind: Literal["fake"] = Field("fake", description="no model, deterministic words from a hash of the prompt (tests, dry runs)")
+
+
+ENGINE_DOCS_BEGIN = "<!-- engine keys: generated from recaug.pipelines.config, do not edit by hand -->"
+ENGINE_DOCS_END = "<!-- end of engine keys -->"
+
+
+def _doc_default(info) -> str:
+    if info.default_factory is not None:
+        value = info.default_factory()
+    else:
+        value = info.default
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`"
+
+
+def engine_keys_markdown() -> str:
+    """The `engine:` keys as a Markdown table, from the config classes (docs/config.md holds it
+    between ENGINE_DOCS_BEGIN and ENGINE_DOCS_END; tests/test_config.py fails when it drifts)."""
+    rows = ["| key | default | engines | meaning |", "|---|---|---|---|"]
+    for name, info in EngineConfig.model_fields.items():
+        meaning = info.description
+        if name == "kind":
+            meaning = "which engine: " + "; ".join(
+                f"`{kind}` = {cls.model_fields['kind'].description}" for kind, cls in ENGINE_CONFIGS.items())
+        rows.append(f"| `{name}` | {_doc_default(info)} | all | {meaning} |")
+    for kind, cls in ENGINE_CONFIGS.items():
+        for name, info in cls.model_fields.items():
+            if name not in EngineConfig.model_fields:
+                rows.append(f"| `{name}` | {_doc_default(info)} | {kind} | {info.description} |")
+    renamed = ", ".join(f"`{old}` is now `{new}`" for old, new in RENAMED_ENGINE_KEYS.items())
+    rows.append("")
+    rows.append(f"Renamed keys are refused with their new name: {renamed}. A key of another engine kind is "
+                "refused with the kinds that take it.")
+    return "\n".join(rows)
+
+
+def update_engine_docs(path: str | Path) -> bool:
+    """Rewrite the generated engine-keys block of docs/config.md; True when it changed."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    head, begin, rest = text.partition(ENGINE_DOCS_BEGIN)
+    _, end, tail = rest.partition(ENGINE_DOCS_END)
+    if not begin or not end:
+        raise ConfigError(f"{path} has no generated engine-keys block ({ENGINE_DOCS_BEGIN} ... {ENGINE_DOCS_END})")
+    new = f"{head}{ENGINE_DOCS_BEGIN}\n{engine_keys_markdown()}\n{ENGINE_DOCS_END}{tail}"
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
 
 
 class AugmenterConfig(_Section):
