@@ -153,8 +153,13 @@ class EngineConfig(_Section):
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         kind = cls.model_fields["kind"].default
-        if isinstance(kind, str) and kind not in ENGINE_CONFIGS:
-            ENGINE_CONFIGS[kind] = cls
+        if not isinstance(kind, str):
+            return
+        known = ENGINE_CONFIGS.get(kind)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"engine kind {kind!r} is already the config class {known.__module__}.{known.__qualname__}; "
+                            f"{cls.__module__}.{cls.__qualname__} needs a kind of its own")
+        ENGINE_CONFIGS[kind] = cls
 
     @model_validator(mode="wrap")
     @classmethod
