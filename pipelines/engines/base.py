@@ -129,9 +129,17 @@ class Engine(BatchModel):
     def model_id(self) -> str:
         """Model name plus revision; part of every cache key."""
 
-    @abc.abstractmethod
     def sampling_key(self) -> dict[str, Any]:
-        """Every parameter that changes what the model writes (temperature, top_p, seed, ...)."""
+        """Every parameter that changes what the model writes (temperature, top_p, seed, ...).
+        Default, from `self.cfg`: greedy ignores top_p and the seed, so leaving them out keeps
+        greedy cache keys stable; whether answers are schema-constrained changes them too."""
+        greedy = self.cfg.temperature == 0
+        return {
+            "temperature": self.cfg.temperature,
+            "top_p": None if greedy else self.cfg.top_p,
+            "seed": None if greedy else self.cfg.seed,
+            "json_constrained": self.supports_json_schema,
+        }
 
     @abc.abstractmethod
     def load(self) -> None:

@@ -151,15 +151,6 @@ class HTTPEngine(Engine):
     def model_id(self) -> str:
         return f"{self.cfg.model}@{self.cfg.revision}"
 
-    def sampling_key(self) -> dict[str, Any]:
-        greedy = self.cfg.temperature == 0
-        return {
-            "temperature": self.cfg.temperature,
-            "top_p": None if greedy else self.cfg.top_p,
-            "seed": None if greedy else self.cfg.seed,
-            "json_constrained": self.supports_json_schema,
-        }
-
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def load_model(self) -> Engine:

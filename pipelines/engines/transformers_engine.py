@@ -125,23 +125,9 @@ def plan_micro_batches(requests: list[GenerationRequest], prompt_lengths: list[i
     return batches
 
 
-class TransformersEngine(Engine):
-    kind = "transformers"
-
-    def __init__(self, cfg: EngineConfig):
-        self.cfg = cfg
-        self.supports_json_schema = bool(cfg.constrained_decoding) and llguidance_available()
-        self._ll_tokenizer = None
-        self._model_dir: Path | None = None
-        self._model_id: str | None = None
-        self._model = None
-        self._stop_ids: list[int] = []
-        self._specials: tuple[str, ...] | None = None
-
-    def __repr__(self) -> str:
-        return f"TransformersEngine(model={self.cfg.model!r}, device={self.cfg.device!r}, loaded={self._model is not None})"
-
-    # --- identity ---------------------------------------------------------------------------------
+class LocalModelFolder:
+    """Identity of an engine that runs a local model folder (`engine.model`: `smollm2` or a path):
+    the transformers and vLLM engines. Needs `cfg`, `_model_dir` and `_model_id` on the engine."""
 
     @property
     def model_dir(self) -> Path:
@@ -158,15 +144,22 @@ class TransformersEngine(Engine):
                 self._model_id = folder_model_id(self.model_dir, self.cfg.revision)
         return self._model_id
 
-    def sampling_key(self) -> dict[str, Any]:
-        greedy = self.cfg.temperature == 0
-        return {
-            "temperature": self.cfg.temperature,
-            # greedy ignores top_p and the seed: leaving them out keeps greedy cache keys stable
-            "top_p": None if greedy else self.cfg.top_p,
-            "seed": None if greedy else self.cfg.seed,
-            "json_constrained": self.supports_json_schema,
-        }
+
+class TransformersEngine(LocalModelFolder, Engine):
+    kind = "transformers"
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.supports_json_schema = bool(cfg.constrained_decoding) and llguidance_available()
+        self._ll_tokenizer = None
+        self._model_dir: Path | None = None
+        self._model_id: str | None = None
+        self._model = None
+        self._stop_ids: list[int] = []
+        self._specials: tuple[str, ...] | None = None
+
+    def __repr__(self) -> str:
+        return f"TransformersEngine(model={self.cfg.model!r}, device={self.cfg.device!r}, loaded={self._model is not None})"
 
     # --- loading ----------------------------------------------------------------------------------
 

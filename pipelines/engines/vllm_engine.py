@@ -32,13 +32,7 @@ from recaug.pipelines.engines.base import (
     defuse_special_tokens,
     special_token_texts,
 )
-from recaug.pipelines.engines.transformers_engine import (
-    PACKAGED_SMOLLM2,
-    folder_model_id,
-    resolve_model_dir,
-    set_offline_env,
-)
-from recaug.pipelines.packaged import smollm2_model_id
+from recaug.pipelines.engines.transformers_engine import LocalModelFolder, set_offline_env
 
 INSTALL_HINT = (
     "vLLM is not installed in this environment; install the `gpu` extra in an environment of its own "
@@ -75,7 +69,7 @@ def request_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:4], "little")
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(LocalModelFolder, Engine):
     kind = "vllm"
     supports_json_schema = True  # load() refuses a vLLM that has neither structured-output API
 
@@ -97,30 +91,6 @@ class VLLMEngine(Engine):
 
     def load_model(self) -> Engine:
         return self.loaded_copy()  # the weights live on the copy; this engine stays config and identity
-
-    @property
-    def model_dir(self) -> Path:
-        if self._model_dir is None:
-            self._model_dir = resolve_model_dir(self.cfg.model)
-        return self._model_dir
-
-    @property
-    def model_id(self) -> str:
-        if self._model_id is None:
-            if self.cfg.model == PACKAGED_SMOLLM2:
-                self._model_id = smollm2_model_id()
-            else:
-                self._model_id = folder_model_id(self.model_dir, self.cfg.revision)
-        return self._model_id
-
-    def sampling_key(self) -> dict[str, Any]:
-        greedy = self.cfg.temperature == 0
-        return {
-            "temperature": self.cfg.temperature,
-            "top_p": None if greedy else self.cfg.top_p,
-            "seed": None if greedy else self.cfg.seed,
-            "json_constrained": self.supports_json_schema,
-        }
 
     # --- loading ----------------------------------------------------------------------------------
 
