@@ -451,11 +451,11 @@ ENCODE_TEXTS = [
 
 
 def test_worker_encoder_refuses_a_model_that_is_not_the_drivers():
+    from recaug.encoders.text_encoder import TextEncoderHandler
     from recaug.pipelines.config import EncoderConfig
-    from recaug.pipelines.runners import worker_encoder
 
     with pytest.raises(RunnerError, match="same encoder model files"):
-        worker_encoder(EncoderConfig(), "some-other-encoder|pooling=mean")
+        TextEncoderHandler(EncoderConfig(), "some-other-encoder|pooling=mean").load_model()
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BaseRunner", "RunnerError", "assemble_vectors", "encode_batches", "error_results", "make_runner",
-    "worker_encoder", "worker_resources",
+    "worker_resources",
 ]
 
 # below this many encoder batches a progress bar is noise
@@ -61,13 +61,6 @@ EncodeBatch = tuple[list[int], list[str]]  # (row positions in the input, their 
 def encode_batches(texts: list[str], encoder: "TextEncoder") -> list[EncodeBatch]:
     """The batches `encoder.encode(texts)` would run in-process (tokeniser only), as work items."""
     return [([int(p) for p in idx], [texts[p] for p in idx]) for idx in encoder.plan_batches(texts)]
-
-
-def worker_encoder(cfg, expected_id: str) -> "TextEncoder":
-    """A worker's encoder, loaded once; refuses a model that is not the driver's (the cache key)."""
-    from recaug.encoders.text_encoder import TextEncoderHandler
-
-    return TextEncoderHandler(cfg, expected_id).load_model()
 
 
 def assemble_vectors(n: int, dim: int, pieces: Iterable[tuple[list[int], np.ndarray]]) -> np.ndarray:
@@ -152,9 +145,6 @@ class BaseRunner(abc.ABC):
 
     def close(self) -> None:
         pass
-
-
-Runner = BaseRunner
 
 
 def make_runner(cfg: RunnerConfig, engine: Engine) -> BaseRunner:
