@@ -170,7 +170,8 @@ class Engine(BatchModel):
         return self
 
     def loaded_copy(self) -> "Engine":
-        """A loaded shallow copy (the config and cached identity shared); this engine stays unloaded."""
+        """A loaded shallow copy (the config and cached identity shared); this engine stays unloaded.
+        (An engine already loaded in place shares its model with the copy.)"""
         model = copy.copy(self)
         model.load()
         return model
