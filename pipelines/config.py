@@ -152,6 +152,10 @@ class EngineConfig(_Section):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
+        # only a class that declares its own kind registers it (not a subclass that inherits one, nor
+        # the bare skeleton cloudpickle builds before it restores a class shipped by value)
+        if "kind" not in cls.__dict__.get("__annotations__", {}):
+            return
         kind = cls.model_fields["kind"].default
         if not isinstance(kind, str):
             return
