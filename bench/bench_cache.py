@@ -49,7 +49,7 @@ def _pass(label, cfg, world_dir, users, items, inter, shard_size):
     with Timer() as gate:
         prep = prepare_inputs(cfg)
     engine = FakeEngine(cfg.engine)
-    runner = make_runner(cfg.runner, engine, cfg.engine)
+    runner = make_runner(cfg.runner, engine)
     with Timer() as t:
         res = run_augmentation(cfg, prep, engine, runner, progress=False, log=lambda *_: None)
     runner.close()

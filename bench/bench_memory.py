@@ -138,7 +138,7 @@ def child(items: int, world_dir: Path) -> dict:
                 # derived tables of their own)
                 held_input = sum(t.nbytes for t in (prep.users, prep.items, prep.interactions, prep.split, prep.samples))
                 engine = FakeEngine(cfg.engine)
-                runner = make_runner(cfg.runner, engine, cfg.engine)
+                runner = make_runner(cfg.runner, engine)
                 res = long_job.run_long_job(cfg, prep, engine, runner, progress=False, log=lambda *_: None)
                 job_peak = peak_rss_mib()  # before the checks below read a published table back
                 sampler.enter("checks")

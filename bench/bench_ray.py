@@ -66,7 +66,7 @@ def run(quick: bool = False, rows: list[int] | None = None, shard_size: int = 32
     shards = {n: make_shards(n, shard_size) for n in rows}
     engine_cfg = EngineConfig(kind="fake")
     local = LocalRunner(FakeEngine(engine_cfg))
-    ray_runner = RayRunner(RunnerConfig(kind="ray", shard_size=shard_size), FakeEngine(engine_cfg), engine_cfg)
+    ray_runner = RayRunner(RunnerConfig(kind="ray", shard_size=shard_size), FakeEngine(engine_cfg))
     with Timer() as t_start:
         ray_runner.start()
     log(f"Ray session start: {t_start.wall:.1f} s")

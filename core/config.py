@@ -7,10 +7,10 @@ for choices, the allowed values) instead of silently falling back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -95,32 +95,134 @@ class ChaosConfig(_Section):
         return {k: getattr(self, k) for k in ("malformed", "truncated", "empty", "error", "exception")}
 
 
+# --- engines: one config class per engine kind -------------------------------------------------------
+
+# Keys that were renamed: an old key is refused with the new name (no silent fallback to a default).
+RENAMED_ENGINE_KEYS = {
+    "max_attempts": "parse_attempts",  # answers of JSON augmenters that fail to parse, retried
+    "max_retries": "http_retries",  # HTTP retries of one request, after its first attempt
+}
+
+# kind -> config class; every EngineConfig subclass with a `kind: Literal[...]` registers itself
+ENGINE_CONFIGS: dict[str, type["EngineConfig"]] = {}
+
+
 class EngineConfig(_Section):
-    kind: Literal["transformers", "vllm", "http", "fake"] = "transformers"
-    # "smollm2" is the packaged SmolLM2-135M-Instruct; otherwise a local folder or a served model name
-    model: str = "smollm2"
-    revision: str = "packaged"
-    device: str = "cpu"
-    batch_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(96, ge=1)
-    temperature: float = Field(0.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = 0
-    max_attempts: int = Field(2, ge=1, le=10)
-    # transformers engine: constrain JSON answers to the augmenter's schema (llguidance); false = parse only
-    constrained_decoding: bool = True
-    # http engine
-    base_url: str | None = None
-    api_key_env: str = "RECAUG_API_KEY"
-    concurrency: int = Field(8, ge=1)
-    timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(4, ge=0)
-    # vllm engine
-    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
-    # more keyword arguments for vllm.LLM, passed verbatim (max_model_len, dtype, tensor_parallel_size, ...)
-    vllm_args: dict[str, Any] = Field(default_factory=dict)
-    # chaos testing: wrap the engine above in a failure injector (None: off)
-    chaos: ChaosConfig | None = None
+    """The keys every engine has. Each engine kind has its own subclass (TransformersConfig,
+    VLLMConfig, HTTPConfig, FakeConfig, ...); `engine:` in a pipeline YAML is validated by the class
+    its `kind` names (a discriminated union on `kind` over every registered class), so a key another
+    engine uses is an error that names the engines that take it.
+
+    `EngineConfig(kind="vllm", ...)` builds the class of that kind; a new engine registers by
+    subclassing with `kind: Literal["mine"] = "mine"` and `engine_class` (docs/engines.md,
+    "Adding an engine")."""
+
+    # "module.path:ClassName" (imported only when the engine is made) or the class itself
+    engine_class: ClassVar[Any] = None
+
+    kind: str = Field("transformers", description="which engine; each kind is a config class of its own")
+    model: str = Field(
+        "smollm2",
+        description="`smollm2` = the packaged SmolLM2-135M-Instruct; else a local model folder (http: the served model name)",
+    )
+    revision: str = Field(
+        "packaged",
+        description="part of `model_id` (the cache key); for a local folder any value but `packaged` is trusted as its "
+        "version and skips hashing the weights",
+    )
+    max_new_tokens: int = Field(96, ge=1, description="default answer budget in tokens (an augmenter may set its own)")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy, so outputs are reproducible; > 0 samples")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling; part of the cache key only when sampling")
+    seed: int = Field(0, description="sampling seed; part of the cache key only when sampling")
+    parse_attempts: int = Field(
+        2, ge=1, le=10,
+        description="attempts per entity of a JSON augmenter: an answer that fails to parse is retried with the error "
+        "shown to the model, then dead-lettered",
+    )
+    chaos: ChaosConfig | None = Field(
+        None, description="failure injection around the engine: `{malformed, truncated, empty, error, exception, seed}` "
+        "shares (docs/engines.md, Chaos testing)",
+    )
+
+    def __new__(cls, *args: Any, **data: Any):
+        if cls is EngineConfig:  # EngineConfig(kind=...) -> the class of that kind, validated
+            return engine_config_class(data.get("kind", "transformers")).model_validate(data)
+        return super().__new__(cls)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        # only a class that declares its own kind registers it (not a subclass that inherits one, nor
+        # the bare skeleton cloudpickle builds before it restores a class shipped by value)
+        if "kind" not in cls.__dict__.get("__annotations__", {}):
+            return
+        kind = cls.model_fields["kind"].default
+        if not isinstance(kind, str):
+            return
+        known = ENGINE_CONFIGS.get(kind)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"engine kind {kind!r} is already the config class {known.__module__}.{known.__qualname__}; "
+                            f"{cls.__module__}.{cls.__qualname__} needs a kind of its own")
+        ENGINE_CONFIGS[kind] = cls
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_class_per_kind(cls, data: Any, handler):
+        if isinstance(data, dict):
+            renamed = [f"{old} was renamed to {new}" for old, new in RENAMED_ENGINE_KEYS.items() if old in data]
+            if renamed:
+                raise ValueError("; ".join(renamed) + " (see docs/config.md)")
+            if cls is EngineConfig:
+                kind = data.get("kind", "transformers")
+                if kind not in ENGINE_CONFIGS:  # the error of a Literal over every kind, at engine.kind
+                    create_model("EngineKind", __config__=ConfigDict(extra="ignore"),
+                                 kind=(Literal[tuple(ENGINE_CONFIGS)], ...)).model_validate(data)
+                return ENGINE_CONFIGS[kind].model_validate(data)
+            foreign = sorted(k for k in data if k not in cls.model_fields and engines_taking(k))
+            if foreign:
+                kind = cls.model_fields["kind"].default
+                raise ValueError("; ".join(
+                    f"{k} is a key of engine kind {' and '.join(engines_taking(k))}, not of kind {kind!r}" for k in foreign))
+        return handler(data)
+
+
+def engine_config_class(kind: str) -> type[EngineConfig]:
+    if kind not in ENGINE_CONFIGS:
+        raise ValueError(f"kind {kind!r} is not allowed; expected {', '.join(repr(k) for k in ENGINE_CONFIGS)}")
+    return ENGINE_CONFIGS[kind]
+
+
+def engines_taking(key: str) -> list[str]:
+    """The engine kinds whose config has `key` (for errors that say where a misplaced key belongs)."""
+    return [kind for kind, c in ENGINE_CONFIGS.items() if key in c.model_fields and key not in EngineConfig.model_fields]
+
+
+class TransformersConfig(EngineConfig):
+    """Hugging Face transformers on CPU or one CUDA device (the embedded default)."""
+
+    engine_class: ClassVar[Any] = "recaug.pipelines.engines.transformers_engine:TransformersEngine"
+    kind: Literal["transformers"] = Field("transformers", description="Hugging Face transformers, CPU or one CUDA device")
+    device: str = Field("cpu", description="`cpu`, `cuda`, `cuda:1`; a CUDA device makes each Ray actor ask for one GPU")
+    batch_size: int = Field(16, ge=1, description="micro-batch size of one `generate` call")
+    constrained_decoding: bool = Field(
+        True, description="JSON answers decode under the augmenter's schema (llguidance); `false` = parse and retry "
+        "only (vLLM and HTTP engines always send the schema)",
+    )
+
+
+class VLLMConfig(EngineConfig):
+    """Offline vLLM (`vllm.LLM`), one engine per GPU."""
+
+    engine_class: ClassVar[Any] = "recaug.pipelines.engines.vllm_engine:VLLMEngine"
+    kind: Literal["vllm"] = Field("vllm", description="offline vLLM, one engine per GPU (the `gpu` extra)")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0, description="share of the GPU vLLM may take (on a CPU build: of the RAM)",
+    )
+    vllm_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="more `vllm.LLM` arguments, verbatim (`max_model_len`, `dtype`, `tensor_parallel_size`, ...); not "
+        "part of the cache key, so name different weights in `revision`",
+    )
 
     @field_validator("vllm_args")
     @classmethod
@@ -131,6 +233,82 @@ class EngineConfig(_Section):
         if clashes:
             raise ValueError(f"engine.vllm_args may not set {', '.join(clashes)}")
         return value
+
+
+class HTTPConfig(EngineConfig):
+    """Any OpenAI-compatible `/v1/chat/completions` endpoint."""
+
+    engine_class: ClassVar[Any] = "recaug.pipelines.engines.http_engine:HTTPEngine"
+    kind: Literal["http"] = Field("http", description="an OpenAI-compatible chat-completions server (`vllm serve`, a hosted API)")
+    base_url: str | None = Field(
+        None, description="`http://host:8000/v1` (or without `/v1`, or the full `/v1/chat/completions`); required",
+    )
+    api_key_env: str = Field(
+        "RECAUG_API_KEY", description="name of the environment variable holding the key (optional; never logged)",
+    )
+    concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    timeout_s: float = Field(60.0, gt=0, description="seconds per connect and per read")
+    http_retries: int = Field(
+        4, ge=0, description="retries of one request after its first attempt (429, 5xx, timeouts; backoff with jitter)",
+    )
+
+
+class FakeConfig(EngineConfig):
+    """A deterministic engine without a model, for tests and dry runs."""
+
+    engine_class: ClassVar[Any] = "recaug.pipelines.engines.fake:FakeEngine"
+    kind: Literal["fake"] = Field("fake", description="no model, deterministic words from a hash of the prompt (tests, dry runs)")
+
+
+ENGINE_DOCS_BEGIN = "<!-- engine keys: generated from recaug.core.config, do not edit by hand -->"
+ENGINE_DOCS_END = "<!-- end of engine keys -->"
+
+
+def _doc_default(info) -> str:
+    if info.default_factory is not None:
+        value = info.default_factory()
+    else:
+        value = info.default
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`"
+
+
+def engine_keys_markdown() -> str:
+    """The `engine:` keys as a Markdown table, from the config classes (docs/config.md holds it
+    between ENGINE_DOCS_BEGIN and ENGINE_DOCS_END; tests/test_config.py fails when it drifts)."""
+    rows = ["| key | default | engines | meaning |", "|---|---|---|---|"]
+    for name, info in EngineConfig.model_fields.items():
+        meaning = info.description
+        if name == "kind":
+            meaning = "which engine: " + "; ".join(
+                f"`{kind}` = {cls.model_fields['kind'].description}" for kind, cls in ENGINE_CONFIGS.items())
+        rows.append(f"| `{name}` | {_doc_default(info)} | all | {meaning} |")
+    for kind, cls in ENGINE_CONFIGS.items():
+        for name, info in cls.model_fields.items():
+            if name not in EngineConfig.model_fields:
+                rows.append(f"| `{name}` | {_doc_default(info)} | {kind} | {info.description} |")
+    renamed = ", ".join(f"`{old}` is now `{new}`" for old, new in RENAMED_ENGINE_KEYS.items())
+    rows.append("")
+    rows.append(f"Renamed keys are refused with their new name: {renamed}. A key of another engine kind is "
+                "refused with the kinds that take it.")
+    return "\n".join(rows)
+
+
+def update_engine_docs(path: str | Path) -> bool:
+    """Rewrite the generated engine-keys block of docs/config.md; True when it changed."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    head, begin, rest = text.partition(ENGINE_DOCS_BEGIN)
+    _, end, tail = rest.partition(ENGINE_DOCS_END)
+    if not begin or not end:
+        raise ConfigError(f"{path} has no generated engine-keys block ({ENGINE_DOCS_BEGIN} ... {ENGINE_DOCS_END})")
+    new = f"{head}{ENGINE_DOCS_BEGIN}\n{engine_keys_markdown()}\n{ENGINE_DOCS_END}{tail}"
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
 
 
 class AugmenterConfig(_Section):
@@ -231,7 +409,8 @@ class PipelineConfig(_Section):
     dataset: DatasetConfig = DatasetConfig()
     input_gate: InputGateConfig = InputGateConfig()
     split: SplitConfig = SplitConfig()
-    engine: EngineConfig = EngineConfig()
+    # the class of `engine.kind` (SerializeAsAny: dumps, and so config hashes, keep that class's keys)
+    engine: SerializeAsAny[EngineConfig] = Field(default_factory=TransformersConfig)
     runner: RunnerConfig = RunnerConfig()
     augmenters: list[AugmenterConfig] = Field(default_factory=list)
     # extra Python modules (importable, or .py paths relative to this file) that @register augmenters
@@ -311,6 +490,8 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
         elif kind == "literal_error":
             allowed = err.get("ctx", {}).get("expected", "")
             lines.append(f"  - {loc}: {err['input']!r} is not allowed; expected {allowed}")
+        elif kind == "value_error":
+            lines.append(f"  - {loc}: {err.get('ctx', {}).get('error', err['msg'])}")
         elif kind == "missing":
             lines.append(f"  - {loc}: required key is missing")
         else:

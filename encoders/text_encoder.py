@@ -14,6 +14,7 @@ never loads it.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import sys
@@ -23,8 +24,9 @@ from typing import Sequence
 
 import numpy as np
 
-from recaug.core.progress import progress_wanted
+from recaug.core.batch_model import BatchModel, Resources, RunnerError
 from recaug.core.config import EncoderConfig
+from recaug.core.progress import progress_wanted
 from recaug.core.crashpoints import crash_point
 from recaug.core.packaged import MINILM_PACKAGE, minilm_dir
 
@@ -66,6 +68,12 @@ def folder_model_id(path: Path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return f"{path.name}@{digest.hexdigest()[:16]}"
+
+
+def _check_texts(texts: list) -> None:
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must be strings; row {bad[0]} is {type(texts[bad[0]]).__name__} ({len(bad)} such rows)")
 
 
 def pool(token_embeddings, attention_mask, pooling: str):
@@ -188,7 +196,9 @@ class TextEncoder:
 
         A runner that sends each batch's texts, in this order, to `encode(batch, batch_size=len(batch))`
         on a worker makes the model see the very tensors it would see here."""
-        return self._plan(self._token_ids(list(texts))[0], batch_size or self.cfg.batch_size) if len(texts) else []
+        texts = list(texts)
+        _check_texts(texts)
+        return self._plan(self._token_ids(texts)[0], batch_size or self.cfg.batch_size) if texts else []
 
     def encode(self, texts: Sequence[str], batch_size: int | None = None, progress: bool | None = None) -> np.ndarray:
         """(len(texts), dim) float32, C-contiguous, rows in the order of `texts`."""
@@ -197,9 +207,7 @@ class TextEncoder:
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad:
-            raise TypeError(f"texts must be strings; row {bad[0]} is {type(texts[bad[0]]).__name__} ({len(bad)} such rows)")
+        _check_texts(texts)
         batch_size = batch_size or self.cfg.batch_size
         ids, type_ids = self._token_ids(texts)
         batches = self._plan(ids, batch_size)
@@ -229,3 +237,70 @@ class TextEncoder:
                 bar.close()
         self.texts_encoded += len(texts)
         return out
+
+
+# --- the runner-facing part: the encoder as a batch-model handler ------------------------------------
+
+EncodeItem = tuple[int, str]  # (row position in the caller's texts, the text)
+
+
+class TextEncoderHandler(BatchModel):
+    """The encode stage behind the batch-model seam (recaug.core.batch_model): a picklable
+    handler holding the encoder's config and the driver's encoder id. `load_model()` builds the
+    worker's own TextEncoder (refusing a model that is not the driver's: the id is the cache key);
+    one batch is one planned batch (`TextEncoder.plan_batches`), encoded whole, so the model sees the
+    very tensors of an in-process run. A batch that raises stops the run (there is no error vector)."""
+
+    noun = "encoder"
+
+    def __init__(self, cfg: EncoderConfig, encoder_id: str):
+        self.cfg = cfg
+        self.encoder_id = encoder_id
+
+    def resources(self) -> Resources:
+        # a GPU share only for an encoder on CUDA
+        return Resources(gpus=1.0) if self.cfg.device.startswith("cuda") else Resources(cpu_only=True)
+
+    def load_model(self) -> TextEncoder:
+        encoder = TextEncoder(self.cfg, progress=False)
+        if encoder.encoder_id != self.encoder_id:
+            raise RunnerError(
+                f"the worker's encoder is {encoder.encoder_id!r} but the driver's is {self.encoder_id!r}; "
+                "every worker needs the same encoder model files as the driver"
+            )
+        encoder.model  # load now: once per worker, not on the first batch
+        return encoder
+
+    def run_batch(self, model: TextEncoder, batch: list[EncodeItem]) -> np.ndarray:
+        texts = [text for _, text in batch]
+        return model.encode(texts, batch_size=max(1, len(texts)), progress=False)
+
+    def check(self, index: int, batch: list[EncodeItem], results: np.ndarray) -> None:
+        if results.ndim != 2 or results.shape[0] != len(batch):
+            raise RunnerError(f"encoder batch {index} came back with shape {results.shape} for {len(batch)} text(s)")
+
+    def dump_batch(self, batch: list[EncodeItem]) -> str:
+        return json.dumps([[position, text] for position, text in batch])  # ASCII: one batch = one line
+
+    def load_batch(self, text: str) -> list[EncodeItem]:
+        return [(int(position), str(t)) for position, t in json.loads(text)]
+
+    def dump_results(self, results: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(results, dtype=np.float32), allow_pickle=False)
+        return buf.getvalue()
+
+    def load_results(self, data: bytes) -> np.ndarray:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class InProcessEncoderHandler(TextEncoderHandler):
+    """The same handler around an encoder that already lives in this process (the local runner): its
+    model object is that encoder, loaded on first use as in a plain `encode` call. Not for shipping."""
+
+    def __init__(self, encoder: TextEncoder):
+        super().__init__(encoder.cfg, encoder.encoder_id)
+        self.encoder = encoder
+
+    def load_model(self) -> TextEncoder:
+        return self.encoder

@@ -426,7 +426,7 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
                     reason = str(exc)
                     if finish_reason == FINISH_LENGTH:
                         reason += " (answer truncated at max_new_tokens)"
-                    if p.attempt < engine_cfg.max_attempts and aug.response_model is not None:
+                    if p.attempt < engine_cfg.parse_attempts and aug.response_model is not None:
                         retry.append(retry_of(p, raw, reason, aug, engine))
                     else:
                         if finish_reason == FINISH_LENGTH:

@@ -98,7 +98,7 @@ def _engine_and_runner(cfg, runner_kind: str | None):
     if runner_kind:
         cfg = cfg.model_copy(update={"runner": cfg.runner.model_copy(update={"kind": runner_kind})})
     engine = make_engine(cfg.engine)
-    return cfg, engine, make_runner(cfg.runner, engine, cfg.engine)
+    return cfg, engine, make_runner(cfg.runner, engine)
 
 
 def _say_waiting(lock: Path, wait: float):

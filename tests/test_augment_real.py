@@ -20,7 +20,7 @@ from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS, INTERACTIONS, ITEMS, SY
 
 pytestmark = pytest.mark.slow
 
-ENGINE_CFG = EngineConfig(kind="transformers", model="smollm2", batch_size=8, max_new_tokens=48, max_attempts=2)
+ENGINE_CFG = EngineConfig(kind="transformers", model="smollm2", batch_size=8, max_new_tokens=48, parse_attempts=2)
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def inputs():
 def run(aug_name, inputs, engine, cache, aug_cfg=None, max_attempts=2, aug=None):
     aug = aug or get_augmenter(aug_name)
     return run_augmenter(aug, aug_cfg or AugmenterConfig(name=aug_name), inputs, engine,
-                         EngineConfig(kind="fake", max_attempts=max_attempts), cache,
+                         EngineConfig(kind="fake", parse_attempts=max_attempts), cache,
                          LocalRunner(engine).execute, shard_size=4)
 
 

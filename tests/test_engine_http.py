@@ -131,7 +131,7 @@ def sleeps(monkeypatch):
 
 def engine_for(server: ScriptedServer, **overrides) -> HTTPEngine:
     cfg = EngineConfig(kind="http", model="served-model", revision="r1", base_url=server.base_url,
-                       api_key_env=KEY_ENV, **{"timeout_s": 2.0, "max_retries": 2, **overrides})
+                       api_key_env=KEY_ENV, **{"timeout_s": 2.0, "http_retries": 2, **overrides})
     engine = make_engine(cfg)
     assert isinstance(engine, HTTPEngine)
     return engine
@@ -177,14 +177,14 @@ def test_429_is_retried_honouring_retry_after(server, sleeps):
 
 def test_500_is_retried_with_backoff(server, sleeps):
     server.script = [("status", 500, "oops", {}), ("status", 503, "busy", {})]
-    [result] = engine_for(server, max_retries=3).generate([req("k", "abc")])
+    [result] = engine_for(server, http_retries=3).generate([req("k", "abc")])
     assert result.text == "cba" and result.extra["attempts"] == 3
     assert len(sleeps) == 2 and all(0.0 <= s <= http_engine.BACKOFF_CAP_S for s in sleeps)
 
 
 def test_5xx_after_all_retries_is_an_error_result(server, sleeps):
     server.script = [("status", 502, "bad gateway", {})] * 3
-    [result] = engine_for(server, max_retries=2).generate([req("k", "abc")])
+    [result] = engine_for(server, http_retries=2).generate([req("k", "abc")])
     assert result.finish_reason == "error" and result.text == ""
     assert "HTTP 502" in result.error and "bad gateway" in result.error and "3 attempts" in result.error
     assert len(server.received) == 3 and len(sleeps) == 2
@@ -199,19 +199,19 @@ def test_other_4xx_is_not_retried(server, sleeps):
 
 def test_a_hang_longer_than_the_timeout_is_retried(server, sleeps):
     server.script = [("hang", 1.5)]
-    [result] = engine_for(server, timeout_s=0.3, max_retries=1).generate([req("k", "abc")])
+    [result] = engine_for(server, timeout_s=0.3, http_retries=1).generate([req("k", "abc")])
     assert result.finish_reason == "stop" and result.text == "cba" and result.extra["attempts"] == 2
 
 
 def test_timeouts_until_the_end_give_an_error_result(server, sleeps):
     server.script = [("hang", 1.5)] * 2
-    [result] = engine_for(server, timeout_s=0.3, max_retries=1).generate([req("k", "abc")])
+    [result] = engine_for(server, timeout_s=0.3, http_retries=1).generate([req("k", "abc")])
     assert result.finish_reason == "error" and "within 0.3 s" in result.error and "2 attempts" in result.error
 
 
 def test_invalid_json_or_missing_choices_become_error_results(server, sleeps):
     server.script = [("raw", "<html>gateway</html>")] * 2 + [("raw", '{"object": "nothing"}')] * 2
-    engine = engine_for(server, max_retries=1, concurrency=1)
+    engine = engine_for(server, http_retries=1, concurrency=1)
     bad_json, no_choices = engine.generate([req("a", "x"), req("b", "y")])
     assert bad_json.finish_reason == "error" and "not JSON" in bad_json.error and "<html>" in bad_json.error
     assert no_choices.finish_reason == "error" and "no choices" in no_choices.error
@@ -238,7 +238,7 @@ def test_unreachable_server_raises_engine_error(sleeps):
     probe = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     port = probe.server_address[1]
     probe.server_close()  # nothing listens on this port any more
-    cfg = EngineConfig(kind="http", base_url=f"http://127.0.0.1:{port}", max_retries=1, timeout_s=1.0)
+    cfg = EngineConfig(kind="http", base_url=f"http://127.0.0.1:{port}", http_retries=1, timeout_s=1.0)
     with pytest.raises(EngineError, match="cannot reach .* after 2 attempts"):
         make_engine(cfg).generate([req("k", "x"), req("k2", "y")])
 
@@ -253,21 +253,23 @@ def test_api_key_is_sent_but_never_logged_raised_or_shown(server, sleeps, monkey
     caplog.set_level(logging.DEBUG)  # every logger, urllib3 included
     server.script = [("echo_auth", 500), ("echo_auth", 401)]
     engine = engine_for(server)
-    [result] = engine.generate([req("k", "abc")])
+    model = engine.load_model()  # as a runner's worker uses it: the engine ships, its model object works
+    [result] = model.generate([req("k", "abc")])
     assert server.received[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
     assert result.finish_reason == "error" and "HTTP 401" in result.error and "[REDACTED]" in result.error
     # a non-JSON body that happens to contain the key is redacted too
     server.script = [("raw", f"{SECRET} <html>")]
-    [bad] = engine_for(server, max_retries=0).generate([req("k", "abc")])
+    [bad] = engine_for(server, http_retries=0).generate([req("k", "abc")])
     assert "not JSON" in bad.error and "[REDACTED]" in bad.error
     # and an unreachable server's exception text
     probe = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     port = probe.server_address[1]
     probe.server_close()
-    down = HTTPEngine(EngineConfig(kind="http", base_url=f"http://127.0.0.1:{port}", api_key_env=KEY_ENV, max_retries=0))
+    down = HTTPEngine(EngineConfig(kind="http", base_url=f"http://127.0.0.1:{port}", api_key_env=KEY_ENV, http_retries=0))
     with pytest.raises(EngineError) as raised:
         down.generate([req("k", "x")])
-    texts = [result.error, repr(result), bad.error, repr(engine), str(engine.__dict__), caplog.text,
+    texts = [result.error, repr(result), bad.error, repr(engine), str(engine.__dict__), repr(model), str(model.__dict__),
+             caplog.text,
              str(raised.value), repr(raised.value)]
     assert caplog.records, "the retry was logged"
     for text in texts:
@@ -294,11 +296,14 @@ def test_no_piece_of_the_key_survives_a_cut_error_body(server, sleeps, monkeypat
 
 def test_engine_pickles_without_connections_and_works_after(server):
     engine = engine_for(server)
-    engine.generate([req("k", "abc")])  # pool and sessions now exist
+    model = engine.load_model()  # what a runner's worker does: pool and sessions live on the model object
+    assert model.generate([req("k", "abc")])[0].text == "cba"
+    assert engine._pool is None  # the engine itself stays its config: it pickles as is
     clone = pickle.loads(pickle.dumps(engine))
-    assert clone.generate([req("k", "xyz")])[0].text == "zyx"
-    engine.close()
-    clone.close()
+    clone_model = clone.load_model()
+    assert clone_model.generate([req("k", "xyz")])[0].text == "zyx"
+    engine.close_model(model)
+    clone.close_model(clone_model)
 
 
 def test_url_and_retry_after_parsing():

@@ -35,7 +35,7 @@ from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS  # noqa: E402
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 CPU_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "kv_cache_memory_bytes": 1 << 30}
-ENGINE_CFG = EngineConfig(kind="vllm", model="smollm2", max_new_tokens=48, max_attempts=2, vllm_args=CPU_ARGS)
+ENGINE_CFG = EngineConfig(kind="vllm", model="smollm2", max_new_tokens=48, parse_attempts=2, vllm_args=CPU_ARGS)
 
 PROMPTS = [
     "Name one famous movie director.",
@@ -187,9 +187,9 @@ def test_an_augmenter_gives_the_same_rows_on_the_local_and_ray_runners(engine, t
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     runner_cfg = RunnerConfig(kind="ray", shard_size=4, cpus_per_actor=0.5)
-    assert actor_resources(runner_cfg, ENGINE_CFG) == {"num_cpus": 0.5, "num_gpus": 1.0}
+    assert actor_resources(runner_cfg, VLLMEngine(ENGINE_CFG).resources()) == {"num_cpus": 0.5, "num_gpus": 1.0}
     ray_engine = VLLMEngine(ENGINE_CFG)  # shipped to the actor unloaded; it loads there
-    runner = RayRunner(runner_cfg, ray_engine, ENGINE_CFG, local_num_gpus=1)
+    runner = RayRunner(runner_cfg, ray_engine, local_num_gpus=1)
     try:
         on_ray = run_augmenter(aug, aug_cfg, inputs, ray_engine, ENGINE_CFG, GenerationCache(tmp_path / "cache-ray"),
                                runner.execute, shard_size=4)

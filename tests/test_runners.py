@@ -157,10 +157,13 @@ def test_actor_resources_follow_the_config():
     assert actor_resources(RunnerConfig(kind="ray")) == {"num_cpus": 0.5, "num_gpus": 0.0}
     cfg = RunnerConfig(kind="ray", cpus_per_actor=0.25, gpus_per_actor=2)
     assert actor_resources(cfg) == {"num_cpus": 0.25, "num_gpus": 2.0}
-    # a GPU engine with no GPU request gets one GPU per actor
-    gpu_engine = EngineConfig(kind="vllm")
+    # a GPU engine with no GPU request gets one GPU per actor: the engine says so, not its kind
+    from recaug.pipelines.engines import make_engine
+
+    gpu_engine = make_engine(EngineConfig(kind="vllm")).resources()
     assert actor_resources(RunnerConfig(kind="ray"), gpu_engine)["num_gpus"] == 1.0
-    assert actor_resources(RunnerConfig(kind="ray"), EngineConfig(device="cuda:0"))["num_gpus"] == 1.0
+    assert actor_resources(RunnerConfig(kind="ray"), make_engine(EngineConfig(device="cuda:0")).resources())["num_gpus"] == 1.0
+    assert actor_resources(RunnerConfig(kind="ray"), make_engine(EngineConfig()).resources())["num_gpus"] == 0.0
     # one actor per GPU by default, per CPU slot without GPUs, never more actors than shards
     one_gpu = actor_resources(RunnerConfig(kind="ray"), gpu_engine)
     assert pool_size(RunnerConfig(kind="ray"), one_gpu, {"CPU": 32, "GPU": 4}, num_shards=100) == 4
@@ -173,10 +176,10 @@ def test_actor_resources_follow_the_config():
 
 def test_make_runner_picks_the_configured_runner():
     engine = RecordingEngine(Path(os.devnull))
-    assert isinstance(make_runner(RunnerConfig(kind="local"), engine, EngineConfig()), LocalRunner)
-    ray_runner = make_runner(RunnerConfig(kind="ray", gpus_per_actor=1), engine, EngineConfig())
+    assert isinstance(make_runner(RunnerConfig(kind="local"), engine), LocalRunner)
+    ray_runner = make_runner(RunnerConfig(kind="ray", gpus_per_actor=1), engine)
     assert ray_runner.kind == "ray" and ray_runner.resources == {"num_cpus": 0.5, "num_gpus": 1.0}
-    beam = make_runner(RunnerConfig(kind="beam"), engine, EngineConfig())
+    beam = make_runner(RunnerConfig(kind="beam"), engine)
     assert beam.kind == "beam" and uses_in_process_runner(beam.options)
 
 
@@ -201,7 +204,7 @@ def test_same_shards_give_the_same_results_exactly_once_on_every_runner(ray_sess
         log = tmp_path / f"{kind}.jsonl"
         engine = RecordingEngine(log, error_marker="(unavailable)")
         cfg = RunnerConfig(kind=kind, num_actors=2, gpus_per_actor=0.5)
-        runner = make_runner(cfg, engine, EngineConfig(kind="fake"))
+        runner = make_runner(cfg, engine)
         cache = GenerationCache(tmp_path / f"cache-{kind}")
         calls = run_shards(runner, shards, cache.sink("test", engine.model_id))
         runner.close()
@@ -252,7 +255,7 @@ def test_a_raising_engine_becomes_error_results_not_a_crash(ray_session, tmp_pat
     for kind in ("beam", "ray"):
         engine = RecordingEngine(tmp_path / f"{kind}.jsonl", raise_marker=marker)
         cache = GenerationCache(tmp_path / f"cache-{kind}")
-        runner = make_runner(RunnerConfig(kind=kind, num_actors=1), engine, EngineConfig(kind="fake"))
+        runner = make_runner(RunnerConfig(kind=kind, num_actors=1), engine)
         calls = run_shards(runner, shards, cache.sink("test", engine.model_id))
         assert sorted(tuple(r.key for r in rs) for rs, _ in calls) == sorted(tuple(r.key for r in s) for s in shards)
         failed = [(rs, c) for rs, c in calls if rs[0].key == shards[1][0].key]
@@ -274,7 +277,7 @@ def test_an_engine_that_cannot_work_stops_the_run_on_every_runner(ray_session, t
     for kind in ("local", "beam", "ray"):
         engine = RecordingEngine(tmp_path / f"{kind}.jsonl", raise_marker="Describe item 4 ", fatal=True)
         cache = GenerationCache(tmp_path / f"cache-{kind}")
-        runner = make_runner(RunnerConfig(kind=kind, num_actors=1), engine, EngineConfig(kind="fake"))
+        runner = make_runner(RunnerConfig(kind=kind, num_actors=1), engine)
         with pytest.raises(EngineError, match="cannot be reached"):
             run_shards(runner, shards, cache.sink("test", engine.model_id))
 
@@ -316,7 +319,7 @@ def test_beam_runs_in_process_without_any_download(tmp_path, monkeypatch):
 
 
 def test_beam_shard_lines_round_trip_any_prompt(tmp_path):
-    from recaug.pipelines.runners.beam_runner import shard_from_json, shard_to_json
+    from recaug.pipelines.runners.beam_runner import element_from_line, write_shards
 
     shard = [
         GenerationRequest("a", ({"role": "system", "content": "line one\nline two\r\n\u2028 «quoted» 映画"},
@@ -324,9 +327,11 @@ def test_beam_shard_lines_round_trip_any_prompt(tmp_path):
                           {"type": "object", "properties": {"director": {"type": "string"}}}),
         GenerationRequest("b", ({"role": "user", "content": ""},), 1, None),
     ]
-    line = shard_to_json(3, shard)
-    assert "\n" not in line  # one shard = one line of the shards file
-    assert shard_from_json(line) == (3, shard)
+    handler = RecordingEngine(tmp_path / "unused.jsonl")
+    write_shards(handler, [[], [], [], shard], str(tmp_path / "shards.txt"))
+    lines = (tmp_path / "shards.txt").read_text(encoding="utf-8").split("\n")
+    assert len(lines) == 5 and lines[-1] == ""  # one shard = one line of the shards file
+    assert element_from_line(lines[3], handler) == (3, shard)
     # and through the real pipeline: the engine gets the very same prompts as in-process
     local = run_shards(LocalRunner(RecordingEngine(tmp_path / "local.jsonl")), [shard], None)
     engine = RecordingEngine(tmp_path / "beam.jsonl")
@@ -368,11 +373,11 @@ def comparable(table) -> pl.DataFrame:
 def test_augmentation_stage_gives_identical_tables_on_every_runner(ray_session, tmp_path, inputs):
     """Parsing, a retry round and dead letters on top of the runners: the tables must not differ."""
     aug_cfg = AugmenterConfig(name="llmrec_item_attributes")
-    engine_cfg = EngineConfig(kind="fake", max_attempts=3)
+    engine_cfg = EngineConfig(kind="fake", parse_attempts=3)
     tables = {}
     for kind in ("local", "ray", "beam"):
         engine = RecordingEngine(tmp_path / f"{kind}.jsonl", answer="attributes")
-        runner = make_runner(RunnerConfig(kind=kind, shard_size=4, num_actors=2), engine, engine_cfg)
+        runner = make_runner(RunnerConfig(kind=kind, shard_size=4, num_actors=2), engine)
         cache = GenerationCache(tmp_path / f"cache-{kind}")
         out = run_augmenter(get_augmenter("llmrec_item_attributes"), aug_cfg, inputs, engine, engine_cfg, cache,
                             runner.execute, shard_size=4)
@@ -392,7 +397,7 @@ def test_augmentation_stage_gives_identical_tables_on_every_runner(ray_session, 
     # the caches are interchangeable: what Ray wrote, Beam reuses without a call, and so on
     for kind, cache_of in (("beam", "ray"), ("local", "beam")):
         engine = RecordingEngine(tmp_path / f"again-{kind}.jsonl", answer="attributes")
-        runner = make_runner(RunnerConfig(kind=kind, shard_size=4), engine, engine_cfg)
+        runner = make_runner(RunnerConfig(kind=kind, shard_size=4), engine)
         again = run_augmenter(get_augmenter("llmrec_item_attributes"), aug_cfg, inputs, engine, engine_cfg,
                               GenerationCache(tmp_path / f"cache-{cache_of}"), runner.execute, shard_size=4)
         assert again.stats.llm_requests == 0 and not engine_log(tmp_path / f"again-{kind}.jsonl"), kind
@@ -424,7 +429,7 @@ def test_real_smollm2_gives_the_same_greedy_text_on_every_runner(ray_session, tm
     outputs = {}
     for kind in ("local", "ray", "beam"):
         engine = TransformersEngine(engine_cfg)
-        runner = make_runner(RunnerConfig(kind=kind, shard_size=4, num_actors=2), engine, engine_cfg)
+        runner = make_runner(RunnerConfig(kind=kind, shard_size=4, num_actors=2), engine)
         cache = GenerationCache(tmp_path / f"cache-{kind}")
         calls = run_shards(runner, shards, cache.sink("test", engine.model_id))
         runner.close()
@@ -446,11 +451,11 @@ ENCODE_TEXTS = [
 
 
 def test_worker_encoder_refuses_a_model_that_is_not_the_drivers():
+    from recaug.encoders.text_encoder import TextEncoderHandler
     from recaug.core.config import EncoderConfig
-    from recaug.pipelines.runners import worker_encoder
 
     with pytest.raises(RunnerError, match="same encoder model files"):
-        worker_encoder(EncoderConfig(), "some-other-encoder|pooling=mean")
+        TextEncoderHandler(EncoderConfig(), "some-other-encoder|pooling=mean").load_model()
 
 
 @pytest.mark.slow
@@ -458,22 +463,23 @@ def test_encode_stage_gives_the_same_vectors_on_every_runner(ray_session, tmp_pa
     """The packaged MiniLM behind each runner: same batches as in-process, vectors equal within
     float tolerance, and on Ray and Beam the model never runs in the driver."""
     import numpy as np
-    import pyarrow as pa
 
     from recaug.encoders.text_encoder import TextEncoder
     from recaug.core.config import EncoderConfig
     from recaug.pipelines.runners import encode_batches
-    from recaug.pipelines.runners.ray_runner import BatchEncoder, encode_batches_to_tables
+    from recaug.encoders.text_encoder import TextEncoderHandler
+    from recaug.core.batch_model import load_outcome
+    from recaug.pipelines.runners.ray_runner import OUTCOME_SCHEMA, ShardWorker, shards_to_tables
 
     cfg = EncoderConfig(batch_size=4)  # 24 texts -> 6 batches, spread over 2 actors
     plan = encode_batches(ENCODE_TEXTS, TextEncoder(cfg, progress=False))
-    assert sorted(p for _, positions, _ in plan for p in positions) == list(range(len(ENCODE_TEXTS)))
-    assert [len(positions) for _, positions, _ in plan] == [4] * 6
+    assert sorted(p for positions, _ in plan for p in positions) == list(range(len(ENCODE_TEXTS)))
+    assert [len(positions) for positions, _ in plan] == [4] * 6
 
     vectors = {}
     for kind in ("local", "ray", "beam"):
         encoder = TextEncoder(cfg, progress=False)
-        runner = make_runner(RunnerConfig(kind=kind, num_actors=2), RecordingEngine(Path(os.devnull)), EngineConfig(kind="fake"))
+        runner = make_runner(RunnerConfig(kind=kind, num_actors=2), RecordingEngine(Path(os.devnull)))
         vectors[kind] = runner.encode(list(ENCODE_TEXTS), encoder, str(tmp_path / kind))
         runner.close()
         assert vectors[kind].shape == (len(ENCODE_TEXTS), 384) and vectors[kind].dtype == np.float32
@@ -484,10 +490,14 @@ def test_encode_stage_gives_the_same_vectors_on_every_runner(ray_session, tmp_pa
     assert np.allclose(np.linalg.norm(vectors["local"], axis=1), 1.0, atol=1e-5)  # L2-normalised, as configured
     assert list((tmp_path / "beam" / "beam-runs").iterdir()) == []  # the driver removed its run folder
 
-    # what a Ray encoder actor returns: plain Arrow fixed_size_list<float32>[384], not a tensor extension type
-    out = BatchEncoder(cfg, TextEncoder(cfg).encoder_id)(encode_batches_to_tables(plan)[0])
-    assert out.schema.field("vector").type == pa.list_(pa.float32(), 384)
-    assert out.column("position").to_pylist() == plan[0][1]
+    # what a Ray worker actor returns for an encoder batch: plain Arrow bytes (never Ray's tensor type)
+    # holding the batch's float32 vectors exactly
+    handler = TextEncoderHandler(cfg, TextEncoder(cfg).encoder_id)
+    out = ShardWorker(handler)(shards_to_tables(handler, [list(zip(*plan[0]))])[0])
+    assert out.schema == OUTCOME_SCHEMA
+    outcome = load_outcome(handler, out.column("outcome")[0].as_py())
+    assert outcome.results.dtype == np.float32 and outcome.results.shape == (4, 384)
+    np.testing.assert_allclose(outcome.results, vectors["local"][plan[0][0]], atol=1e-5, rtol=0)
 
 
 # --- the whole long job on every runner --------------------------------------------------------------
@@ -511,7 +521,7 @@ def run_long_job_on(kind: str, base: dict, workdir: Path, prep):
 
     cfg = PipelineConfig.model_validate({**base, "workdir": str(workdir), "runner": {**base.get("runner", {}), "kind": kind}})
     engine = make_engine(cfg.engine)
-    runner = make_runner(cfg.runner, engine, cfg.engine)
+    runner = make_runner(cfg.runner, engine)
     try:
         return run_long_job(cfg, prep, engine, runner, progress=False, log=lambda *a: None)
     finally:
@@ -561,7 +571,7 @@ def test_long_job_publishes_the_same_snapshot_on_every_runner(ray_session, tmp_p
     base = {
         "name": "parity",
         "dataset": {"kind": "ml100k"},
-        "engine": {"kind": "fake", "max_attempts": 2},
+        "engine": {"kind": "fake", "parse_attempts": 2},
         "runner": {"shard_size": 3, "num_actors": 1},  # Ray: one actor per pool (several actors: tests above)
         "encoder": {"batch_size": 4},
         "augmenters": [

@@ -1,13 +1,17 @@
-"""LLM engines behind one seam: load() and generate(batch).
+"""LLM engines behind one seam: load_model() and generate(batch).
 
-`make_engine(cfg)` picks the engine named by `engine.kind`; each engine module is imported only when
-chosen, so a run on the HTTP or fake engine never imports torch, and the vLLM engine imports vLLM only
-when it loads.
+`make_engine(cfg)` builds the engine its config class names (`engine_class`; each config class is
+one engine kind, recaug.core.config). An engine module is imported only when chosen, so a run on
+the HTTP or fake engine never imports torch, and the vLLM engine imports vLLM only when it loads.
+Adding an engine is one module with the engine class plus its config class; nothing here or in the
+runners changes (docs/engines.md, "Adding an engine").
 """
 
 from __future__ import annotations
 
-from recaug.core.config import EngineConfig
+import importlib
+
+from recaug.core.config import ENGINE_CONFIGS, EngineConfig
 from recaug.pipelines.engines.base import (
     FINISH_ERROR,
     FINISH_LENGTH,
@@ -18,18 +22,21 @@ from recaug.pipelines.engines.base import (
     GenerationResult,
 )
 
-ENGINE_KINDS = ("transformers", "vllm", "http", "fake")
-
 __all__ = [
-    "ENGINE_KINDS", "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP", "Engine", "EngineError",
-    "GenerationRequest", "GenerationResult", "make_engine",
+    "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP", "Engine", "EngineError", "GenerationRequest", "GenerationResult",
+    "engine_kinds", "make_engine",
 ]
 
 
+def engine_kinds() -> tuple[str, ...]:
+    """Every registered engine kind (the built-in four plus any config class defined since)."""
+    return tuple(ENGINE_CONFIGS)
+
+
 def make_engine(cfg: EngineConfig) -> Engine:
-    """A not-yet-loaded engine for `cfg` (cheap: no model is read until load() or count_tokens()),
+    """A not-yet-loaded engine for `cfg` (cheap: no model is read until load_model() or count_tokens()),
     wrapped in a failure injector when `engine.chaos` is set."""
-    engine = _make_inner(cfg)
+    engine = engine_class(cfg)(cfg)
     if cfg.chaos is not None:
         from recaug.pipelines.engines.chaos import ChaosEngine
 
@@ -37,21 +44,12 @@ def make_engine(cfg: EngineConfig) -> Engine:
     return engine
 
 
-def _make_inner(cfg: EngineConfig) -> Engine:
-    if cfg.kind == "transformers":
-        from recaug.pipelines.engines.transformers_engine import TransformersEngine
-
-        return TransformersEngine(cfg)
-    if cfg.kind == "vllm":
-        from recaug.pipelines.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(cfg)
-    if cfg.kind == "http":
-        from recaug.pipelines.engines.http_engine import HTTPEngine
-
-        return HTTPEngine(cfg)
-    if cfg.kind == "fake":
-        from recaug.pipelines.engines.fake import FakeEngine
-
-        return FakeEngine(cfg)
-    raise EngineError(f"engine.kind {cfg.kind!r} is not one of {', '.join(ENGINE_KINDS)}")
+def engine_class(cfg: EngineConfig) -> type[Engine]:
+    """The engine class a config names: `engine_class` is the class or "module.path:ClassName"."""
+    target = type(cfg).engine_class
+    if target is None:
+        raise EngineError(f"the config class {type(cfg).__name__} (engine.kind {cfg.kind!r}) names no engine_class")
+    if isinstance(target, str):
+        module, _, name = target.partition(":")
+        target = getattr(importlib.import_module(module), name)
+    return target

@@ -28,6 +28,7 @@ engine:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections import Counter
 from typing import Any
@@ -78,9 +79,17 @@ class ChaosEngine(Engine):
         self.seed = int(seed)
         self.kind = f"{inner.kind}+chaos"
         self.supports_json_schema = inner.supports_json_schema
-        self.calls = 0  # generate() invocations, including those that raised
-        self.requests_seen = 0
-        self.injected: Counter[str] = Counter()  # kind -> requests (calls, for `exception`) spoiled
+        # kind -> requests (calls, for `exception`) spoiled; shared with the loaded copy load_model() returns
+        self.injected: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()  # generate() calls (including those that raised), requests
+
+    @property
+    def calls(self) -> int:
+        return self._counts["calls"]
+
+    @property
+    def requests_seen(self) -> int:
+        return self._counts["requests"]
 
     def __repr__(self) -> str:
         active = {k: v for k, v in self.shares.items() if v}
@@ -95,6 +104,18 @@ class ChaosEngine(Engine):
 
     def load(self) -> None:
         self.inner.load()
+
+    def resources(self):
+        return self.inner.resources()
+
+    def load_model(self) -> "ChaosEngine":
+        """A copy around the inner engine's model object; it counts into the same counters."""
+        model = copy.copy(self)
+        model.inner = self.inner.load_model()
+        return model
+
+    def close_model(self, model) -> None:
+        self.inner.close_model(model.inner)
 
     def close(self) -> None:
         self.inner.close()
@@ -113,8 +134,8 @@ class ChaosEngine(Engine):
         return None
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        self.calls += 1
-        self.requests_seen += len(requests)
+        self._counts["calls"] += 1
+        self._counts["requests"] += len(requests)
         if not requests:
             return []
         batch_key = "|".join(r.key for r in requests)

@@ -4,7 +4,8 @@ The reply is derived from a hash of the messages, so the same prompt always gets
 every call and request is counted so that a test can assert "this run made zero LLM calls". A test
 can script the replies with `responder`. The engine holds no locks or handles, so it pickles as is
 (Ray and Beam ship it to workers); a responder must then be picklable too (a module-level function,
-not a lambda) when the engine crosses a process boundary.
+not a lambda) when the engine crosses a process boundary. Loading costs nothing, so the engine is its
+own model object (`load_model()` returns it): in-process, its counters count what the runner ran.
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ class FakeEngine(Engine):
 
     def load(self) -> None:
         self.loaded = True
-
     def count_tokens(self, texts: list[str]) -> list[int]:
         return [_word_count(t) for t in texts]
 

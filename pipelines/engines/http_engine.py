@@ -2,7 +2,7 @@
 
 Requests of a batch run on a thread pool of `concurrency` workers (that bounds the requests in
 flight), each with `timeout_s` per connect/read. 429, 5xx, timeouts, dropped connections and
-unreadable bodies are retried up to `max_retries` times with exponential backoff and full jitter,
+unreadable bodies are retried up to `http_retries` times with exponential backoff and full jitter,
 honouring Retry-After; any other 4xx is final at once (retrying a bad request cannot help). A request
 that still fails becomes a result with finish_reason "error" and a readable `error`; only a server
 that cannot be reached at all for a whole batch raises EngineError.
@@ -55,6 +55,7 @@ _CREDENTIAL = re.compile(
 )
 _SECRET_WORDS = frozenset({"key", "apikey", "token", "accesstoken", "secret", "password", "passwd", "pwd", "sig",
                            "signature", "auth", "authorization", "credential", "credentials"})
+_LIFECYCLE_LOCK = threading.Lock()  # load() / close() of any engine in this process
 sleep = time.sleep  # module-level so tests can record the backoff instead of waiting it out
 
 
@@ -139,15 +140,9 @@ class HTTPEngine(Engine):
             )
         self.cfg = cfg
         self.url = chat_completions_url(cfg.base_url)
+        # built by load(): the engine a runner ships holds its config only (no sessions, no pool, never a key)
         self._pool: ThreadPoolExecutor | None = None
-        self._local = threading.local()  # one requests.Session per worker thread
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg}  # no sessions, no pool, and never a key
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["cfg"])
+        self._local: threading.local | None = None  # one requests.Session per worker thread
 
     def __repr__(self) -> str:
         return f"HTTPEngine(url={self.url!r}, model={self.cfg.model!r}, api_key_env={self.cfg.api_key_env!r})"
@@ -156,24 +151,19 @@ class HTTPEngine(Engine):
     def model_id(self) -> str:
         return f"{self.cfg.model}@{self.cfg.revision}"
 
-    def sampling_key(self) -> dict[str, Any]:
-        greedy = self.cfg.temperature == 0
-        return {
-            "temperature": self.cfg.temperature,
-            "top_p": None if greedy else self.cfg.top_p,
-            "seed": None if greedy else self.cfg.seed,
-            "json_constrained": self.supports_json_schema,
-        }
-
     # --- lifecycle ----------------------------------------------------------------------------------
 
+    def load_model(self) -> Engine:
+        return self.loaded_copy()  # pool and sessions live on the copy; this engine stays its config
+
     def load(self) -> None:
-        with self._lock:
+        with _LIFECYCLE_LOCK:
             if self._pool is None:
+                self._local = threading.local()
                 self._pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="recaug-http")
 
     def close(self) -> None:
-        with self._lock:
+        with _LIFECYCLE_LOCK:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
@@ -212,7 +202,7 @@ class HTTPEngine(Engine):
         results = [r for r, _ in outcomes]
         if all(unreachable for _, unreachable in outcomes):
             raise EngineError(
-                f"cannot reach {self.url} after {self.cfg.max_retries + 1} attempts per request: {results[0].error}; "
+                f"cannot reach {self.url} after {self.cfg.http_retries + 1} attempts per request: {results[0].error}; "
                 "check engine.base_url and that the server is running"
             )
         return results
@@ -233,7 +223,7 @@ class HTTPEngine(Engine):
     def _run_one(self, request: GenerationRequest) -> tuple[GenerationResult, bool]:
         """(result, unreachable): never raises; the flag says the server could not be reached at all."""
         started = time.perf_counter()
-        attempts = self.cfg.max_retries + 1
+        attempts = self.cfg.http_retries + 1
         failure: _Attempt | None = None
         for attempt in range(attempts):
             try:

@@ -19,6 +19,7 @@ still validates every answer (indices against candidates, vocabularies, ...).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -33,6 +34,7 @@ from recaug.pipelines.engines.base import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    Resources,
     defuse_special_tokens,
     special_token_texts,
 )
@@ -86,6 +88,21 @@ def folder_model_id(path: Path, revision: str) -> str:
     return f"{path.name}@{digest.hexdigest()[:16]}"
 
 
+@functools.lru_cache(maxsize=4)
+def chat_tokenizer(model_dir: Path):
+    """The left-padding chat tokenizer of a model folder, loaded once per process."""
+    go_offline()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise EngineError(f"the tokenizer in {model_dir} has no chat template; use an instruct/chat model")
+    return tok
+
+
 def plan_micro_batches(requests: list[GenerationRequest], prompt_lengths: list[int], batch_size: int) -> list[list[int]]:
     """Request indices per micro-batch: grouped by max_new_tokens, length-sorted, cut at batch_size.
 
@@ -102,32 +119,9 @@ def plan_micro_batches(requests: list[GenerationRequest], prompt_lengths: list[i
     return batches
 
 
-class TransformersEngine(Engine):
-    kind = "transformers"
-
-    def __init__(self, cfg: EngineConfig):
-        self.cfg = cfg
-        self.supports_json_schema = bool(cfg.constrained_decoding) and llguidance_available()
-        self._ll_tokenizer = None
-        self._model_dir: Path | None = None
-        self._model_id: str | None = None
-        self._tokenizer = None
-        self._model = None
-        self._stop_ids: list[int] = []
-        self._specials: tuple[str, ...] | None = None
-
-    # pickling ships the config only: a worker loads its own model (and reuses the converted folder)
-    def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "_model_id": self._model_id}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["cfg"])
-        self._model_id = state["_model_id"]
-
-    def __repr__(self) -> str:
-        return f"TransformersEngine(model={self.cfg.model!r}, device={self.cfg.device!r}, loaded={self._model is not None})"
-
-    # --- identity ---------------------------------------------------------------------------------
+class LocalModelFolder:
+    """Identity of an engine that runs a local model folder (`engine.model`: `smollm2` or a path):
+    the transformers and vLLM engines. Needs `cfg`, `_model_dir` and `_model_id` on the engine."""
 
     @property
     def model_dir(self) -> Path:
@@ -144,33 +138,36 @@ class TransformersEngine(Engine):
                 self._model_id = folder_model_id(self.model_dir, self.cfg.revision)
         return self._model_id
 
-    def sampling_key(self) -> dict[str, Any]:
-        greedy = self.cfg.temperature == 0
-        return {
-            "temperature": self.cfg.temperature,
-            # greedy ignores top_p and the seed: leaving them out keeps greedy cache keys stable
-            "top_p": None if greedy else self.cfg.top_p,
-            "seed": None if greedy else self.cfg.seed,
-            "json_constrained": self.supports_json_schema,
-        }
+
+class TransformersEngine(LocalModelFolder, Engine):
+    kind = "transformers"
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.supports_json_schema = bool(cfg.constrained_decoding) and llguidance_available()
+        self._ll_tokenizer = None
+        self._model_dir: Path | None = None
+        self._model_id: str | None = None
+        self._model = None
+        self._stop_ids: list[int] = []
+        self._specials: tuple[str, ...] | None = None
+
+    def __repr__(self) -> str:
+        return f"TransformersEngine(model={self.cfg.model!r}, device={self.cfg.device!r}, loaded={self._model is not None})"
 
     # --- loading ----------------------------------------------------------------------------------
 
+    def resources(self) -> Resources:
+        return Resources(gpus=1.0 if self.cfg.device.startswith("cuda") else 0.0)
+
+    def load_model(self) -> Engine:
+        return self.loaded_copy()  # the weights live on the copy; this engine stays config and identity
+
     @property
     def tokenizer(self):
-        """Loadable without the model (prompt budgeting runs before any generation)."""
-        if self._tokenizer is None:
-            go_offline()
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(self.model_dir)
-            tok.padding_side = "left"
-            if tok.pad_token_id is None:
-                tok.pad_token = tok.eos_token
-            if tok.chat_template is None:
-                raise EngineError(f"the tokenizer in {self.model_dir} has no chat template; use an instruct/chat model")
-            self._tokenizer = tok
-        return self._tokenizer
+        """Loadable without the model (prompt budgeting runs before any generation). Kept per process,
+        not on the engine: the engine a runner ships stays its config and identity."""
+        return chat_tokenizer(self.model_dir)
 
     def load(self) -> None:
         if self._model is not None:

@@ -12,6 +12,7 @@ to `guided_decoding=GuidedDecodingParams(json=...)` on older releases.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -27,16 +28,12 @@ from recaug.pipelines.engines.base import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    Resources,
     defuse_special_tokens,
     special_token_texts,
 )
-from recaug.pipelines.engines.transformers_engine import (
-    PACKAGED_SMOLLM2,
-    folder_model_id,
-    resolve_model_dir,
-)
 from recaug.core.offline import go_offline
-from recaug.core.packaged import smollm2_model_id
+from recaug.pipelines.engines.transformers_engine import LocalModelFolder
 
 INSTALL_HINT = (
     "vLLM is not installed in this environment; install the `gpu` extra in an environment of its own "
@@ -60,11 +57,20 @@ def _json_constraint_factory():
         return None
 
 
+@functools.lru_cache(maxsize=4)
+def hf_tokenizer(model_dir: Path):
+    """A model folder's Hugging Face tokenizer, loaded once per process (prompt budgeting before vLLM loads)."""
+    go_offline()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 def request_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:4], "little")
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(LocalModelFolder, Engine):
     kind = "vllm"
     supports_json_schema = True  # load() refuses a vLLM that has neither structured-output API
 
@@ -78,39 +84,14 @@ class VLLMEngine(Engine):
         self._tokenizer = None
         self._stop_ids: set[int] = set()
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "_model_id": self._model_id}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["cfg"])
-        self._model_id = state["_model_id"]
-
     def __repr__(self) -> str:
         return f"VLLMEngine(model={self.cfg.model!r}, loaded={self._llm is not None})"
 
-    @property
-    def model_dir(self) -> Path:
-        if self._model_dir is None:
-            self._model_dir = resolve_model_dir(self.cfg.model)
-        return self._model_dir
+    def resources(self) -> Resources:
+        return Resources(gpus=1.0)  # one engine per GPU, unless runner.gpus_per_actor says otherwise
 
-    @property
-    def model_id(self) -> str:
-        if self._model_id is None:
-            if self.cfg.model == PACKAGED_SMOLLM2:
-                self._model_id = smollm2_model_id()
-            else:
-                self._model_id = folder_model_id(self.model_dir, self.cfg.revision)
-        return self._model_id
-
-    def sampling_key(self) -> dict[str, Any]:
-        greedy = self.cfg.temperature == 0
-        return {
-            "temperature": self.cfg.temperature,
-            "top_p": None if greedy else self.cfg.top_p,
-            "seed": None if greedy else self.cfg.seed,
-            "json_constrained": self.supports_json_schema,
-        }
+    def load_model(self) -> Engine:
+        return self.loaded_copy()  # the weights live on the copy; this engine stays config and identity
 
     # --- loading ----------------------------------------------------------------------------------
 
@@ -120,11 +101,8 @@ class VLLMEngine(Engine):
         if self._tokenizer is None:
             if self._llm is not None:
                 self._tokenizer = self._llm.get_tokenizer()
-            else:
-                go_offline()
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            else:  # kept per process, not on the engine: the engine a runner ships stays config and identity
+                return hf_tokenizer(self.model_dir)
         return self._tokenizer
 
     def llm_kwargs(self, model_dir: str) -> dict[str, Any]:

@@ -1,107 +1,66 @@
-"""Runners execute augmenter requests through an engine: local, Ray Data, Beam.
+"""Runners run batch-model handlers (recaug.core.batch_model) on shards: local, Ray Data, Beam.
 
-Every runner has `.kind`, `.execute(shards, on_shard, sink)` and `.close()`. `execute` calls
-`on_shard(results, committed)` exactly once per shard with the results of exactly that shard
-(shards are cut by the caller and never regrouped, so every runner feeds the engine the same
-batches); `committed=True` means the runner already wrote the shard to the cache through `sink`.
-Ray and Beam are imported only when chosen: the local runner needs neither installed.
+Every runner has `.kind`, one execution path `.run(handler, shards, on_shard, sink=None, scratch=None)`
+and `.close()`. `run` calls `on_shard(index, results, committed)` exactly once per shard with the
+results of exactly that shard (shards are cut by the caller and never regrouped, so every runner feeds
+the model the same batches); `committed=True` means a worker already wrote the shard to the cache
+through `sink`. The failure policy (a shard that raises becomes error results with the reason; a
+model that cannot work stops the run) is batch_model.run_shard / deliver, shared by every runner.
+A runner never asks which engine or encoder it runs: what a worker needs comes from
+`handler.resources()`. Ray and Beam are imported only when chosen: the local runner needs neither.
 
-Runners also encode: `.encode(texts, encoder, scratch)` returns the vectors of `texts` (rows in
-order). The caller hands over only the encoding-cache misses and commits the vectors itself, so the
-encoding cache works the same on every runner. The texts are cut into the very batches
-`TextEncoder.encode` would run in-process (`encode_batches`), and a worker encodes each batch whole,
-so the model sees the same tensors on every runner.
+The two stages are thin wrappers over `run`, written once here (`BaseRunner`):
+
+- `.execute(shards, on_shard, sink)` runs the runner's engine on request shards and calls
+  `on_shard(results, committed)`.
+- `.encode(texts, encoder, scratch)` returns the vectors of `texts` (rows in order). The caller hands
+  over only the encoding-cache misses and commits the vectors itself, so the encoding cache works the
+  same on every runner. The texts are cut into the very batches `TextEncoder.encode` would run
+  in-process (`encode_batches`), and a worker encodes each batch whole, so the model sees the same
+  tensors on every runner.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol
+import abc
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
-from recaug.core.config import EncoderConfig, EngineConfig, RunnerConfig
-from recaug.pipelines.engines.base import FINISH_ERROR, Engine, EngineError, GenerationRequest, GenerationResult
+from recaug.core.batch_model import BatchModel, OnShard, Resources, RunnerError
+from recaug.core.config import RunnerConfig
+from recaug.pipelines.engines.base import Engine, GenerationRequest, error_results
 
 if TYPE_CHECKING:
     from recaug.encoders.text_encoder import TextEncoder
     from recaug.pipelines.cache import CacheSink
 
+__all__ = [
+    "BaseRunner", "RunnerError", "assemble_vectors", "encode_batches", "error_results", "make_runner",
+    "worker_resources",
+]
 
-class RunnerError(RuntimeError):
-    """A runner that cannot deliver every shard exactly once (the message says what to check)."""
-
-
-def error_results(requests: list[GenerationRequest], reason: str) -> list[GenerationResult]:
-    """A whole shard that failed, as per-request error results (never cached: the next run retries)."""
-    return [GenerationResult(r.key, "", 0, 0, FINISH_ERROR, 0.0, error=reason) for r in requests]
-
-
-# An engine that says nothing can work (EngineError) in a Ray or Beam worker comes back to the
-# driver as error results carrying this mark; the driver raises it there, so every runner stops the
-# run the same way the local runner does instead of failing every remaining shard.
-ENGINE_ERROR_MARK = "engine cannot work: "
+# below this many encoder batches a progress bar is noise
+_PROGRESS_MIN_BATCHES = 4
 
 
-def engine_error_results(requests: list[GenerationRequest], exc: Exception) -> list[GenerationResult]:
-    return error_results(requests, f"{ENGINE_ERROR_MARK}{exc}")
-
-
-def raise_engine_error(reason: str | None) -> None:
-    """Raise the worker's EngineError in the driver when a shard's error carries the mark."""
-    if reason and reason.startswith(ENGINE_ERROR_MARK):
-        raise EngineError(reason[len(ENGINE_ERROR_MARK):])
-
-
-def check_shard(index: int, requests: list[GenerationRequest], results: list[GenerationResult]) -> None:
-    """The engine contract: one result per request, same keys, same order."""
-    want = [r.key for r in requests]
-    got = [r.key for r in results]
-    if got != want:
-        raise RunnerError(
-            f"shard {index}: the engine returned {len(got)} result(s) for {len(want)} request(s) "
-            "or changed their keys/order; Engine.generate must return one result per request, in order"
-        )
-
-
-class Runner(Protocol):
-    kind: str
-
-    def execute(
-        self, shards: list[list[GenerationRequest]], on_shard: Callable[..., None], sink: "CacheSink | None" = None
-    ) -> None: ...
-
-    def encode(self, texts: list[str], encoder: "TextEncoder", scratch: str | None = None) -> np.ndarray: ...
-
-    def close(self) -> None: ...
+def worker_resources(cfg: RunnerConfig, needs: Resources) -> dict[str, float]:
+    """What one worker asks Ray for: the handler's needs under the runner's shares. CPUs may be
+    fractional (0.5 by default) so a 2-core machine never deadlocks between the workers and Ray Data's
+    own tasks; a GPU model with `gpus_per_actor: 0` gets one whole GPU per worker; a CPU-only model
+    (an encoder on the CPU) gets no GPU share."""
+    return needs.for_worker(cfg.cpus_per_actor, cfg.gpus_per_actor)
 
 
 # --- the encode stage ------------------------------------------------------------------------------
 
-EncodeBatch = tuple[int, list[int], list[str]]  # (batch index, row positions in the input, their texts)
+EncodeBatch = tuple[list[int], list[str]]  # (row positions in the input, their texts): one planned batch
 
 
 def encode_batches(texts: list[str], encoder: "TextEncoder") -> list[EncodeBatch]:
     """The batches `encoder.encode(texts)` would run in-process (tokeniser only), as work items."""
-    return [(i, [int(p) for p in idx], [texts[p] for p in idx]) for i, idx in enumerate(encoder.plan_batches(texts))]
-
-
-def worker_encoder(cfg: EncoderConfig, expected_id: str) -> "TextEncoder":
-    """A worker's encoder, loaded once; refuses a model that is not the driver's (the cache key)."""
-    from recaug.encoders.text_encoder import TextEncoder
-
-    encoder = TextEncoder(cfg, progress=False)
-    if encoder.encoder_id != expected_id:
-        raise RunnerError(
-            f"the worker's encoder is {encoder.encoder_id!r} but the driver's is {expected_id!r}; "
-            "every worker needs the same encoder model files as the driver"
-        )
-    encoder.model  # load now: once per worker, not on the first batch
-    return encoder
-
-
-def encode_one_batch(encoder: "TextEncoder", texts: list[str]) -> np.ndarray:
-    """One planned batch, whole: the same padded tensor as the in-process run."""
-    return encoder.encode(texts, batch_size=max(1, len(texts)), progress=False)
+    return [([int(p) for p in idx], [texts[p] for p in idx]) for idx in encoder.plan_batches(texts)]
 
 
 def assemble_vectors(n: int, dim: int, pieces: Iterable[tuple[list[int], np.ndarray]]) -> np.ndarray:
@@ -122,9 +81,75 @@ def assemble_vectors(n: int, dim: int, pieces: Iterable[tuple[list[int], np.ndar
     return out
 
 
-def make_runner(cfg: RunnerConfig, engine: Engine, engine_cfg: EngineConfig | None = None) -> Runner:
+class BaseRunner(abc.ABC):
+    """One execution path (`run`) per runner; generation and encoding are written once on top of it."""
+
+    kind: str = "abstract"
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @abc.abstractmethod
+    def run(
+        self,
+        handler: BatchModel,
+        shards: list[list[Any]],
+        on_shard: OnShard,
+        sink: "CacheSink | None" = None,
+        scratch: str | None = None,
+    ) -> None:
+        """Run `handler` over `shards`; `on_shard(index, results, committed)` once per shard.
+        `sink`: where workers may commit results themselves; `scratch`: a folder every worker and the
+        driver share (a runner that moves data through files needs one of the two)."""
+
+    def execute(
+        self, shards: list[list[GenerationRequest]], on_shard: Callable[..., None], sink: "CacheSink | None" = None
+    ) -> None:
+        """The augmentation stage: the engine over request shards; `on_shard(results, committed)`."""
+        if shards:
+            self.run(self.engine, shards, lambda _index, results, committed: on_shard(results, committed), sink)
+
+    def encoder_handler(self, encoder: "TextEncoder") -> BatchModel:
+        """The handler the encode stage runs: the encoder's config and identity, built on the workers."""
+        from recaug.encoders.text_encoder import TextEncoderHandler
+
+        return TextEncoderHandler(encoder.cfg, encoder.encoder_id)
+
+    def encode(self, texts: list[str], encoder: "TextEncoder", scratch: str | None = None) -> np.ndarray:
+        """Vectors of `texts` (rows in order): the planned batches through `run`, put back in order."""
+        from recaug.core.progress import progress_wanted
+
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, encoder.dim), dtype=np.float32)
+        batches = encode_batches(texts, encoder)
+        shards = [list(zip(positions, batch_texts)) for positions, batch_texts in batches]
+        pieces: list[tuple[list[int], np.ndarray]] = []
+        bar = None
+        if progress_wanted(encoder.progress) and len(batches) >= _PROGRESS_MIN_BATCHES:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(texts), desc="encode", unit="text", file=sys.stderr, dynamic_ncols=True)
+
+        def on_batch(index: int, vectors: np.ndarray, _committed: bool) -> None:
+            pieces.append((batches[index][0], vectors))
+            if bar is not None:
+                bar.update(len(vectors))
+
+        try:
+            self.run(self.encoder_handler(encoder), shards, on_batch, scratch=scratch)
+        finally:
+            if bar is not None:
+                bar.close()
+        return assemble_vectors(len(texts), encoder.dim, pieces)
+
+    def close(self) -> None:
+        pass
+
+
+def make_runner(cfg: RunnerConfig, engine: Engine) -> BaseRunner:
     """The runner named by `runner.kind`, wrapping an engine that has not been loaded yet (Ray and
-    Beam ship it to their workers, which call `engine.load()` once each)."""
+    Beam ship it to their workers, which load their own model object once each)."""
     if cfg.kind == "local":
         from recaug.pipelines.runners.local import LocalRunner
 
@@ -134,11 +159,11 @@ def make_runner(cfg: RunnerConfig, engine: Engine, engine_cfg: EngineConfig | No
             from recaug.pipelines.runners.ray_runner import RayRunner
         except ImportError as exc:
             raise ImportError(f"runner.kind 'ray' needs Ray Data: pip install 'recaug[ray]' ({exc})") from None
-        return RayRunner(cfg, engine, engine_cfg)
+        return RayRunner(cfg, engine)
     if cfg.kind == "beam":
         try:
             from recaug.pipelines.runners.beam_runner import BeamRunner
         except ImportError as exc:
             raise ImportError(f"runner.kind 'beam' needs Apache Beam: pip install 'recaug[beam]' ({exc})") from None
-        return BeamRunner(cfg, engine, engine_cfg)
+        return BeamRunner(cfg, engine)
     raise ValueError(f"unknown runner.kind {cfg.kind!r}; expected local, ray or beam")

@@ -1,16 +1,19 @@
-"""The Beam runner: read shards -> RunInference(engine seam) -> commit each shard to the cache.
+"""The Beam runner: read shards -> RunInference(the handler) -> one outcome file per shard.
 
-A shard is one pipeline element from start to end (RunInference batches exactly one element per
-call), so the engine sees the same batches as under the local runner and greedy outputs match.
-Workers commit finished shards to the cache themselves through the picklable `CacheSink`; a shard
-whose engine call raises goes to RunInference's dead-letter output instead of failing the job.
-The shards go in, and both outcomes come out, as JSON-lines files in a run folder next to the cache;
-after the pipeline finishes the driver reads the outcomes and the committed rows back and hands every
-shard to `on_shard` exactly once.
+One Beam ModelHandler (`SeamModelHandler`) serves every batch-model handler (an LLM engine, a text
+encoder): `load_model()` is the handler's, and one inference call is one shard (RunInference batches
+exactly one element per call), run under the shared failure policy (batch_model.run_shard), so the
+model sees the same batches as under the local runner and greedy outputs match. With a cache sink
+(the augmentation stage) workers commit each finished shard to the cache themselves through the
+picklable `CacheSink`; a shard that raised is not committed (its error results are not cached: the
+next run asks again).
 
-The encode stage is a second pipeline of the same shape: read the planned encoder batches ->
-RunInference(EncoderModelHandler, one batch per call) -> one Parquet file of vectors per batch in the
-run folder, which the driver reads back (and commits to the encoding cache, as on every runner).
+The shards go in as a text file (one line per shard) and every outcome comes out as a file of its
+own (batch_model.dump_outcome), in a run folder on storage every worker and the driver share: next
+to the cache (the sink's root) or in the caller's scratch folder (the encoding cache's). After the
+pipeline finishes the driver reads the outcomes back in shard order and batch_model.deliver hands
+every shard to `on_shard` exactly once; the run folder is removed whatever happened (`_run_folder`,
+the one run-then-clean-up).
 
 `runner.beam_options` are passed verbatim to `PipelineOptions`, so `--runner=DataflowRunner ...`,
 `--runner=FlinkRunner ...` or `--runner=SparkRunner ...` run the same pipeline there. Without a
@@ -20,15 +23,12 @@ download (the DirectRunner may hand pipelines to Prism, which fetches a Go binar
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import logging
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import Any, Iterable, Iterator, Sequence
 
 # Importing Beam logs a warning about optional GCP client libraries through the root logger, which
 # would install a root handler (logging.basicConfig) and turn on every library's INFO output in
@@ -46,162 +46,84 @@ finally:
     if _import_guard is not None:
         _root_logger.removeHandler(_import_guard)
 
-from recaug.pipelines.cache import CacheSink, GenerationCache
-from recaug.core.config import EncoderConfig, EngineConfig, RunnerConfig
-from recaug.pipelines.engines.base import FINISH_ERROR, Engine, EngineError, GenerationRequest, GenerationResult
-from recaug.pipelines.runners import (
-    EncodeBatch,
+from recaug.core.batch_model import (
+    BatchModel,
+    OnShard,
     RunnerError,
-    assemble_vectors,
-    check_shard,
-    encode_batches,
-    encode_one_batch,
-    error_results,
-    worker_encoder,
+    ShardOutcome,
+    deliver,
+    dump_outcome,
+    load_outcome,
+    run_shard,
 )
+from recaug.pipelines.cache import CacheSink, GenerationCache
+from recaug.core.config import RunnerConfig
+from recaug.pipelines.engines.base import FINISH_ERROR, Engine
+from recaug.pipelines.runners import BaseRunner
 
 log = logging.getLogger(__name__)
 
-Shard = tuple[int, list[GenerationRequest]]  # (shard index, its requests): one pipeline element
+Element = tuple[int, list]  # (shard index, its items): one pipeline element
 
 
-class EngineModelHandler(ModelHandler[Shard, tuple[int, list[GenerationResult]], Engine]):
-    """Beam's model seam over ours: load_model() = engine.load(); one inference call = one shard."""
+class SeamModelHandler(ModelHandler[Element, ShardOutcome, Any]):
+    """Beam's model seam over ours: load_model() = the handler's; one inference call = one shard."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, handler: BatchModel):
         # exactly one element (one shard) per batch: RunInference must never merge or split shards
         super().__init__(min_batch_size=1, max_batch_size=1)
-        self.engine = engine
+        self.handler = handler
 
-    def load_model(self) -> Engine:
-        self.engine.load()
-        return self.engine
+    def load_model(self) -> Any:
+        return self.handler.load_model()
 
     def run_inference(
-        self, batch: Sequence[Shard], model: Engine, inference_args: dict[str, Any] | None = None
-    ) -> Iterable[tuple[int, list[GenerationResult]]]:
-        out = []
-        for index, requests in batch:
-            results = model.generate(list(requests))
-            check_shard(index, requests, results)
-            out.append((index, results))
-        return out
+        self, batch: Sequence[Element], model: Any, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[ShardOutcome]:
+        return [run_shard(self.handler, model, index, items) for index, items in batch]
 
-    def get_num_bytes(self, batch: Sequence[Shard]) -> int:
-        return sum(len(m["content"]) for _, requests in batch for r in requests for m in r.messages)
+    def get_num_bytes(self, batch: Sequence[Element]) -> int:
+        return sum(len(self.handler.dump_batch(items)) for _, items in batch)
 
     def get_metrics_namespace(self) -> str:
         return "recaug"
 
 
-class EncoderModelHandler(ModelHandler[EncodeBatch, tuple[int, list[int], np.ndarray], Any]):
-    """RunInference over our encoder: load_model() builds the TextEncoder once per worker; one
-    inference call = one planned encoder batch, encoded whole (same tensors as in-process)."""
-
-    def __init__(self, cfg: EncoderConfig, encoder_id: str):
-        super().__init__(min_batch_size=1, max_batch_size=1)
-        self.cfg = cfg
-        self.encoder_id = encoder_id
-
-    def load_model(self):
-        return worker_encoder(self.cfg, self.encoder_id)
-
-    def run_inference(
-        self, batch: Sequence[EncodeBatch], model, inference_args: dict[str, Any] | None = None
-    ) -> Iterable[tuple[int, list[int], np.ndarray]]:
-        return [(index, positions, encode_one_batch(model, texts)) for index, positions, texts in batch]
-
-    def get_num_bytes(self, batch: Sequence[EncodeBatch]) -> int:
-        return sum(len(t) for _, _, texts in batch for t in texts)
-
-    def get_metrics_namespace(self) -> str:
-        return "recaug"
+def outcome_path(run_dir: str, index: int) -> str:
+    return FileSystems.join(run_dir, f"outcome-{index:08d}.bin")
 
 
-def vectors_path(run_dir: str, index: int) -> str:
-    return FileSystems.join(run_dir, f"vectors-{index:08d}.parquet")
+class WriteOutcome(beam.DoFn):
+    """Commits a finished shard through the sink (when there is one), then writes its outcome file; a
+    retried bundle rewrites the same file with the same outcome."""
 
-
-class WriteVectors(beam.DoFn):
-    """One encoded batch -> one Parquet file (position, vector: fixed_size_list<float32>[d]); a retried
-    bundle rewrites the same file with the same vectors."""
-
-    def __init__(self, run_dir: str):
+    def __init__(self, handler: BatchModel, run_dir: str, sink: CacheSink | None):
+        self.handler = handler
         self.run_dir = run_dir
-
-    def process(self, element: tuple[int, list[int], np.ndarray]):
-        from recaug.schemas.vectors import fixed_size_vectors
-
-        index, positions, vectors = element
-        table = pa.Table.from_arrays([pa.array(positions, pa.int64()), fixed_size_vectors(vectors)],
-                                     names=["position", "vector"])
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        with FileSystems.create(vectors_path(self.run_dir, index)) as fh:
-            fh.write(sink.getvalue().to_pybytes())
-        yield index
-
-
-def encode_batch_to_json(batch: EncodeBatch) -> str:
-    index, positions, texts = batch
-    return json.dumps({"batch": index, "positions": positions, "texts": texts})  # ASCII: one batch = one line
-
-
-def encode_batch_from_json(line: str) -> EncodeBatch:
-    record = json.loads(line)
-    return int(record["batch"]), [int(p) for p in record["positions"]], list(record["texts"])
-
-
-def result_to_record(r: GenerationResult) -> dict[str, Any]:
-    return {"key": r.key, "text": r.text, "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
-            "finish_reason": r.finish_reason, "latency_s": r.latency_s, "error": r.error,
-            "extra": json.loads(json.dumps(r.extra, default=str))}
-
-
-def result_from_record(d: dict[str, Any]) -> GenerationResult:
-    return GenerationResult(d["key"], d["text"], int(d["input_tokens"]), int(d["output_tokens"]), d["finish_reason"],
-                            float(d["latency_s"]), error=d["error"], extra=d["extra"])
-
-
-class CommitShard(beam.DoFn):
-    """Writes one finished shard to the cache; emits its outcome with every result as the engine
-    returned it (the cache keeps only part of a result: no `extra`, no errors, latency as float32)."""
-
-    def __init__(self, sink: CacheSink):
         self.sink = sink
 
-    def process(self, element: tuple[int, list[GenerationResult]]):
-        index, results = element
-        stored = self.sink.commit(results)  # engine errors are not cached: the next run retries them
-        # ASCII JSON: one outcome = one line, whatever characters the model wrote
-        yield json.dumps({"shard": index, "stored": stored, "results": [result_to_record(r) for r in results]})
+    def process(self, outcome: ShardOutcome):
+        if self.sink is not None and outcome.fatal is None and outcome.failed is None:
+            self.sink.commit(outcome.results)  # error results are not cached: the next run retries them
+            outcome = dataclasses.replace(outcome, committed=True)
+        with FileSystems.create(outcome_path(self.run_dir, outcome.index)) as fh:
+            fh.write(dump_outcome(self.handler, outcome))
+        yield outcome.index
 
 
-def dead_letter_records(failed: tuple[Sequence[Shard], tuple[type, str, list[str]]]) -> Iterable[str]:
-    """RunInference's dead letter (failed batch, (exception type, repr, traceback)) -> one record per shard."""
-    batch, (exc_type, exc_repr, _traceback) = failed
-    fatal = isinstance(exc_type, type) and issubclass(exc_type, EngineError)
-    for index, _requests in batch:
-        yield json.dumps({"shard": index, "dead_letter": exc_repr, "engine_error": fatal})
+def element_from_line(line: str, handler: BatchModel) -> Element:
+    index, _, batch = line.partition("\t")
+    return int(index), handler.load_batch(batch)
 
 
-def shard_to_json(index: int, shard: list[GenerationRequest]) -> str:
-    requests = [{"key": r.key, "messages": list(r.messages), "max_new_tokens": r.max_new_tokens,
-                 "json_schema": r.json_schema} for r in shard]
-    return json.dumps({"shard": index, "requests": requests}, ensure_ascii=False)
-
-
-def shard_from_json(line: str) -> Shard:
-    record = json.loads(line)
-    requests = [GenerationRequest(r["key"], tuple(r["messages"]), int(r["max_new_tokens"]), r["json_schema"])
-                for r in record["requests"]]
-    return int(record["shard"]), requests
-
-
-def write_shards(shards: list[list[GenerationRequest]], path: str) -> None:
+def write_shards(handler: BatchModel, shards: list[list], path: str) -> None:
+    """One line per shard: its index, a tab, the handler's one-line text form of the shard."""
     with FileSystems.create(path) as fh:
         for index, shard in enumerate(shards):
-            fh.write((shard_to_json(index, shard) + "\n").encode("utf-8"))
+            line = handler.dump_batch(shard)
+            if "\n" in line or "\r" in line:
+                raise RunnerError(f"{type(handler).__name__}.dump_batch wrote a line break; a shard must be one line")
+            fh.write(f"{index}\t{line}\n".encode("utf-8"))
 
 
 def pipeline_options(cfg: RunnerConfig) -> PipelineOptions:
@@ -212,13 +134,12 @@ def uses_in_process_runner(options: PipelineOptions) -> bool:
     return options.view_as(StandardOptions).runner is None
 
 
-class BeamRunner:
+class BeamRunner(BaseRunner):
     kind = "beam"
 
-    def __init__(self, cfg: RunnerConfig, engine: Engine, engine_cfg: EngineConfig | None = None):
+    def __init__(self, cfg: RunnerConfig, engine: Engine):
+        super().__init__(engine)
         self.cfg = cfg
-        self.engine = engine
-        self.engine_cfg = engine_cfg
         self.options = pipeline_options(cfg)
 
     def _pipeline(self) -> beam.Pipeline:
@@ -228,152 +149,76 @@ class BeamRunner:
             return beam.Pipeline(runner=FnApiRunner(), options=self.options)
         return beam.Pipeline(options=self.options)
 
-    def build(self, pipeline: beam.Pipeline, shards_path: str, sink: CacheSink, outcome_prefix: str) -> None:
-        inferred, dead = (
+    def build(self, pipeline: beam.Pipeline, handler: BatchModel, shards_path: str, run_dir: str,
+              sink: CacheSink | None) -> None:
+        _ = (
             pipeline
             # shards come from a file, not Create: a large run would not fit in the job graph (Dataflow
             # caps its size); one line = one shard, and the reshuffle spreads shards over workers
             | "ReadShards" >> beam.io.ReadFromText(shards_path)
-            | "ParseShards" >> beam.Map(shard_from_json)
+            | "ParseShards" >> beam.Map(element_from_line, handler)
             | "SpreadShards" >> beam.Reshuffle()
-            | "Generate" >> RunInference(EngineModelHandler(self.engine)).with_exception_handling()
-        )
-        committed = inferred | "Commit" >> beam.ParDo(CommitShard(sink))
-        dead_lettered = dead.failed_inferences | "DeadLetter" >> beam.FlatMap(dead_letter_records)
-        _ = (
-            (committed, dead_lettered)
-            | "Outcomes" >> beam.Flatten()
-            | "WriteOutcomes" >> beam.io.WriteToText(outcome_prefix, file_name_suffix=".jsonl")
+            | "Run" >> RunInference(SeamModelHandler(handler))
+            | "WriteOutcomes" >> beam.ParDo(WriteOutcome(handler, run_dir, sink))
         )
 
-    def execute(
-        self,
-        shards: list[list[GenerationRequest]],
-        on_shard: Callable[..., None],
-        sink: CacheSink | None = None,
-    ) -> None:
+    def run(self, handler: BatchModel, shards: list[list[Any]], on_shard: OnShard,
+            sink: CacheSink | None = None, scratch: str | None = None) -> None:
         if not shards:
             return
-        if sink is None:
-            raise ValueError("the Beam runner commits shards on its workers and needs the cache sink (execute(..., sink))")
-        # the run's shards and outcomes live next to the cache: storage every worker and the driver share
-        run_dir = FileSystems.join(sink.root, "beam-runs", uuid.uuid4().hex)
-        shards_path = FileSystems.join(run_dir, "shards.jsonl")
-        outcome_prefix = FileSystems.join(run_dir, "outcome")
-        try:
-            write_shards(shards, shards_path)
+        root = scratch if scratch is not None else (sink.root if sink is not None else None)
+        if root is None:
+            raise ValueError(
+                "the Beam runner works through files every worker and the driver share: it needs the cache sink "
+                "(execute(..., sink)) or a shared scratch folder (encode(..., scratch))"
+            )
+        with _run_folder(root) as run_dir:
+            shards_path = FileSystems.join(run_dir, "shards.txt")
+            write_shards(handler, shards, shards_path)
             pipeline = self._pipeline()
-            self.build(pipeline, shards_path, sink, outcome_prefix)
+            self.build(pipeline, handler, shards_path, run_dir, sink)
             state = pipeline.run().wait_until_finish()
             if state != "DONE":
                 raise RunnerError(f"the Beam pipeline ended in state {state}; see the runner's logs")
-            self._deliver(shards, read_outcomes(outcome_prefix), sink, on_shard)
-        finally:
-            _remove_run_dir(run_dir)
+            outcomes = [read_outcome(handler, run_dir, index) for index in range(len(shards))]
+            if sink is not None:
+                check_committed(sink, outcomes)
+            deliver(handler, shards, outcomes, on_shard)
 
-    def _deliver(self, shards, outcomes: dict[int, dict], sink: CacheSink, on_shard) -> None:
-        missing = sorted(set(range(len(shards))) - set(outcomes))
-        if missing:
-            raise RunnerError(f"the Beam pipeline reported no outcome for shard(s) {missing[:10]} of {len(shards)}")
-        delivered = {}
-        for index, shard in enumerate(shards):
-            outcome = outcomes[index]
-            if "dead_letter" not in outcome:
-                delivered[index] = [result_from_record(d) for d in outcome["results"]]
-                check_shard(index, shard, delivered[index])
-        # the results travel in the outcome files; the committed rows must also be readable here
-        stored_keys = [r.key for results in delivered.values() for r in results if r.finish_reason != FINISH_ERROR]
-        found = set(GenerationCache(Path(sink.root)).lookup(stored_keys)["cache_key"].to_list())
-        for index, shard in enumerate(shards):
-            outcome = outcomes[index]
-            if outcome.get("engine_error"):  # nothing can work: stop as the local runner does
-                raise EngineError(f"the engine failed on a Beam worker: {outcome['dead_letter']}")
-            if "dead_letter" in outcome:
-                reason = f"shard dead-lettered by the Beam runner: {outcome['dead_letter']}"
-                on_shard(error_results(shard, reason), False)
-                continue
-            lost = [r.key for r in delivered[index] if r.finish_reason != FINISH_ERROR and r.key not in found]
-            if lost:
-                raise RunnerError(
-                    f"shard {index} was committed by a Beam worker but its rows are not in the cache at "
-                    f"{sink.root}; the cache root must be on storage every worker writes and the driver reads "
-                    "(see docs/scaling.md)"
-                )
-            on_shard(delivered[index], True)
 
-    def build_encode(self, pipeline: beam.Pipeline, batches_path: str, encoder, run_dir: str) -> None:
-        _ = (
-            pipeline
-            | "ReadBatches" >> beam.io.ReadFromText(batches_path)
-            | "ParseBatches" >> beam.Map(encode_batch_from_json)
-            | "SpreadBatches" >> beam.Reshuffle()
-            | "Encode" >> RunInference(EncoderModelHandler(encoder.cfg, encoder.encoder_id))
-            | "WriteVectors" >> beam.ParDo(WriteVectors(run_dir))
+def read_outcome(handler: BatchModel, run_dir: str, index: int) -> ShardOutcome:
+    path = outcome_path(run_dir, index)
+    if not FileSystems.exists(path):
+        raise RunnerError(
+            f"shard {index} has no outcome file in {run_dir}; the cache / encoding-cache folder must be on storage "
+            "every worker writes and the driver reads (see docs/scaling.md)"
         )
-
-    def encode(self, texts: list[str], encoder, scratch: str | None = None) -> np.ndarray:
-        """Vectors of `texts` (rows in order). `scratch` is a folder every worker and the driver share
-        (the encoding cache's): the batches go in and the vectors come out there."""
-        from recaug.schemas.vectors import vectors_numpy
-
-        if not texts:
-            return np.zeros((0, encoder.dim), dtype=np.float32)
-        if scratch is None:
-            raise ValueError("the Beam runner encodes on its workers and needs a shared scratch folder (encode(..., scratch))")
-        batches = encode_batches(list(texts), encoder)
-        run_dir = FileSystems.join(scratch, "beam-runs", uuid.uuid4().hex)
-        batches_path = FileSystems.join(run_dir, "batches.jsonl")
-        try:
-            with FileSystems.create(batches_path) as fh:
-                for batch in batches:
-                    fh.write((encode_batch_to_json(batch) + "\n").encode("utf-8"))
-            pipeline = self._pipeline()
-            self.build_encode(pipeline, batches_path, encoder, run_dir)
-            state = pipeline.run().wait_until_finish()
-            if state != "DONE":
-                raise RunnerError(f"the Beam encode pipeline ended in state {state}; see the runner's logs")
-            pieces = []
-            for index, positions, _texts in batches:
-                path = vectors_path(run_dir, index)
-                if not FileSystems.exists(path):
-                    raise RunnerError(
-                        f"encoder batch {index} has no vectors file in {run_dir}; the encoding cache folder must be on "
-                        "storage every worker writes and the driver reads (see docs/scaling.md)"
-                    )
-                with FileSystems.open(path) as fh:
-                    table = pq.read_table(pa.BufferReader(fh.read()))
-                if table.column("position").to_pylist() != positions:
-                    raise RunnerError(f"encoder batch {index} came back with other rows than were sent")
-                pieces.append((positions, vectors_numpy(table)))
-            return assemble_vectors(len(texts), encoder.dim, pieces)
-        finally:
-            _remove_run_dir(run_dir)
-
-    def close(self) -> None:
-        pass
+    with FileSystems.open(path) as fh:
+        return load_outcome(handler, fh.read())
 
 
-def read_outcomes(prefix: str) -> dict[int, dict]:
-    """Outcome records by shard index. A shard both committed and dead-lettered cannot happen in one
-    attempt; if a retried bundle produced both, the committed one wins (its rows are in the cache)."""
-    outcomes: dict[int, dict] = {}
-    matches = FileSystems.match([prefix + "*"])[0].metadata_list
-    for meta in sorted(matches, key=lambda m: m.path):
-        with FileSystems.open(meta.path) as fh:
-            for line in fh.read().decode("utf-8").splitlines():
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                index = int(record["shard"])
-                if index in outcomes and "dead_letter" in record:
-                    continue
-                outcomes[index] = record
-    return outcomes
+def check_committed(sink: CacheSink, outcomes: list[ShardOutcome]) -> None:
+    """The rows workers committed must be readable here, or the next run would miss them."""
+    stored = {o.index: [r.key for r in o.results if r.finish_reason != FINISH_ERROR] for o in outcomes if o.committed}
+    found = set(GenerationCache(Path(sink.root)).lookup([k for keys in stored.values() for k in keys])["cache_key"].to_list())
+    for index, keys in stored.items():
+        if any(k not in found for k in keys):
+            raise RunnerError(
+                f"shard {index} was committed by a Beam worker but its rows are not in the cache at "
+                f"{sink.root}; the cache root must be on storage every worker writes and the driver reads "
+                "(see docs/scaling.md)"
+            )
 
 
-def _remove_run_dir(run_dir: str) -> None:
+@contextlib.contextmanager
+def _run_folder(root: str) -> Iterator[str]:
+    """A fresh run folder under `root`, removed afterwards whatever happened."""
+    run_dir = FileSystems.join(root, "beam-runs", uuid.uuid4().hex)
     try:
-        if FileSystems.exists(run_dir):
-            FileSystems.delete([run_dir])
-    except Exception as exc:  # leftover outcome files are harmless; say so rather than fail the run
-        log.warning("could not remove the Beam outcome folder %s: %s", run_dir, exc)
+        yield run_dir
+    finally:
+        try:
+            if FileSystems.exists(run_dir):
+                FileSystems.delete([run_dir])
+        except Exception as exc:  # leftover outcome files are harmless; say so rather than fail the run
+            log.warning("could not remove the Beam run folder %s: %s", run_dir, exc)

@@ -1,52 +1,52 @@
-"""The local runner: the engine runs in this process, one shard at a time (the embedded default).
+"""The local runner: the model runs in this process, one shard at a time (the embedded default).
 
-A shard whose `generate` call raises (or breaks the one-result-per-request contract) becomes
-per-request error results, as on Ray and Beam: those requests end in the dead-letter table and the
-run goes on; they are not cached, so the next run asks again. `EngineError` is the exception: the
-engine says nothing can work (a server that cannot be reached at all), so the run stops there with
-that message instead of trying, and failing, every remaining shard; finished shards stay cached.
+Same policy as on Ray and Beam (recaug.core.batch_model.run_shard / deliver): a shard whose run
+raises (or breaks the one-result-per-request contract) becomes per-request error results, which end
+in the dead-letter table while the run goes on; they are not cached, so the next run asks again. An
+EngineError stops the run with its message instead of trying, and failing, every remaining shard;
+finished shards stay cached. The engine's model object is loaded on the first run and kept until
+`close()`, so the chunks and augmenters of one job load the model once.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Callable
+from typing import Any
 
-import numpy as np
-
-from recaug.pipelines.cache import CacheSink
-from recaug.pipelines.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
-from recaug.pipelines.runners import check_shard, error_results
-
-log = logging.getLogger(__name__)
+from recaug.core.batch_model import BatchModel, OnShard, deliver, run_shard
+from recaug.pipelines.runners import BaseRunner
 
 
-class LocalRunner:
+class LocalRunner(BaseRunner):
     kind = "local"
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine):
+        super().__init__(engine)
+        self._engine_model: Any = None
 
-    def execute(
-        self,
-        shards: list[list[GenerationRequest]],
-        on_shard: Callable[[list[GenerationResult]], None],
-        sink: CacheSink | None = None,
-    ) -> None:
-        self.engine.load()
-        for index, shard in enumerate(shards):
-            try:
-                results = self.engine.generate(shard)
-                check_shard(index, shard, results)
-            except EngineError:
-                raise  # nothing can work: stop now (the CLI exits 2 with the engine's message)
-            except Exception as exc:  # the shard fails, the run goes on (same as the Ray and Beam runners)
-                log.warning("shard %s failed in the engine: %r", index, exc)
-                results = error_results(shard, f"shard failed in the engine: {type(exc).__name__}: {exc}")
-            on_shard(results)
+    def _model(self, handler: BatchModel) -> Any:
+        if handler is not self.engine:
+            return handler.load_model()
+        if self._engine_model is None:
+            self._engine_model = handler.load_model()
+        return self._engine_model
 
-    def encode(self, texts: list[str], encoder, scratch: str | None = None) -> np.ndarray:
-        return encoder.encode(texts)
+    def run(self, handler: BatchModel, shards: list[list[Any]], on_shard: OnShard, sink=None, scratch=None) -> None:
+        if not shards:
+            return
+        model = self._model(handler)
+        try:
+            # lazily, shard by shard: each shard is delivered (and committed by the caller) before the next runs
+            deliver(handler, shards, (run_shard(handler, model, i, shard) for i, shard in enumerate(shards)), on_shard)
+        finally:
+            if handler is not self.engine:
+                handler.close_model(model)
+
+    def encoder_handler(self, encoder) -> BatchModel:
+        from recaug.encoders.text_encoder import InProcessEncoderHandler
+
+        return InProcessEncoderHandler(encoder)  # the caller's encoder: loaded here, as a plain encode() call
 
     def close(self) -> None:
-        pass
+        if self._engine_model is not None:
+            model, self._engine_model = self._engine_model, None
+            self.engine.close_model(model)

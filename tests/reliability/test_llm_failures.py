@@ -87,7 +87,7 @@ def run_stage(engine: Engine, inputs: AugmentInputs, tmp_path: Path, max_attempt
     aug = get_augmenter(aug_name)
     counting = Counting(engine, lambda r: TITLE.search(r.messages[1]["content"]).group(1).replace("Movie ", "i"))
     out = run_augmenter(aug, AugmenterConfig(name=aug_name, max_new_tokens=max_new_tokens), inputs, counting,
-                        EngineConfig(kind="fake", max_attempts=max_attempts), GenerationCache(tmp_path / "cache"),
+                        EngineConfig(kind="fake", parse_attempts=max_attempts), GenerationCache(tmp_path / "cache"),
                         LocalRunner(counting).execute, shard_size=shard_size)
     return out, counting
 
@@ -352,7 +352,7 @@ def test_an_unreachable_server_stops_the_run_with_a_clear_message(tmp_path, caps
     write_shop(tmp_path)
     path = shop_config(tmp_path, None)
     data = yaml.safe_load(path.read_text())
-    data["engine"] = {"kind": "http", "model": "any", "base_url": f"http://127.0.0.1:{port}/v1", "max_retries": 0, "timeout_s": 5}
+    data["engine"] = {"kind": "http", "model": "any", "base_url": f"http://127.0.0.1:{port}/v1", "http_retries": 0, "timeout_s": 5}
     path.write_text(yaml.safe_dump(data))
     code = cli.main(["run", str(path)])
     out, err = capsys.readouterr()

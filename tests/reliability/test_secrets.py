@@ -161,7 +161,7 @@ def test_the_api_key_appears_in_no_file_and_no_output(tmp_path, stub_server):
                              "timestamp_format": "%Y-%m-%d %H:%M:%S"},
         },
         "engine": {"kind": "http", "base_url": stub_server, "model": "stub-model", "api_key_env": KEY_ENV,
-                   "max_retries": 3, "concurrency": 4, "timeout_s": 30},
+                   "http_retries": 3, "concurrency": 4, "timeout_s": 30},
         "runner": {"shard_size": 8},
         "augmenters": [{"name": "kar_user_preference"}, {"name": "kar_item_knowledge"},
                        # JSON answers expected: the stub's text is retried once, then dead-lettered with the prompt
