@@ -48,7 +48,8 @@ RUN_TIMEOUT = 600
 SHOP = Shop(n_users=30, n_items=20, per_user=10, seed=11, first_age=20, first_year=1990, title="Film {i}",
             genres=("Action", "Drama|Comedy"))
 # not a test of encoding: runs encode with the hash encoder (in-process: the fake_encoder fixture)
-pytestmark = pytest.mark.usefixtures("fake_encoder")
+# the two-run tests wait up to RUN_TIMEOUT for each run: longer than the suite's default timeout
+pytestmark = [pytest.mark.usefixtures("fake_encoder"), pytest.mark.timeout(1800)]
 
 
 def write_shop(folder: Path) -> None:

@@ -64,6 +64,8 @@ AUGMENTERS = [
 ]
 VOLATILE = {"created_at", "latency_s"}  # wall-clock facts of the run that wrote the row
 RUN_TIMEOUT = 600
+# a chain is up to eight runs of up to RUN_TIMEOUT each: longer than the suite's default timeout
+pytestmark = pytest.mark.timeout(3600)
 # each encoder batch of the hash encoder takes this long, so that encoding lasts long enough
 # (13 batches) for the kill from outside to land inside it
 ENCODE_BATCH_SECONDS = 0.1
