@@ -21,7 +21,7 @@ VLLM_PIN   := $(VLLM_VENV)/constraints.txt
 # (pydantic, jinja2, pyyaml, tqdm, numpy, transformers, jsonschema); gguf + accelerate convert the packaged GGUF.
 VLLM_DEPS  := pyarrow==25.0.1 "polars==2.1.*" "gguf>=0.17" "accelerate>=1.10" "ray[data]==2.60.*" "pytest>=8" "pytest-timeout>=2.3"
 
-.PHONY: install demo test test-fast test-vllm bench clean-venv
+.PHONY: install demo test test-fast test-unit test-vllm bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "recaug needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
@@ -55,13 +55,22 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/recaug demo $(CONFIG)
 
+# Tests run on 2 pytest-xdist workers; --dist loadgroup keeps tests that share a module-scoped fixture
+# (or a Ray cluster) on one worker (tests/conftest.py sets the groups). PYTEST_ARGS adds options,
+# e.g. PYTEST_ARGS='-m unit' for the fast layer only, or PYTEST_WORKERS=0 to run in one process.
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST   := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
+
 test: $(STAMP)
 	@# the layer contract (.importlinter, docs/architecture.md) before any test
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) -m "not slow" $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) -m "unit and not slow" $(PYTEST_ARGS)
 
 # Only the vLLM tests: the rest of the suite needs the main venv. A missing vLLM here fails instead of skipping.
 test-vllm: $(VLLM_STAMP)

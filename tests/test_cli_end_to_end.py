@@ -1,6 +1,7 @@
 """The CLI as cron and people call it: a bring-your-own dataset from CSV with renamed columns runs
 every step with only a config file; exit codes say what went wrong. The engine is the deterministic
-fake here (the real model runs the same path in test_resume_real.py and the runner parity tests)."""
+fake here, and so is the encoder (tests/fake_encoder.py); the real models run the same path in
+test_resume_real.py and the runner parity tests."""
 
 import json
 import re
@@ -12,46 +13,21 @@ from recaug.pipelines import cli
 from recaug.core.config import load_config
 from recaug.core.locking import RunLock
 from recaug.pipelines.snapshots import list_snapshots, snapshot_root
+from shop_data import Shop
+
+# not a test of encoding: every run here encodes with the hash encoder
+pytestmark = pytest.mark.usefixtures("fake_encoder")
 
 
 def write_shop(tmp_path, n_users=40, n_items=30, bad_rows=0):
     """A small shop in the user's own column names and formats (CSV, text timestamps, '|' genres)."""
-    import random
-
-    rng = random.Random(7)
-    cats = ["Drama", "Comedy", "Action", "Romance"]
-    pl.DataFrame({
-        "customer": [f"c{u}" for u in range(n_users)],
-        "age_years": [str(18 + u % 50) for u in range(n_users)],
-        "sex": ["M" if u % 2 else "F" for u in range(n_users)],
-    }).write_csv(tmp_path / "customers.csv")
-    pl.DataFrame({
-        "sku": [f"s{i}" for i in range(n_items)],
-        "name": [f"Film number {i}" for i in range(n_items)],
-        "released": [str(1980 + i) for i in range(n_items)],
-        "cats": ["|".join(rng.sample(cats, 2)) for _ in range(n_items)],
-    }).write_csv(tmp_path / "catalogue.csv")
-    rows = []
-    for u in range(n_users):
-        for k, i in enumerate(rng.sample(range(n_items), 12)):
-            rows.append({"customer": f"c{u}", "sku": f"s{i}", "stars": str(rng.randint(1, 5)),
-                         "when": f"1998-0{1 + k % 9}-{10 + u % 18:02d} 12:{k:02d}:00"})
-    for b in range(bad_rows):
-        rows.append({"customer": f"c{b}", "sku": "s1", "stars": "lots", "when": "1998-01-01 00:00:00"})
-    pl.DataFrame(rows).write_csv(tmp_path / "events.csv")
+    Shop(n_users=n_users, n_items=n_items, bad_rows=bad_rows).write(tmp_path)
 
 
 def shop_config(write_config, **overrides):
     cfg = {
         "name": "shop",
-        "dataset": {
-            "kind": "files",
-            "domain": "movies",
-            "users": {"path": "customers.csv", "columns": {"user_id": "customer", "age": "age_years", "gender": "sex"}},
-            "items": {"path": "catalogue.csv", "columns": {"item_id": "sku", "title": "name", "year": "released", "genres": "cats"}},
-            "interactions": {"path": "events.csv", "columns": {"user_id": "customer", "item_id": "sku", "rating": "stars",
-                                                               "timestamp": "when"}, "timestamp_format": "%Y-%m-%d %H:%M:%S"},
-        },
+        "dataset": Shop().dataset(domain="movies"),
         "engine": {"kind": "fake"},
         "runner": {"shard_size": 8},
         "augmenters": [{"name": "kar_user_preference"}, {"name": "kar_item_knowledge"}, {"name": "once_content_summary"}],

@@ -18,7 +18,8 @@ from recaug.schemas.vectors import vectors_numpy
 from recaug.core.config import load_config
 from recaug.pipelines.snapshots import read_table, resolve_snapshot, snapshot_root
 
-pytestmark = pytest.mark.slow
+# three real-model runs and two diffs, each allowed 1800 s below: longer than the suite's default timeout
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "ml100k.yaml"
 RUNNERS = ("local", "ray", "beam")

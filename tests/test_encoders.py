@@ -60,6 +60,7 @@ def generated(texts: list[str], augmenter: str = "kar_user", kind: str = "user",
 # --- pooling ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mean_pooling_matches_sentence_transformers(encoder, sentence_transformer):
     ours = encoder.encode(TEXTS)
     theirs = sentence_transformer.encode(TEXTS, batch_size=3, convert_to_numpy=True)
@@ -67,6 +68,7 @@ def test_mean_pooling_matches_sentence_transformers(encoder, sentence_transforme
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_unnormalised_mean_matches_the_transformer_and_pooling_modules_alone(sentence_transformer):
     from sentence_transformers import SentenceTransformer
 
@@ -76,6 +78,7 @@ def test_unnormalised_mean_matches_the_transformer_and_pooling_modules_alone(sen
     assert not np.allclose(np.linalg.norm(ours, axis=1), 1.0)
 
 
+@pytest.mark.slow
 def test_rows_come_back_in_input_order_whatever_the_batching(encoder):
     forward = encoder.encode(TEXTS)
     backward = encoder.encode(TEXTS[::-1], batch_size=2)
@@ -96,6 +99,7 @@ def test_pool_cls_and_last_follow_the_mask_for_both_padding_sides():
     assert torch.allclose(pool(tokens, right, "mean")[0], tokens[0, :2].mean(0))
 
 
+@pytest.mark.slow
 def test_padding_places_ids_and_mask_on_the_tokenizer_side(encoder):
     tok = encoder.tokenizer
     pad = tok.pad_token_id
@@ -114,6 +118,7 @@ def test_padding_places_ids_and_mask_on_the_tokenizer_side(encoder):
         tok.padding_side = side
 
 
+@pytest.mark.slow
 def test_other_poolings_run_on_the_real_model():
     for pooling in ("cls", "last"):
         enc = TextEncoder(EncoderConfig(pooling=pooling, batch_size=4), progress=False)
@@ -152,6 +157,7 @@ def test_encoder_id_names_model_pooling_normalisation_and_length(tmp_path):
 # --- the encoding cache ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reencoding_hits_the_cache_and_never_calls_the_model(encoder, tmp_path):
     texts = TEXTS + [TEXTS[0]]  # a duplicate text is encoded once
     gen = generated(texts)
@@ -175,6 +181,7 @@ def test_reencoding_hits_the_cache_and_never_calls_the_model(encoder, tmp_path):
     assert third_cache.misses == 1
 
 
+@pytest.mark.slow
 def test_cache_is_keyed_by_encoder_id(encoder, tmp_path):
     gen = generated(TEXTS[:3])
     encode_table(gen, encoder, tmp_path, "kar_user")
@@ -184,6 +191,7 @@ def test_cache_is_keyed_by_encoder_id(encoder, tmp_path):
     assert cache.misses == 3 and cache.hits == 0
 
 
+@pytest.mark.slow
 def test_leftover_temp_files_are_ignored_and_a_corrupt_shard_is_reported(encoder, tmp_path):
     cache = EncodingCache(tmp_path, encoder.encoder_id, encoder.dim)
     encode_table(generated(TEXTS[:2]), encoder, cache, "kar_user")
@@ -245,6 +253,7 @@ def test_a_killed_writer_never_leaves_a_corrupt_shard(tmp_path):
         np.testing.assert_array_equal(stored_vectors[row], expected)
 
 
+@pytest.mark.slow
 def test_compaction_keeps_every_vector(encoder, tmp_path):
     cache = EncodingCache(tmp_path, encoder.encoder_id, encoder.dim)
     for t in TEXTS[:4]:
@@ -260,6 +269,7 @@ def test_compaction_keeps_every_vector(encoder, tmp_path):
 # --- embedding tables --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_embedding_table_format_and_metadata(encoder, tmp_path):
     table = encode_table(generated(TEXTS), encoder, tmp_path, "kar_user", snapshot_id="pending")
     assert table.schema.field("vector").type == pa.list_(pa.float32(), 384)
@@ -274,6 +284,7 @@ def test_embedding_table_format_and_metadata(encoder, tmp_path):
     np.testing.assert_allclose(vectors_numpy(table), encoder.encode(TEXTS), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_encode_table_refuses_mixed_or_mismatched_input(encoder, tmp_path):
     mixed = pa.concat_tables([generated(["a"]), generated(["b"], kind="item")])
     with pytest.raises(ValueError, match="one entity kind"):
@@ -326,6 +337,7 @@ def test_vectors_numpy_copies_for_several_chunks_and_fills_nulls_with_nan():
 # --- PCA ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pca_is_stored_as_a_table_and_reapplies_identically(encoder, tmp_path):
     cfg = EncoderConfig(pca_dim=4, batch_size=8)
     pca_encoder = TextEncoder(cfg, progress=False)
@@ -358,6 +370,7 @@ def test_pca_fit_recovers_the_variance_directions():
     np.testing.assert_allclose(vectors_numpy(reduced).mean(axis=0), 0.0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_table_encoded_in_slices_equals_one_encoded_whole(encoder, tmp_path, monkeypatch):
     import recaug.encoders.tables as tables
 
@@ -373,6 +386,7 @@ def test_a_table_encoded_in_slices_equals_one_encoded_whole(encoder, tmp_path, m
     assert cache.misses == len(TEXTS)  # a text seen in an earlier slice is a hit in a later one
 
 
+@pytest.mark.slow
 def test_a_spilled_embedding_table_equals_the_one_held_in_memory(encoder, tmp_path, monkeypatch):
     import recaug.encoders.tables as tables
 

@@ -19,7 +19,8 @@ from recaug.core.config import load_config
 from recaug.core.crashpoints import CRASH_ENV
 from recaug.pipelines.snapshots import SnapshotNotFound, list_snapshots, read_table, resolve_snapshot, snapshot_root
 
-pytestmark = pytest.mark.slow
+# three real-model runs, each allowed 900 s below: longer than the suite's default timeout
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
 
 CONFIG = {
     "name": "resume",

@@ -560,6 +560,7 @@ def assert_same_features(reference: dict, other: dict, label: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # four whole long jobs on MovieLens-100K
 def test_long_job_publishes_the_same_snapshot_on_every_runner(ray_session, tmp_path, ml100k_inputs):
     """augment -> encode -> gate -> publish on local, Ray and Beam, each in a fresh workdir, with the
     deterministic engine: free-text augmenters, a JSON one that retries and dead-letters, the real

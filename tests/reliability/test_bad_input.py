@@ -35,8 +35,9 @@ import pytest
 import yaml
 
 from recaug.pipelines import cli
+from shop_data import FIRST_TIMESTAMP, Shop as ShopData
 
-NOW_TS = 880_000_000  # 1997-11-19: base ratings are around here, well in the past
+NOW_TS = FIRST_TIMESTAMP  # 1997-11-19: base ratings are around here, well in the past
 
 
 # --- the valid shop and how a case corrupts it ---------------------------------------------------------
@@ -92,40 +93,23 @@ class Shop:
         return cfg_path
 
 
+# 10 users, 12 items, 80 ratings in recaug's own column names, every optional column filled
+VALID_SHOP = ShopData(style="canonical", n_users=10, n_items=12, per_user=8, seed=None, tick=100, first_age=20,
+                      first_year=1990, title="Film {i}", genres=("Drama|Comedy", "Action"),
+                      user_columns=("user_id", "age", "gender", "occupation"),
+                      item_columns=("item_id", "title", "year", "genres", "description"))
+
+
 def base_shop() -> Shop:
-    users = pl.DataFrame({
-        "user_id": [f"u{i}" for i in range(10)],
-        "age": [str(20 + i) for i in range(10)],
-        "gender": ["F", "M"] * 5,
-        "occupation": ["writer", "doctor"] * 5,
-    })
-    items = pl.DataFrame({
-        "item_id": [f"i{i}" for i in range(12)],
-        "title": [f"Film {i}" for i in range(12)],
-        "year": [str(1990 + i) for i in range(12)],
-        "genres": ["Drama|Comedy", "Action"] * 6,
-        "description": [f"A film about thing {i}." for i in range(12)],
-    })
-    rows = [
-        {"user_id": f"u{u}", "item_id": f"i{(u + k) % 12}", "rating": str(1 + (u + k) % 5),
-         "timestamp": str(NOW_TS + u * 1000 + k * 100)}
-        for u in range(10) for k in range(8)
-    ]
     config = {
         "name": "badshop",
-        "dataset": {
-            "kind": "files",
-            "domain": "movies",
-            "users": {"path": "users.csv"},
-            "items": {"path": "items.csv"},
-            "interactions": {"path": "interactions.csv"},
-        },
+        "dataset": VALID_SHOP.dataset(domain="movies"),
         # the corpus looks at single bad rows: let them through the threshold (one case checks it)
         "input_gate": {"max_quarantine_share": 0.5, "rating_min": 1, "rating_max": 5},
         "engine": {"kind": "fake"},
         "augmenters": [{"name": "kar_item_knowledge"}, {"name": "kar_user_preference", "history_token_budget": 40}],
     }
-    return Shop({"users": users, "items": items, "interactions": pl.DataFrame(rows)}, config)
+    return Shop(VALID_SHOP.frames(), config)
 
 
 # --- expected outcomes -----------------------------------------------------------------------------------

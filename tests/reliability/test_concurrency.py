@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import pytest
 import yaml
 
 import recaug
+from fake_encoder import CLI as RECAUG_CLI
 from recaug.schemas.vectors import fixed_size_vectors, vectors_numpy
 from recaug.core.config import load_config
 from recaug.pipelines.snapshots import (
@@ -41,22 +41,19 @@ from recaug.pipelines.snapshots import (
     verify_snapshot,
 )
 from recaug.schemas.tables import embedding_schema
+from shop_data import Shop
 
 RUN_TIMEOUT = 600
+# 30 users, 20 items, 10 ratings each, in the shop's own column names
+SHOP = Shop(n_users=30, n_items=20, per_user=10, seed=11, first_age=20, first_year=1990, title="Film {i}",
+            genres=("Action", "Drama|Comedy"))
+# not a test of encoding: runs encode with the hash encoder (in-process: the fake_encoder fixture)
+# the two-run tests wait up to RUN_TIMEOUT for each run: longer than the suite's default timeout
+pytestmark = [pytest.mark.usefixtures("fake_encoder"), pytest.mark.timeout(1800)]
 
 
-def write_shop(folder: Path, n_users: int = 30, n_items: int = 20) -> None:
-    rng = random.Random(11)
-    folder.mkdir(parents=True, exist_ok=True)
-    pl.DataFrame({"customer": [f"c{u}" for u in range(n_users)], "age_years": [str(20 + u) for u in range(n_users)],
-                  "sex": ["M" if u % 2 else "F" for u in range(n_users)]}).write_csv(folder / "customers.csv")
-    pl.DataFrame({"sku": [f"s{i}" for i in range(n_items)], "name": [f"Film {i}" for i in range(n_items)],
-                  "released": [str(1990 + i) for i in range(n_items)],
-                  "cats": ["Drama|Comedy" if i % 2 else "Action" for i in range(n_items)]}).write_csv(folder / "catalogue.csv")
-    rows = [{"customer": f"c{u}", "sku": f"s{i}", "stars": str(rng.randint(1, 5)),
-             "when": f"1998-0{1 + k % 9}-{10 + u % 18:02d} 12:{k:02d}:00"}
-            for u in range(n_users) for k, i in enumerate(rng.sample(range(n_items), 10))]
-    pl.DataFrame(rows).write_csv(folder / "events.csv")
+def write_shop(folder: Path) -> None:
+    SHOP.write(folder)
 
 
 def shop_config(tmp_path: Path) -> Path:
@@ -65,15 +62,7 @@ def shop_config(tmp_path: Path) -> Path:
     cfg = {
         "name": "shop",
         "workdir": str(tmp_path / "work"),
-        "dataset": {
-            "kind": "files",
-            "users": {"path": str(data / "customers.csv"), "columns": {"user_id": "customer", "age": "age_years", "gender": "sex"}},
-            "items": {"path": str(data / "catalogue.csv"),
-                      "columns": {"item_id": "sku", "title": "name", "year": "released", "genres": "cats"}},
-            "interactions": {"path": str(data / "events.csv"),
-                             "columns": {"user_id": "customer", "item_id": "sku", "rating": "stars", "timestamp": "when"},
-                             "timestamp_format": "%Y-%m-%d %H:%M:%S"},
-        },
+        "dataset": SHOP.dataset(data),
         "engine": {"kind": "fake"},
         "runner": {"shard_size": 4},
         "augmenters": [{"name": "kar_user_preference"}, {"name": "kar_item_knowledge"}],
@@ -85,7 +74,7 @@ def shop_config(tmp_path: Path) -> Path:
 
 def start_run(config: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "recaug.pipelines.cli", "run", str(config), "--no-progress", *extra],
+        [*RECAUG_CLI, "run", str(config), "--no-progress", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 

@@ -12,8 +12,10 @@ the reference's keys.
 
 Each test is a chain on one workdir (the run after a kill is the re-run, and it dies at the next
 point): repeated crashes also pile up leftovers the way a flaky machine does, and the file stays at
-about twenty processes. The engine is the deterministic fake (engine.kind fake); the encoder is the
-real packaged MiniLM. tests/test_resume_real.py kills runs of the real packaged SmolLM2.
+about twenty processes. The engine is the deterministic fake (engine.kind fake), the encoder the
+hash encoder of tests/fake_encoder.py (the CLI runs through it; its batches pass the same
+`encode.batch` crash point and take 0.1 s each, so a kill from outside can land inside encoding).
+tests/test_resume_real.py kills runs of the real packaged SmolLM2 and MiniLM, encoding included.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import pytest
 import yaml
 
 import recaug
+from fake_encoder import CLI as RECAUG_CLI, DELAY_ENV as ENCODE_DELAY_ENV
 from recaug.schemas.vectors import vectors_numpy
 from recaug.core.config import load_config
 from recaug.core.crashpoints import CRASH_ENV, POINTS
@@ -49,6 +52,7 @@ from recaug.pipelines.snapshots import (
     snapshot_root,
     verify_snapshot,
 )
+from shop_data import Shop
 
 AUGMENTERS = [
     {"name": "kar_user_preference"},
@@ -60,49 +64,25 @@ AUGMENTERS = [
 ]
 VOLATILE = {"created_at", "latency_s"}  # wall-clock facts of the run that wrote the row
 RUN_TIMEOUT = 600
+# a chain is up to eight runs of up to RUN_TIMEOUT each: longer than the suite's default timeout
+pytestmark = pytest.mark.timeout(3600)
+# each encoder batch of the hash encoder takes this long, so that encoding lasts long enough
+# (13 batches) for the kill from outside to land inside it
+ENCODE_BATCH_SECONDS = 0.1
 
 
 # --- the dataset, the config and a `recaug run` subprocess ----------------------------------------------
 
 
-def write_shop(folder: Path, n_users: int = 40, n_items: int = 30) -> None:
-    rng = random.Random(7)
-    cats = ["Drama", "Comedy", "Action", "Romance"]
-    folder.mkdir(parents=True, exist_ok=True)
-    pl.DataFrame({
-        "customer": [f"c{u}" for u in range(n_users)],
-        "age_years": [str(18 + u % 50) for u in range(n_users)],
-        "sex": ["M" if u % 2 else "F" for u in range(n_users)],
-    }).write_csv(folder / "customers.csv")
-    pl.DataFrame({
-        "sku": [f"s{i}" for i in range(n_items)],
-        "name": [f"Film number {i}" for i in range(n_items)],
-        "released": [str(1980 + i) for i in range(n_items)],
-        "cats": ["|".join(rng.sample(cats, 2)) for _ in range(n_items)],
-    }).write_csv(folder / "catalogue.csv")
-    rows = []
-    for u in range(n_users):
-        for k, i in enumerate(rng.sample(range(n_items), 12)):
-            rows.append({"customer": f"c{u}", "sku": f"s{i}", "stars": str(rng.randint(1, 5)),
-                         "when": f"1998-0{1 + k % 9}-{10 + u % 18:02d} 12:{k:02d}:00"})
-    pl.DataFrame(rows).write_csv(folder / "events.csv")
+def write_shop(folder: Path) -> None:
+    Shop().write(folder)
 
 
 def write_config(data_dir: Path, workdir: Path) -> Path:
     cfg = {
         "name": "shop",
         "workdir": str(workdir),
-        "dataset": {
-            "kind": "files",
-            "domain": "movies",
-            "users": {"path": str(data_dir / "customers.csv"),
-                      "columns": {"user_id": "customer", "age": "age_years", "gender": "sex"}},
-            "items": {"path": str(data_dir / "catalogue.csv"),
-                      "columns": {"item_id": "sku", "title": "name", "year": "released", "genres": "cats"}},
-            "interactions": {"path": str(data_dir / "events.csv"),
-                             "columns": {"user_id": "customer", "item_id": "sku", "rating": "stars", "timestamp": "when"},
-                             "timestamp_format": "%Y-%m-%d %H:%M:%S"},
-        },
+        "dataset": Shop().dataset(data_dir, domain="movies"),
         "engine": {"kind": "fake"},
         # one request per shard: ~120 cache shards per run, so compaction (>= 64 shards) happens too
         "runner": {"shard_size": 1},
@@ -121,12 +101,13 @@ class Run:
     def __init__(self, config: Path, crash_at: str | None = None):
         env = {k: v for k, v in os.environ.items() if k not in (CRASH_ENV, SNAPSHOT_CRASH_ENV)}
         env["PYTHONUNBUFFERED"] = "1"
+        env[ENCODE_DELAY_ENV] = str(ENCODE_BATCH_SECONDS)
         if crash_at:
             env[CRASH_ENV] = crash_at
         self.crash_at = crash_at
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "recaug.pipelines.cli", "run", str(config), "--no-progress"],
+            [*RECAUG_CLI, "run", str(config), "--no-progress"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
         self.lines: list[str] = []

@@ -29,6 +29,7 @@ from recaug.pipelines.engines.chaos import MALFORMED_ANSWERS, REQUEST_KINDS, Cha
 from recaug.pipelines.engines.fake import FakeEngine
 from recaug.pipelines.runners.local import LocalRunner
 from recaug.pipelines.snapshots import list_snapshots, resolve_snapshot, snapshot_root, verify_snapshot
+from shop_data import Shop
 
 GOOD_JSON = '{"director": "Jane Doe", "country": "France", "language": "French"}'
 TITLE = re.compile(r'Item: "([^"]+)"')
@@ -217,21 +218,20 @@ def test_a_rerun_reparses_cached_failures_and_retries_engine_errors(tmp_path):
 # --- the whole run through the CLI: the output gate decides ---------------------------------------------------
 
 
-def write_shop(root: Path, n_users=12, n_items=16) -> None:
-    pl.DataFrame({"user_id": [f"u{u}" for u in range(n_users)], "age": [str(20 + u) for u in range(n_users)]}).write_csv(root / "users.csv")
-    pl.DataFrame({"item_id": [f"i{i}" for i in range(n_items)], "title": [f"Film number {i}" for i in range(n_items)],
-                  "genres": ["Drama|Comedy"] * n_items}).write_csv(root / "items.csv")
-    rows = [{"user_id": f"u{u}", "item_id": f"i{(u * 3 + k) % n_items}", "rating": str(1 + (u + k) % 5),
-             "timestamp": str(880_000_000 + u * 1000 + k)} for u in range(n_users) for k in range(8)]
-    pl.DataFrame(rows).write_csv(root / "interactions.csv")
+# 12 users, 16 items, 8 ratings each, in recaug's own column names (no mapping needed)
+SHOP = Shop(style="canonical", n_users=12, n_items=16, per_user=8, seed=None, item_stride=3, first_age=20,
+            genres=("Drama|Comedy",), user_columns=("user_id", "age"), item_columns=("item_id", "title", "genres"))
+
+
+def write_shop(root: Path) -> None:
+    SHOP.write(root)
 
 
 def shop_config(root: Path, chaos: dict | None) -> Path:
     cfg = {
         "name": "chaos_shop",
         "workdir": str(root / "work"),
-        "dataset": {"kind": "files", "users": {"path": "users.csv"}, "items": {"path": "items.csv"},
-                    "interactions": {"path": "interactions.csv"}},
+        "dataset": SHOP.dataset(),
         "engine": {"kind": "fake", **({"chaos": chaos} if chaos else {})},
         "runner": {"shard_size": 4},
         "augmenters": [{"name": "kar_item_knowledge"}, {"name": "kar_user_preference"}],
@@ -259,6 +259,7 @@ def gate_allows(rates: dict[str, tuple[float, float]], cfg) -> bool:
     return all(p >= g.min_parse_rate and d <= g.max_dead_letter_share and 1 - d >= g.min_coverage for p, d in rates.values())
 
 
+@pytest.mark.usefixtures("fake_encoder")  # not a test of encoding
 def test_output_gate_publishes_a_mostly_good_run_and_blocks_a_bad_one(tmp_path, capsys):
     write_shop(tmp_path)
     # 1. a few failures: published, with its dead letters in the snapshot

@@ -29,7 +29,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from fake_encoder import CLI as RECAUG_CLI
 from recaug.pipelines.engines.http_engine import _ERROR_BODY_CHARS
+from shop_data import Shop
 
 KEY_ENV = "RECAUG_TEST_API_KEY"
 
@@ -110,18 +112,13 @@ def stub_server():
         server.server_close()
 
 
-def write_shop(folder: Path, n_users: int = 30, n_items: int = 20) -> None:
-    rng = random.Random(3)
-    folder.mkdir(parents=True, exist_ok=True)
-    pl.DataFrame({"customer": [f"c{u}" for u in range(n_users)], "age_years": [str(20 + u) for u in range(n_users)],
-                  "sex": ["M" if u % 2 else "F" for u in range(n_users)]}).write_csv(folder / "customers.csv")
-    pl.DataFrame({"sku": [f"s{i}" for i in range(n_items)], "name": [f"Film {i}" for i in range(n_items)],
-                  "released": [str(1990 + i) for i in range(n_items)],
-                  "cats": ["Drama|Comedy" if i % 2 else "Action" for i in range(n_items)]}).write_csv(folder / "catalogue.csv")
-    rows = [{"customer": f"c{u}", "sku": f"s{i}", "stars": str(rng.randint(1, 5)),
-             "when": f"1998-0{1 + k % 9}-{10 + u % 18:02d} 12:{k:02d}:00"}
-            for u in range(n_users) for k, i in enumerate(rng.sample(range(n_items), 10))]
-    pl.DataFrame(rows).write_csv(folder / "events.csv")
+# 30 users, 20 items, 10 ratings each, in the shop's own column names
+SHOP = Shop(n_users=30, n_items=20, per_user=10, seed=3, first_age=20, first_year=1990, title="Film {i}",
+            genres=("Action", "Drama|Comedy"))
+
+
+def write_shop(folder: Path) -> None:
+    SHOP.write(folder)
 
 
 def texts_of(path: Path) -> list[str]:
@@ -151,15 +148,7 @@ def test_the_api_key_appears_in_no_file_and_no_output(tmp_path, stub_server):
     config.write_text(yaml.safe_dump({
         "name": "shop",
         "workdir": str(tmp_path / "work"),
-        "dataset": {
-            "kind": "files",
-            "users": {"path": str(data / "customers.csv"), "columns": {"user_id": "customer", "age": "age_years", "gender": "sex"}},
-            "items": {"path": str(data / "catalogue.csv"),
-                      "columns": {"item_id": "sku", "title": "name", "year": "released", "genres": "cats"}},
-            "interactions": {"path": str(data / "events.csv"),
-                             "columns": {"user_id": "customer", "item_id": "sku", "rating": "stars", "timestamp": "when"},
-                             "timestamp_format": "%Y-%m-%d %H:%M:%S"},
-        },
+        "dataset": SHOP.dataset(data),
         "engine": {"kind": "http", "base_url": stub_server, "model": "stub-model", "api_key_env": KEY_ENV,
                    "http_retries": 3, "concurrency": 4, "timeout_s": 30},
         "runner": {"shard_size": 8},
@@ -176,7 +165,7 @@ def test_the_api_key_appears_in_no_file_and_no_output(tmp_path, stub_server):
                  ["run", str(config), "--no-progress"],  # cache hits; the 401s are tried again
                  ["preview", str(config), "kar_item_knowledge", "-n", "6"],
                  ["snapshots", "show", str(config), "--json"]):
-        proc = subprocess.run([sys.executable, "-m", "recaug.pipelines.cli", *argv], capture_output=True, text=True,
+        proc = subprocess.run([*RECAUG_CLI, *argv], capture_output=True, text=True,
                               env=env, timeout=600)
         assert proc.returncode == 0, f"{argv}:\n{proc.stdout}\n{proc.stderr}"
         assert "Traceback" not in proc.stderr, proc.stderr
@@ -218,12 +207,7 @@ def test_a_key_in_the_base_url_is_refused_before_anything_is_written(tmp_path, c
     config = tmp_path / "shop.yaml"
     config.write_text(yaml.safe_dump({
         "name": "shop", "workdir": str(tmp_path / "work"),
-        "dataset": {"kind": "files",
-                    "users": {"path": str(data / "customers.csv"), "columns": {"user_id": "customer"}},
-                    "items": {"path": str(data / "catalogue.csv"), "columns": {"item_id": "sku", "title": "name"}},
-                    "interactions": {"path": str(data / "events.csv"),
-                                     "columns": {"user_id": "customer", "item_id": "sku", "rating": "stars", "timestamp": "when"},
-                                     "timestamp_format": "%Y-%m-%d %H:%M:%S"}},
+        "dataset": SHOP.dataset(data),
         "engine": {"kind": "http", "base_url": url},
         "augmenters": [{"name": "kar_item_knowledge"}],
     }))
