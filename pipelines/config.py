@@ -115,8 +115,9 @@ class EngineConfig(_Section):
     concurrency: int = Field(8, ge=1)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(4, ge=0)
-    # vllm engine
-    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    # vllm engine; None = auto: 0.85 on a GPU, on vLLM's CPU backend a share of the free RAM
+    # (pipelines/engines/vllm_engine.py resolve_cpu_defaults)
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
     # more keyword arguments for vllm.LLM, passed verbatim (max_model_len, dtype, tensor_parallel_size, ...)
     vllm_args: dict[str, Any] = Field(default_factory=dict)
     # chaos testing: wrap the engine above in a failure injector (None: off)
