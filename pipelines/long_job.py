@@ -164,6 +164,8 @@ def augmentation_report(cfg: PipelineConfig, engine: Engine, result: Augmentatio
         "sampling": engine.sampling_key(),
         "runner": cfg.runner.kind,
         "wall_seconds": result.seconds,
+        # starting the engine in this process (vLLM: minutes on a CPU), part of the first LLM calls' time
+        "engine_load_seconds": getattr(engine, "load_seconds", None),
         "augmenters": per,
         "templates": {name: out.augmenter.prompt.content_hash for name, out in result.outputs.items()},
         "totals": tot,
@@ -199,7 +201,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"# Augmentation run {report['run_id']}",
         "",
         f"pipeline `{report['pipeline']}` · model `{report['model']}` ({report['engine']}) · runner {report['runner']}"
-        f" · {report['wall_seconds']:.1f} s",
+        f" · {report['wall_seconds']:.1f} s"
+        + (f" (engine load {report['engine_load_seconds']:.1f} s)" if report.get("engine_load_seconds") else ""),
         "",
         "| augmenter | entities | cached | LLM calls | in tok | out tok | tok/s | parse rate | dead-letter | truncated |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
