@@ -139,7 +139,12 @@ class StubLLM:
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
+        self.shut_down = 0
+        self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=self._shutdown))
         StubLLM.instances.append(self)
+
+    def _shutdown(self):
+        self.shut_down += 1
 
     def get_tokenizer(self):
         return SimpleNamespace(eos_token_id=2)
@@ -209,3 +214,19 @@ def test_a_gpu_keeps_its_defaults(tmp_path, monkeypatch):
     auto, explicit = StubLLM.instances
     assert auto.kwargs["gpu_memory_utilization"] == GPU_MEMORY_UTILIZATION == 0.85 and "dtype" not in auto.kwargs
     assert explicit.kwargs["gpu_memory_utilization"] == 0.95
+
+
+def test_an_engine_nobody_closed_stops_vllm_at_exit(tmp_path, monkeypatch):
+    """`recaug run` never closed its engine: at exit multiprocessing waited for vLLM's engine-core
+    process, which was never told to stop, and the finished run hung."""
+    registered = []  # the engine module's atexit, not the interpreter's: nothing else registers here
+    monkeypatch.setattr("recaug.pipelines.engines.vllm_engine.atexit",
+                        SimpleNamespace(register=registered.append, unregister=registered.remove))
+    engine = cpu_engine(monkeypatch, tmp_path, facts())
+    engine.load()
+    [llm] = StubLLM.instances
+    [at_exit] = registered
+    at_exit()  # what the interpreter runs at exit
+    assert llm.shut_down == 1 and registered == []  # closed once; close() took the handler back
+    engine.close()
+    assert llm.shut_down == 1

@@ -18,12 +18,15 @@ report).
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import math
 import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,10 +243,10 @@ def read_cpu_facts() -> CpuFacts:
         if text:
             info = parse_meminfo(text)
             nodes.append((node_available(info), info["MemTotal"], node))
-    if nodes:  # vLLM checks one node's figures: take the tightest allowed node
+    if nodes:  # vLLM takes its share of one node's total and checks it against that node's free memory
         node_free, total, node = min(nodes)
-        if node_free < free:
-            free, source = node_free, f"NUMA node {node}"
+        source = f"NUMA node {node}" if node_free <= free else f"NUMA node {node}, free as /proc/meminfo MemAvailable"
+        free = min(free, node_free)
     limit = (_read("/sys/fs/cgroup/memory.max") or "").strip()
     if limit.isdigit() and int(limit) < total:
         used = (_read("/sys/fs/cgroup/memory.current") or "0").strip()
@@ -285,6 +288,12 @@ class _Heartbeat:
         self._thread.join()
 
 
+def _close_at_exit(ref: weakref.ref) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.close()
+
+
 def _json_constraint_factory():
     """(SamplingParams keyword, params class) for JSON-schema decoding in the installed vLLM."""
     try:
@@ -319,6 +328,7 @@ class VLLMEngine(Engine):
         self._tokenizer = None
         self._stop_ids: set[int] = set()
         self.load_seconds: float | None = None  # time spent starting vLLM in this process (every load)
+        self._close_at_exit = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"cfg": self.cfg, "_model_id": self._model_id}
@@ -422,6 +432,10 @@ class VLLMEngine(Engine):
             self._llm = vllm.LLM(**kwargs)
         seconds = time.perf_counter() - started
         self.load_seconds = (self.load_seconds or 0.0) + seconds
+        # an engine nobody closed stops vLLM's processes at exit, before multiprocessing's exit handler
+        # (registered earlier, so run later) waits for the engine-core process: that wait never ended
+        self._close_at_exit = functools.partial(_close_at_exit, weakref.ref(self))
+        atexit.register(self._close_at_exit)
         print(f"vLLM engine loaded in {seconds:.1f} s", file=sys.stderr, flush=True)
         self._sampling_params_cls = vllm.SamplingParams
         self._constraint = constraint
@@ -444,6 +458,9 @@ class VLLMEngine(Engine):
         if self._llm is None:
             return
         llm, self._llm = self._llm, None
+        if self._close_at_exit is not None:
+            atexit.unregister(self._close_at_exit)
+            self._close_at_exit = None
         # vLLM's V1 engine runs the model in an engine-core process (and workers): stop them now, not at
         # interpreter exit, so a closed engine frees its memory and cores (a Ray actor, the next engine)
         shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
