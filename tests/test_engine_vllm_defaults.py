@@ -230,3 +230,21 @@ def test_an_engine_nobody_closed_stops_vllm_at_exit(tmp_path, monkeypatch):
     assert llm.shut_down == 1 and registered == []  # closed once; close() took the handler back
     engine.close()
     assert llm.shut_down == 1
+
+
+def test_the_config_leaves_the_share_to_the_engine_unless_set():
+    assert EngineConfig(kind="vllm").gpu_memory_utilization is None
+    assert EngineConfig(kind="vllm", gpu_memory_utilization=0.4).gpu_memory_utilization == 0.4
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        EngineConfig(kind="vllm", gpu_memory_utilization=1.5)
+
+
+def test_the_run_report_shows_the_engine_load_time():
+    from recaug.pipelines.long_job import report_markdown
+
+    stats = {"entities": 1, "cache_hits": 0, "llm_requests": 1, "input_tokens": 5, "output_tokens": 2,
+             "tokens_per_s": 1.0, "parse_rate": 1.0, "dead_letter": 0, "truncated": 0}
+    report = {"run_id": "r", "pipeline": "p", "model": "m", "engine": "vllm", "runner": "local",
+              "wall_seconds": 672.3, "engine_load_seconds": 613.06, "augmenters": {"a": stats}, "totals": stats}
+    assert "· 672.3 s (engine load 613.1 s)" in report_markdown(report)
+    assert "engine load" not in report_markdown({**report, "engine_load_seconds": None})
