@@ -215,8 +215,10 @@ class VLLMConfig(EngineConfig):
 
     engine_class: ClassVar[Any] = "recaug.pipelines.engines.vllm_engine:VLLMEngine"
     kind: Literal["vllm"] = Field("vllm", description="offline vLLM, one engine per GPU (the `gpu` extra)")
-    gpu_memory_utilization: float = Field(
-        0.85, gt=0.0, le=1.0, description="share of the GPU vLLM may take (on a CPU build: of the RAM)",
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="share of the GPU vLLM may take; unset = 0.85 on a GPU, and on vLLM's CPU backend half of the free "
+        "RAM as a share of the node's (checked against free memory before vLLM starts; docs/engines.md)",
     )
     vllm_args: dict[str, Any] = Field(
         default_factory=dict,

@@ -143,13 +143,15 @@ def run_augmentation(
     cache.compact()
     release_memory()
     result = AugmentationResult(run_id, workdir / "runs" / run_id, outputs, time.perf_counter() - started)
-    result.report = augmentation_report(cfg, engine, result)
+    result.report = augmentation_report(cfg, engine, result, getattr(runner, "engine_load_seconds", None))
     write_run(result)
     crash_point("generate.run_written")
     return result
 
 
-def augmentation_report(cfg: PipelineConfig, engine: Engine, result: AugmentationResult) -> dict[str, Any]:
+def augmentation_report(
+    cfg: PipelineConfig, engine: Engine, result: AugmentationResult, engine_load_seconds: float | None = None
+) -> dict[str, Any]:
     per = {name: out.stats.as_dict() for name, out in result.outputs.items()}
     tot = {k: sum(p[k] for p in per.values()) for k in (
         "entities", "requests", "cache_hits", "llm_requests", "engine_errors", "input_tokens", "output_tokens",
@@ -166,6 +168,9 @@ def augmentation_report(cfg: PipelineConfig, engine: Engine, result: Augmentatio
         "sampling": engine.sampling_key(),
         "runner": cfg.runner.kind,
         "wall_seconds": result.seconds,
+        # starting the engine's model in this process (vLLM: minutes on a CPU), part of the first LLM
+        # calls' time; None where workers load it (Ray, Beam) or no call needed it
+        "engine_load_seconds": engine_load_seconds,
         "augmenters": per,
         "templates": {name: out.augmenter.prompt.content_hash for name, out in result.outputs.items()},
         "totals": tot,
@@ -201,7 +206,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"# Augmentation run {report['run_id']}",
         "",
         f"pipeline `{report['pipeline']}` · model `{report['model']}` ({report['engine']}) · runner {report['runner']}"
-        f" · {report['wall_seconds']:.1f} s",
+        f" · {report['wall_seconds']:.1f} s"
+        + (f" (engine load {report['engine_load_seconds']:.1f} s)" if report.get("engine_load_seconds") else ""),
         "",
         "| augmenter | entities | cached | LLM calls | in tok | out tok | tok/s | parse rate | dead-letter | truncated |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

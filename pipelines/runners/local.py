@@ -10,6 +10,7 @@ finished shards stay cached. The engine's model object is loaded on the first ru
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from recaug.core.batch_model import BatchModel, OnShard, deliver, run_shard
@@ -22,12 +23,15 @@ class LocalRunner(BaseRunner):
     def __init__(self, engine):
         super().__init__(engine)
         self._engine_model: Any = None
+        self.engine_load_seconds: float | None = None  # loading the engine's model, for the run report
 
     def _model(self, handler: BatchModel) -> Any:
         if handler is not self.engine:
             return handler.load_model()
         if self._engine_model is None:
+            started = time.perf_counter()
             self._engine_model = handler.load_model()
+            self.engine_load_seconds = (self.engine_load_seconds or 0.0) + time.perf_counter() - started
         return self._engine_model
 
     def run(self, handler: BatchModel, shards: list[list[Any]], on_shard: OnShard, sink=None, scratch=None) -> None:
