@@ -28,6 +28,10 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # spinning OpenMP workers starve each other on a shared 2-core box (10x slower decoding)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # transformers' "Loading weights" bars (and the hub's) are for a terminal; in a log they are noise.
+    # Read when transformers is first imported, which the verbs do lazily, after this.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def parse_time(value: str | None) -> int | None:

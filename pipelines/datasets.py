@@ -79,8 +79,13 @@ def _source_path(table: str, src: TableSource, cfg: PipelineConfig) -> Path:
     if path.is_dir():
         raise InputSchemaError(f"{table}: {path} is a directory, not a file; set {key} to the data file itself")
     if not path.exists():
-        if path.is_symlink():
-            raise InputSchemaError(f"{table}: {path} is a symbolic link to nothing (its target is missing); fix {key}")
+        given = Path(src.path).expanduser()
+        if not given.is_absolute() and cfg.source_path:
+            given = Path(cfg.source_path).parent / given
+        if given.is_symlink():
+            raise InputSchemaError(
+                f"{table}: {given} is a symbolic link to nothing (its target {path} is missing); fix {key}"
+            )
         raise InputSchemaError(f"{table}: file not found: {path}")
     try:
         with open(path, "rb"):
