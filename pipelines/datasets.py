@@ -363,7 +363,7 @@ def _ragged_cause(table: str, row: list[str], header: list[str], separator: str,
         return (f"the line holds binary or undecodable bytes; is the file really {src.encoding} CSV text? "
                 f"(set dataset.{table}.encoding, or fix the file)")
     if src.quote and src.escape is None and f"\\{src.quote}" in text:
-        return (f"it holds backslash-escaped quotes (\\{src.quote}): set dataset.{table}.escape: '\\\\' "
+        return (f"it holds backslash-escaped quotes (\\{src.quote}): set dataset.{table}.escape: '\\' (YAML) "
                 "(or double the quotes inside quoted values)")
     if len(row) < len(header):
         return "a missing field, or a line break inside an unquoted value? quote that value or fix the line"
