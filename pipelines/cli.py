@@ -52,6 +52,9 @@ def parse_time(value: str | None) -> int | None:
 def _fmt_ts(ts: int | None) -> str:
     if ts is None:
         return "-"
+    if 0 <= ts < 30 * 86_400:
+        # row numbers (split.mode by_row_order) or derived timestamps: a 1970 date would mislead
+        return f"{ts:,} (not a date: within 30 days of 1970, i.e. row numbers or derived timestamps)"
     return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 

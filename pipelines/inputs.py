@@ -41,8 +41,7 @@ class PreparedInputs:
         """A timestamp as summaries show it: a date, or what it is when the data has no dates."""
         if self.timestamps == "row_order":
             return f"row {ts:,} of the interactions file (split.mode by_row_order: the data has no timestamps)"
-        text = fmt(ts)
-        return text + (" (derived timestamps? see the warning above)" if 0 <= ts < DERIVED_TIMESTAMP_SPAN_S else "")
+        return fmt(ts)
 
 
 # timestamps all below this (30 days after the epoch) are not real times of a real catalogue

@@ -263,7 +263,7 @@ def test_derived_timestamps_warn_and_summaries_do_not_say_1970_silently(tmp_path
     captured = capsys.readouterr()
     assert "they look derived" in captured.err and "split.mode: by_row_order" in captured.err
     cutoff = next(line for line in captured.out.splitlines() if line.startswith("data cutoff"))
-    assert "derived timestamps?" in cutoff
+    assert "not a date: within 30 days of 1970" in cutoff and "1970-01" not in cutoff
 
 
 # --- implicit feedback, the scale, attributes ------------------------------------------------------------
@@ -300,6 +300,25 @@ def test_history_shows_the_configured_scale_and_item_attributes(tmp_path):
     assert emma == "Emma (1815; author: Jane Austen)"  # an empty publisher is left out
 
 
+def test_ratings_show_the_scale_of_the_config(tmp_path, write_config):
+    # only keys that always existed: input_gate.rating_max 10 used to print "rated 8/5"
+    from recaug.pipelines.engines import make_engine
+    from recaug.pipelines.long_job import augment_inputs
+
+    (tmp_path / "u.csv").write_text("user_id,region\nu1,porto\n")
+    (tmp_path / "i.csv").write_text("item_id,title\n" + "".join(f"i{k},Book {k}\n" for k in range(6)))
+    (tmp_path / "r.csv").write_text("user_id,item_id,rating,timestamp\n" + "".join(f"u1,i{k},{k + 5},{900000000 + k}\n" for k in range(6)))
+    path = write_config({"name": "scale", "dataset": {"kind": "files", "users": {"path": "u.csv"}, "items": {"path": "i.csv"},
+                                                      "interactions": {"path": "r.csv"}},
+                         "input_gate": {"rating_min": 1, "rating_max": 10}, "engine": {"kind": "fake"}})
+    cfg = load_config(path)
+    prep = prepare_inputs(cfg)
+    inputs = augment_inputs(cfg, prep, make_engine(cfg.engine))
+    ctx = user_context(inputs, ["u1"], {"history_token_budget": 200}).to_dicts()[0]
+    assert ctx["history"] == ["Book 0 (year unknown), rated 5/10", "Book 1 (year unknown), rated 6/10", "Book 2 (year unknown), rated 7/10"]
+    assert ctx["region"] == "porto"
+
+
 def test_contexts_carry_attributes_and_region(tmp_path):
     write_books(tmp_path)
     (tmp_path / "users.csv").write_bytes(b"User-ID;Location;Age;Club\r\n1;nyc, new york, usa;34;readers\r\n2;porto;;\r\n3;x;3;\r\n4;y;4;\r\n")
@@ -329,3 +348,42 @@ def test_attribute_mapping_to_a_missing_column_names_it(tmp_path):
         prepare_inputs(books_config(tmp_path, **{"dataset.items.attributes": {"author": "Writer"}}))
     with pytest.raises(ConfigError, match="must start with a letter"):
         books_config(tmp_path, **{"dataset.items.attributes": {"the author": "Book-Author"}})
+
+
+# --- messages ----------------------------------------------------------------------------------------------
+
+
+def test_gate_stop_says_its_prefix_once_and_names_the_quarantine_table(tmp_path, write_config, capsys):
+    # plain UTF-8 CSVs and only keys that always existed: the message itself was wrong before
+    (tmp_path / "u.csv").write_text("user_id\nu1\nu2\n")
+    (tmp_path / "i.csv").write_text("item_id,title\ni1,A\ni2,B\n")
+    (tmp_path / "r.csv").write_text("user_id,item_id,rating,timestamp\nu1,i1,9,900000000\nu2,i2,4,900000001\n")
+    path = write_config({"name": "stop", "dataset": {"kind": "files", "users": {"path": "u.csv"}, "items": {"path": "i.csv"},
+                                                     "interactions": {"path": "r.csv"}}})
+    assert cli.main(["validate", str(path)]) == cli.EXIT_INPUT_GATE
+    err = capsys.readouterr().err
+    assert err.count("input gate stopped the run") == 1, err
+    assert str(tmp_path / "work" / "validate" / "quarantine.parquet") in err, err
+
+_LOAD_BOTH = """
+from recaug.pipelines import cli
+cli._quiet_third_party()
+from recaug.encoders.text_encoder import TextEncoder
+from recaug.pipelines.config import EncoderConfig, EngineConfig
+from recaug.pipelines.engines import make_engine
+make_engine(EngineConfig(max_new_tokens=4)).load()
+TextEncoder(EncoderConfig(), progress=False)
+print("loaded")
+"""
+
+
+@pytest.mark.slow
+def test_no_loading_weights_bars_when_stderr_is_not_a_terminal():
+    """The packaged LLM and encoder load as the CLI loads them; a log (stderr not a tty) gets no bars."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    proc = subprocess.run([sys.executable, "-c", _LOAD_BOTH], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-2000:]
+    assert "Loading weights" not in proc.stderr and "it/s]" not in proc.stderr, proc.stderr[-2000:]
