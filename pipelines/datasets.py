@@ -2,7 +2,13 @@
 
 Loaders only read and rename; they never coerce values. Every value goes to the input gate as it
 was in the source (CSV columns as strings) so that a bad value becomes a quarantine row with its
-reason instead of a crash or a silent NULL.
+reason instead of a crash or a silent NULL. Two documented exceptions, both asked for in the config:
+`dataset.implicit_ratings` values lose their rating (the interaction stays), and with
+`split.mode: by_row_order` the interactions' `timestamp` is their row number in the file.
+
+CSV files are read with pyarrow's streaming CSV reader in the table's dialect (delimiter, encoding,
+quote, escape); the first 64 KiB are looked at first so that a wrong delimiter, encoding or a binary
+file is named as such instead of surfacing as a parse error (docs/input-gate.md).
 """
 
 from __future__ import annotations
@@ -121,7 +127,7 @@ def _read_source(table: str, src: TableSource, cfg: PipelineConfig) -> tuple[pa.
         except (pa.ArrowException, OSError) as exc:
             raise InputSchemaError(f"{table}: cannot read {path} as parquet: {str(exc).strip().splitlines()[0]}") from None
 
-    wanted = {**{ours: theirs for ours, theirs in src.columns.items()}}
+    wanted = dict(src.columns)  # ours -> theirs
     taken = [ours for ours in _KNOWN_COLUMNS[table] if ours not in src.columns and ours in header]
     if table == "interactions" and cfg.split.mode == "by_row_order":
         # the row number is the order; a timestamp column in the file is not read
@@ -220,8 +226,7 @@ def _csv_header(table: str, path: Path, src: TableSource, separator: str) -> lis
         head = fh.read(_SNIFF_BYTES)
     enc_key = f"dataset.{table}.encoding"
     if not head:
-        return_empty = f"{table}: {path}: the file is empty (not even a header line)"
-        raise InputSchemaError(return_empty)
+        raise InputSchemaError(f"{table}: {path}: the file is empty (not even a header line)")
     is_utf16 = codecs.lookup(src.encoding).name.startswith("utf-16")
     if head[:2] in (b"\xff\xfe", b"\xfe\xff") and not is_utf16:
         raise InputSchemaError(
