@@ -95,7 +95,7 @@ def cmd_validate(args) -> int:
         print("sanitized (kept, not quarantined): " + "; ".join(sanitized))
     if prep.notes.get("implicit_ratings"):
         print(f"implicit feedback: {prep.notes['implicit_ratings']:,} interactions with a rating in dataset.implicit_ratings "
-              f"{cfg.dataset.implicit_ratings} kept without a rating (label 1, no rating shown in prompts)")
+              f"[{', '.join(f'{v:g}' for v in cfg.dataset.implicit_ratings)}] kept without a rating (label 1, no rating shown in prompts)")
     for warning in prep.warnings:
         print(f"recaug: warning: {warning}", file=sys.stderr)
     if prep.not_yet_visible:
