@@ -4,6 +4,16 @@ History is the prompt split only (leakage rule) and is truncated to a token budg
 *oldest* items first, whole items at a time, never cutting an item in the middle; an item whose line
 alone is longer than the budget is left out. One item is one line: line breaks in a title become
 spaces, so item text cannot forge extra history lines or candidates.
+
+Domain fields: users and items may carry attribute columns `attr_<name>` (dataset.<table>.attributes,
+e.g. author, publisher, brand, location). Every user and item context has `attributes`, an ordered
+dict {name: value} of the entity's non-empty ones (in config order), and an item's line shows them
+as `name: value` pairs after its year and genres.
+
+Ratings are shown on the dataset's scale (`input_gate.rating_min`/`rating_max`, handed over in
+`inputs.extras["rating_scale"]`): "rated 8/10"; a scale that does not start at 0 or 1 is spelt out
+("rated 3 on a -2 to 3 scale"). An interaction without a rating (or with an implicit one,
+dataset.implicit_ratings) shows none.
 """
 
 from __future__ import annotations
@@ -13,17 +23,53 @@ import polars as pl
 from recaug.augmenters.base import AugmentInputs
 
 GENDER_WORDS = {"M": "male", "F": "female"}
+ATTRIBUTE_PREFIX = "attr_"
+DEFAULT_RATING_SCALE = (0.0, 5.0)  # input_gate.rating_min / rating_max defaults
+_LINE_BREAKS = r"[ \t]*[\r\n]+[ \t]*"
+
+
+def attribute_columns(frame: pl.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c.startswith(ATTRIBUTE_PREFIX)]
+
+
+def attribute_dicts(frame: pl.DataFrame) -> pl.Series:
+    """Per row, {name: value} of the non-empty attribute columns, in column order (one line each)."""
+    names = attribute_columns(frame)
+    if not names:
+        return pl.Series("attributes", [{} for _ in range(frame.height)], dtype=pl.Object)
+    cleaned = frame.select([pl.col(c).cast(pl.String).str.replace_all(_LINE_BREAKS, " ").str.strip_chars() for c in names])
+    keys = [c[len(ATTRIBUTE_PREFIX):] for c in names]
+    return pl.Series("attributes", [{k: v for k, v in zip(keys, row) if v} for row in cleaned.iter_rows()], dtype=pl.Object)
+
+
+def rating_scale(inputs: AugmentInputs) -> tuple[float, float]:
+    lo, hi = inputs.extras.get("rating_scale", DEFAULT_RATING_SCALE)
+    return float(lo), float(hi)
+
+
+def rating_text(rating: pl.Expr, scale: tuple[float, float]) -> pl.Expr:
+    """', rated 8/10' on the dataset's scale; '' without a rating. Whole ratings print without '.0'."""
+    lo, hi = scale
+    r = rating.cast(pl.Float64)
+    number = pl.when(r == r.floor()).then(r.cast(pl.Int64).cast(pl.String)).otherwise(r.round(2).cast(pl.String))
+    suffix = f"/{hi:g}" if lo in (0.0, 1.0) else f" on a {lo:g} to {hi:g} scale"
+    return pl.when(r.is_not_null()).then(pl.concat_str([pl.lit(", rated "), number, pl.lit(suffix)])).otherwise(pl.lit(""))
 
 
 def item_lines(items: pl.DataFrame) -> pl.DataFrame:
-    """One readable line per item: 'Toy Story (1995; Animation, Children's, Comedy)'.
+    """One readable line per item: 'Toy Story (1995; Animation, Children's, Comedy)', with the
+    item's attributes after them: 'Dune (1965; Science Fiction; author: Frank Herbert; publisher: Ace)'.
 
-    A line break in a title becomes a space: templates list history items and candidates one per
-    line, so a title holding "\n- Other film, rated 5/5" would otherwise add a history entry."""
+    A line break in a title or attribute becomes a space: templates list history items and candidates
+    one per line, so a title holding "\n- Other film, rated 5/5" would otherwise add a history entry."""
     year = pl.when(pl.col("year").is_not_null()).then(pl.col("year").cast(pl.String)).otherwise(pl.lit("year unknown"))
     genres = pl.col("genres").list.join(", ").fill_null("")
     detail = pl.when(genres != "").then(pl.concat_str([year, pl.lit("; "), genres])).otherwise(year)
-    title = pl.col("title").str.replace_all(r"[ \t]*[\r\n]+[ \t]*", " ")
+    for column in attribute_columns(items):
+        value = pl.col(column).cast(pl.String).str.replace_all(_LINE_BREAKS, " ").str.strip_chars()
+        pair = pl.concat_str([pl.lit(f"; {column[len(ATTRIBUTE_PREFIX):]}: "), value])
+        detail = pl.concat_str([detail, pl.when(value.fill_null("") != "").then(pair).otherwise(pl.lit(""))])
+    title = pl.col("title").str.replace_all(_LINE_BREAKS, " ")
     return items.select("item_id", pl.concat_str([title, pl.lit(" ("), detail, pl.lit(")")]).alias("item_line"))
 
 
@@ -31,9 +77,7 @@ def history_context(inputs: AugmentInputs, user_ids: list[str], token_budget: in
     """Per user: `history` (list of lines, oldest first, newest kept), `history_dropped` (count)."""
     hist = inputs.history.filter(pl.col("user_id").is_in(user_ids))
     lines = item_lines(inputs.items)
-    rating = pl.when(pl.col("rating").is_not_null()).then(
-        pl.concat_str([pl.lit(", rated "), pl.col("rating").cast(pl.Int64).cast(pl.String), pl.lit("/5")])
-    ).otherwise(pl.lit(""))
+    rating = rating_text(pl.col("rating"), rating_scale(inputs))
     hist = hist.join(lines, on="item_id", how="left").with_columns(
         pl.concat_str([pl.col("item_line").fill_null(pl.col("item_id")), rating]).alias("line")
     )
@@ -74,21 +118,28 @@ def user_profile_columns(inputs: AugmentInputs, user_ids: list[str]) -> pl.DataF
         pl.col("gender").replace_strict(GENDER_WORDS, default=pl.col("gender")).alias("gender"),
         pl.col("occupation"),
         pl.col("region"),
+        *attribute_columns(users),
     )
+
+
+def _with_attributes(frame: pl.DataFrame) -> pl.DataFrame:
+    """Replace the attr_<name> columns by the `attributes` dict column (last, after every join)."""
+    return frame.with_columns(attribute_dicts(frame)).drop(attribute_columns(frame))
 
 
 def user_context(inputs: AugmentInputs, user_ids: list[str], options: dict) -> pl.DataFrame:
     hist = history_context(inputs, user_ids, options["history_token_budget"])
     prof = user_profile_columns(inputs, user_ids)
-    return hist.join(prof, on="user_id", how="left").rename({"user_id": "entity_id"})
+    return _with_attributes(hist.join(prof, on="user_id", how="left").rename({"user_id": "entity_id"}))
 
 
 def item_context(inputs: AugmentInputs, item_ids: list[str], options: dict) -> pl.DataFrame:
     items = inputs.items.filter(pl.col("item_id").is_in(item_ids))
-    return items.select(
+    return _with_attributes(items.select(
         pl.col("item_id").alias("entity_id"),
         "title",
         "year",
         pl.col("genres").fill_null(pl.lit([], dtype=pl.List(pl.String))),
         pl.col("description"),
-    )
+        *attribute_columns(items),
+    ))

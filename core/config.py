@@ -28,11 +28,68 @@ class TableSource(_Section):
     format: Literal["parquet", "csv"] | None = None  # default: from the file suffix
     # ours -> theirs, e.g. {user_id: customer, timestamp: event_time}
     columns: dict[str, str] = Field(default_factory=dict)
+    # users/items only: extra text columns shown in prompts, {name shown in prompts: their column},
+    # e.g. {author: Book-Author}; carried as nullable text columns `attr_<name>`
+    attributes: dict[str, str] = Field(default_factory=dict)
+    # CSV dialect: the field separator (one character), the file's text encoding (any Python codec:
+    # utf-8, latin-1, cp1252, utf-16, ...), the quote character (null: no quoting) and the escape
+    # character inside quoted values ("\\" for \"-escaped quotes; null: a quote is doubled "")
     csv_delimiter: str = ","
+    encoding: str = "utf-8"
+    quote: str | None = '"'
+    escape: str | None = None
     # for list columns stored as text (e.g. "Action|Comedy")
     list_separator: str = "|"
     # how a non-numeric timestamp column is parsed (strftime format); numbers are unix seconds
     timestamp_format: str | None = None
+
+    @field_validator("csv_delimiter", "quote", "escape", mode="before")
+    @classmethod
+    def _one_character(cls, value: Any, info) -> Any:
+        if value is None and info.field_name != "csv_delimiter":
+            return value
+        if not isinstance(value, str) or len(value) != 1:
+            what = "empty" if value == "" else (f"{len(value)} characters long" if isinstance(value, str) else type(value).__name__)
+            raise ValueError(f"must be exactly one character (e.g. ',' ';' '\\t' '|'); got {value!r}, which is {what}")
+        if value in "\r\n":
+            raise ValueError("a line break cannot be a CSV delimiter, quote or escape character")
+        return value
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r}; e.g. utf-8, latin-1, cp1252, utf-16") from None
+        return value
+
+    @field_validator("attributes")
+    @classmethod
+    def _attribute_names(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        bad = [k for k in value if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", k)]
+        if bad:
+            raise ValueError(
+                f"attribute name(s) {bad} must start with a letter and hold only letters, digits and '_' "
+                "(the name is shown in prompts and names the column attr_<name>)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_dialect_characters(self):
+        seen: dict[str, str] = {}
+        for key in ("csv_delimiter", "quote", "escape"):
+            ch = getattr(self, key)
+            if ch is None:
+                continue
+            if ch in seen:
+                raise ValueError(f"{seen[ch]} and {key} are both {ch!r}; they must differ")
+            seen[ch] = key
+        return self
 
 
 class DatasetConfig(_Section):
@@ -41,6 +98,9 @@ class DatasetConfig(_Section):
     users: TableSource | None = None
     items: TableSource | None = None
     interactions: TableSource | None = None
+    # rating values that mean "interacted, not rated" (e.g. [0]): such interactions are kept without
+    # a rating, so they are labelled as clicks and show no rating in prompts (docs/config.md)
+    implicit_ratings: list[float] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _files_need_tables(self):
@@ -48,6 +108,8 @@ class DatasetConfig(_Section):
             missing = [n for n in ("users", "items", "interactions") if getattr(self, n) is None]
             if missing:
                 raise ValueError(f"dataset.kind 'files' needs dataset.{', dataset.'.join(missing)}")
+        if self.interactions is not None and self.interactions.attributes:
+            raise ValueError("dataset.interactions.attributes: only users and items carry attributes")
         return self
 
 
@@ -63,6 +125,10 @@ class InputGateConfig(_Section):
 
 
 class SplitConfig(_Section):
+    # time: the CTR samples are split by global time quantiles (needs real timestamps).
+    # by_row_order: for data without timestamps; each user's rows in file order, the first ones
+    # prompt context, the last ones valid/test, so every evaluated user also has training rows
+    mode: Literal["time", "by_row_order"] = "time"
     # KAR protocol: per user, the oldest part of the history is prompt context only
     prompt_share: float = Field(0.5, gt=0.0, lt=1.0)
     prompt_cap: int = Field(30, ge=1)
@@ -434,6 +500,16 @@ class PipelineConfig(_Section):
         if dup:
             raise ValueError(f"augmenter listed twice: {', '.join(dup)}")
         return v
+
+    @model_validator(mode="after")
+    def _row_order_has_no_timestamp(self):
+        src = self.dataset.interactions
+        if self.split.mode == "by_row_order" and src is not None and "timestamp" in src.columns:
+            raise ValueError(
+                "split.mode by_row_order orders each user's interactions by their row in the file and "
+                "takes no timestamp column: remove dataset.interactions.columns.timestamp, or use split.mode: time"
+            )
+        return self
 
     @model_validator(mode="after")
     def _gate_overrides_name_augmenters(self):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from recaug.core.progress import progress_wanted
+
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -20,3 +22,7 @@ def go_offline() -> None:
     """Set every variable of OFFLINE_ENV that the environment does not set already."""
     for name, value in OFFLINE_ENV.items():
         os.environ.setdefault(name, value)
+    # transformers' "Loading weights" bars (and the hub's) are for a terminal; in a log they are noise.
+    # Read when transformers is first imported, which callers do after this.
+    if not progress_wanted(None):
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -4,6 +4,12 @@ Per user, the oldest part of the history (``prompt_share`` of it, at most ``prom
 prompt context only: the LLM sees it, the CTR model never trains or evaluates on it. Every later
 interaction is a CTR sample; those are split by *global* time quantiles into train / valid / test so
 that validation and test are always in the future of training.
+
+`split.mode: by_row_order` is for data without timestamps: the loader numbers the interactions in
+file order (that number is their `timestamp`), and each user's CTR samples are split on their own:
+the last `test_share` of them (at least one) are test, the `valid_share` before those (at least one)
+valid, the rest train. Only users with at least 3 CTR samples get valid/test rows, so every evaluated
+user also has training rows; users with fewer train only.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ def split_interactions(interactions: pa.Table, cfg: SplitConfig) -> tuple[pa.Tab
     df = df.with_columns((pl.col("_rank") < n_prompt).alias("_is_prompt"))
 
     ctr_ts = df.filter(~pl.col("_is_prompt"))["timestamp"]
-    if ctr_ts.len() == 0:
+    if cfg.mode == "by_row_order":
+        split, bounds = _per_user_split(n_prompt, cfg), None
+    elif ctr_ts.len() == 0:
         split = pl.lit("prompt")
         bounds = None
     else:
@@ -58,6 +66,28 @@ def split_interactions(interactions: pa.Table, cfg: SplitConfig) -> tuple[pa.Tab
         )
     out = df.with_columns(split.alias("split")).drop(["_rank", "_n", "_is_prompt"])
     return conform(out.to_arrow(), SPLIT_INTERACTIONS), bounds
+
+
+# a user needs this many CTR samples to get valid and test rows in by_row_order mode (one of each
+# and at least one to train on)
+MIN_EVALUATED_SAMPLES = 3
+
+
+def _per_user_split(n_prompt: pl.Expr, cfg: SplitConfig) -> pl.Expr:
+    m = pl.col("_n") - n_prompt  # the user's CTR samples
+    pos = pl.col("_rank") - n_prompt  # 0-based among them, oldest first
+    n_test = pl.max_horizontal((m * cfg.test_share).floor().cast(pl.Int64), pl.lit(1))
+    n_valid = pl.max_horizontal((m * cfg.valid_share).floor().cast(pl.Int64), pl.lit(1))
+    evaluated = m >= MIN_EVALUATED_SAMPLES
+    return (
+        pl.when(pl.col("_is_prompt"))
+        .then(pl.lit("prompt"))
+        .when(evaluated & (pos >= m - n_test))
+        .then(pl.lit("test"))
+        .when(evaluated & (pos >= m - n_test - n_valid))
+        .then(pl.lit("valid"))
+        .otherwise(pl.lit("train"))
+    )
 
 
 def ctr_samples(split: pa.Table, cfg: SplitConfig) -> pa.Table:

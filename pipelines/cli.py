@@ -71,11 +71,20 @@ def cmd_validate(args) -> int:
     sanitized = [f"{t}.{k} in {n:,} value(s)" for t, c in gate.counts.items() for k, n in c.get("sanitized", {}).items()]
     if sanitized:
         print("sanitized (kept, not quarantined): " + "; ".join(sanitized))
+    if prep.notes.get("implicit_ratings"):
+        print(f"implicit feedback: {prep.notes['implicit_ratings']:,} interactions with a rating in dataset.implicit_ratings "
+              f"[{', '.join(f'{v:g}' for v in cfg.dataset.implicit_ratings)}] kept without a rating (label 1, no rating shown in prompts)")
+    for warning in prep.warnings:
+        print(f"recaug: warning: {warning}", file=sys.stderr)
     if prep.not_yet_visible:
         print(f"not yet visible at --as-of {format_utc(args.as_of)}: {prep.not_yet_visible:,} interactions")
     sizes = prep.sizes()
     print()
-    print("splits (KAR protocol: per-user oldest part is prompt context only; CTR samples by global time):")
+    if prep.timestamps == "row_order":
+        print("splits (split.mode by_row_order: per user, the first rows in file order are prompt context only, "
+              "the last ones valid/test):")
+    else:
+        print("splits (KAR protocol: per-user oldest part is prompt context only; CTR samples by global time):")
     print(
         _table(
             [[name, sizes[name]] for name in ("prompt", "train", "valid", "test")],
@@ -87,7 +96,7 @@ def cmd_validate(args) -> int:
     n_samples = prep.samples.num_rows
     pos = int(pc.sum(prep.samples.column("label")).as_py() or 0)
     print(f"CTR samples: {n_samples:,} (positive share {pos / max(n_samples, 1):.1%}, label = rating > {cfg.split.click_threshold:g})")
-    print(f"data cutoff: {format_utc(prep.data_cutoff)}")
+    print(f"data cutoff: {prep.describe_time(prep.data_cutoff, format_utc)}")
     return EXIT_OK
 
 
@@ -125,8 +134,10 @@ def cmd_run(args) -> int:
         print(
             f"input: {c['users']['rows_ok']:,} users, {c['items']['rows_ok']:,} items, "
             f"{c['interactions']['rows_ok']:,} interactions ({prep.gate.quarantine.num_rows:,} quarantined); "
-            f"data cutoff {format_utc(prep.data_cutoff)}"
+            f"data cutoff {prep.describe_time(prep.data_cutoff, format_utc)}"
         )
+        for warning in prep.warnings:
+            print(f"recaug: warning: {warning}", file=sys.stderr)
         print(f"augment: engine {engine.kind} ({engine.model_id}), runner {runner.kind}")
         try:
             result = run_long_job(cfg, prep, engine, runner, only=args.only, progress=args.progress)

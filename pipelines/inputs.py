@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -29,9 +29,23 @@ class PreparedInputs:
     not_yet_visible: int  # clean interactions after as_of, left for a later run
     data_cutoff: int  # newest interaction timestamp the job may use
     sources: dict[str, str]
+    # "source": timestamps from the data; "row_order": split.mode by_row_order, timestamp = row number
+    timestamps: str = "source"
+    warnings: list[str] = field(default_factory=list)  # for the person running the job
+    notes: dict[str, int] = field(default_factory=dict)  # loader counts, e.g. implicit_ratings
 
     def sizes(self) -> dict[str, int]:
         return split_sizes(self.split)
+
+    def describe_time(self, ts: int, fmt) -> str:
+        """A timestamp as summaries show it: a date, or what it is when the data has no dates."""
+        if self.timestamps == "row_order":
+            return f"row {ts:,} of the interactions file (split.mode by_row_order: the data has no timestamps)"
+        return fmt(ts)
+
+
+# timestamps all below this (30 days after the epoch) are not real times of a real catalogue
+DERIVED_TIMESTAMP_SPAN_S = 30 * 86_400
 
 
 def prepare_inputs(cfg: PipelineConfig, as_of: int | None = None, quarantine_path: Path | None = None) -> PreparedInputs:
@@ -44,7 +58,7 @@ def prepare_inputs(cfg: PipelineConfig, as_of: int | None = None, quarantine_pat
         tmp = quarantine_path.with_suffix(".tmp")
         pq.write_table(gate.quarantine, tmp)
         tmp.replace(quarantine_path)
-    enforce_threshold(gate, cfg.input_gate)
+    enforce_threshold(gate, cfg.input_gate, quarantine_path=quarantine_path)
 
     interactions = gate.tables["interactions"]
     not_yet_visible = 0
@@ -57,6 +71,14 @@ def prepare_inputs(cfg: PipelineConfig, as_of: int | None = None, quarantine_pat
     samples = ctr_samples(split, cfg.split)
     ts = interactions.column("timestamp")
     data_cutoff = int(pc.max(ts).as_py()) if interactions.num_rows else (as_of or int(time.time()))
+    row_order = cfg.split.mode == "by_row_order"
+    warnings = []
+    if not row_order and interactions.num_rows and data_cutoff < DERIVED_TIMESTAMP_SPAN_S:
+        warnings.append(
+            f"every interaction timestamp is within {DERIVED_TIMESTAMP_SPAN_S // 86_400} days of 1970-01-01 "
+            f"(newest: {data_cutoff:,} s): they look derived (row numbers?) rather than real times. A global time "
+            "split of such values is meaningless; for data without timestamps set split.mode: by_row_order"
+        )
     return PreparedInputs(
         users=gate.tables["users"],
         items=gate.tables["items"],
@@ -68,4 +90,7 @@ def prepare_inputs(cfg: PipelineConfig, as_of: int | None = None, quarantine_pat
         not_yet_visible=not_yet_visible,
         data_cutoff=data_cutoff,
         sources=raw.sources,
+        timestamps="row_order" if row_order else "source",
+        warnings=warnings,
+        notes=dict(raw.notes),
     )

@@ -58,6 +58,8 @@ def augment_inputs(cfg: PipelineConfig, prep: PreparedInputs, engine: Engine) ->
         domain=cfg.dataset.domain,
         count_tokens=engine.count_tokens,
         seed=cfg.engine.seed,
+        # the scale ratings are shown on in prompts (augmenters/context.py)
+        extras={"rating_scale": (cfg.input_gate.rating_min, cfg.input_gate.rating_max)},
     )
 
 

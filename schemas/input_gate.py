@@ -54,6 +54,21 @@ SCHEMAS = {"users": USERS, "items": ITEMS, "interactions": INTERACTIONS}
 ID_COLUMNS = {"users": ("user_id",), "items": ("item_id",), "interactions": ("user_id", "item_id")}
 TEXT_LIMITED = {"items": ("title", "description")}  # columns held to max_text_chars
 INTERACTION_KEY = ("user_id", "item_id", "timestamp")
+# users/items may carry extra text columns `attr_<name>` (dataset.<table>.attributes): nullable text,
+# checked like other free text (control characters, encoding, max_text_chars)
+ATTRIBUTE_PREFIX = "attr_"
+
+
+def table_schema(table: str, column_names: list[str]) -> pa.Schema:
+    """The contract of one table as this dataset has it: SCHEMAS[table] plus the attribute columns
+    the source maps (users and items only), in the source's order."""
+    schema = SCHEMAS[table]
+    if table == "interactions":
+        return schema
+    attrs = [c for c in column_names if c.startswith(ATTRIBUTE_PREFIX) and c not in schema.names]
+    for name in attrs:
+        schema = schema.append(pa.field(name, pa.string()))
+    return schema
 
 # C0 controls except \t and \n, DEL, and C1 controls. Stripped from free text.
 CONTROL_CHARS = r"[\x00-\x08\x0B-\x1F\x7F-\x9F]"
@@ -383,13 +398,14 @@ def _strip_controls(s: pl.Series) -> tuple[pl.Series, int]:
 @dataclass
 class _Converted:
     frame: pl.DataFrame  # contract columns (absent optional ones as nulls), contract-ish polars types
+    schema: pa.Schema  # the contract with this dataset's attribute columns
     present: list[str]  # contract columns the raw table had
     problems: dict[str, pl.Series]  # column -> type problem per row (null = fine)
     sanitized: dict[str, int] = field(default_factory=dict)
 
 
 def _convert(table: str, raw: pa.Table, list_separator: str) -> _Converted:
-    schema = SCHEMAS[table]
+    schema = table_schema(table, raw.column_names)
     columns: dict[str, pl.Series] = {}
     problems: dict[str, pl.Series] = {}
     sanitized: dict[str, int] = {}
@@ -436,7 +452,7 @@ def _convert(table: str, raw: pa.Table, list_separator: str) -> _Converted:
             value = pl.select(pl.when(problem.is_null()).then(value)).to_series()
         columns[name] = value.rename(name)
         problems[name] = problem
-    return _Converted(frame=pl.DataFrame(columns), present=present, problems=problems, sanitized=sanitized)
+    return _Converted(frame=pl.DataFrame(columns), schema=schema, present=present, problems=problems, sanitized=sanitized)
 
 
 # --- checks ------------------------------------------------------------------------------------------
@@ -485,7 +501,7 @@ def _build_checks(
 
         checks.append(_Check(f"{column}.type", column, E.ExpectColumnValuesToBeInSet(column=f"{column}__converts", value_set=[True]), type_reasons))
 
-    schema = SCHEMAS[table]
+    schema = conv.schema
     required = [f.name for f in schema if not f.nullable]
     text_columns = [f.name for f in schema if f.name in conv.present and (pa.types.is_string(f.type) or pa.types.is_list(f.type))]
     ids = ID_COLUMNS[table]
@@ -525,14 +541,18 @@ def _build_checks(
     for column in text_columns:
         def encoding_reasons(rows, column=column):
             vals = _values(frame, column, rows)
-            return rows, [f"{column} {_show(v)} has invalid UTF-8 bytes (shown as U+FFFD)" for v in vals]
+            return rows, [
+                f"{column} {_show(v)} has invalid UTF-8 bytes (shown as U+FFFD); if the file is not UTF-8, "
+                f"set dataset.{table}.encoding (e.g. latin-1, cp1252)" for v in vals
+            ]
 
         checks.append(
             _Check(f"{column}.encoding", column, E.ExpectColumnValuesToNotMatchRegex(column=column, regex=REPLACEMENT_CHAR), encoding_reasons)
         )
 
     # 5. text length
-    for column in TEXT_LIMITED.get(table, ()):
+    attributes = tuple(c for c in schema.names if c.startswith(ATTRIBUTE_PREFIX))
+    for column in (*TEXT_LIMITED.get(table, ()), *attributes):
         if column not in conv.present:
             continue
 
@@ -866,7 +886,7 @@ def run_input_gate(
             )
         ok = ~bad
         clean_frame = conv.frame.filter(pl.Series(ok))
-        clean[table] = conform(clean_frame.to_arrow(), SCHEMAS[table])
+        clean[table] = conform(clean_frame.to_arrow(), conv.schema)
         if table != "interactions":
             id_col = ID_COLUMNS[table][0]
             clean_ids[table] = clean_frame[id_col]
@@ -908,7 +928,7 @@ def run_input_gate(
     )
 
 
-def enforce_threshold(result: InputGateResult, cfg: InputGateConfig) -> None:
+def enforce_threshold(result: InputGateResult, cfg: InputGateConfig, quarantine_path: Any = None) -> None:
     """Raise QuarantineThresholdExceeded when any table's quarantined share is above
     `cfg.max_quarantine_share` (a share equal to it passes)."""
     over = [t for t in TABLES if t in result.counts and result.counts[t]["share"] > cfg.max_quarantine_share]
@@ -916,6 +936,7 @@ def enforce_threshold(result: InputGateResult, cfg: InputGateConfig) -> None:
         return
     q = pl.from_arrow(result.quarantine)
     parts = []
+    advice = []
     for table in over:
         c = result.counts[table]
         top = list(c["by_check"].items())[:3]
@@ -928,12 +949,21 @@ def enforce_threshold(result: InputGateResult, cfg: InputGateConfig) -> None:
             f"above the threshold input_gate.max_quarantine_share = {cfg.max_quarantine_share:.2%}; top reasons: "
             + "; ".join(examples)
         )
+        encoding = [check for check, _ in top if check.endswith(".encoding")]
+        if encoding:
+            advice.append(
+                f"{table}: {', '.join(encoding)} failed, so the file is probably not UTF-8: set dataset.{table}.encoding "
+                "to its encoding (e.g. latin-1 or cp1252) instead of raising the threshold."
+            )
     message = "\n".join(
         [
-            "input gate stopped the run: too many rows quarantined",
+            # the CLI prefixes "input gate stopped the run: "; the message does not repeat it
+            "too many rows quarantined",
             *parts,
-            "Every quarantined row and its reason is in the quarantine table; fix the source data, "
-            "or raise input_gate.max_quarantine_share if these rows may be dropped.",
+            *advice,
+            "Every quarantined row and its reason is in the quarantine table"
+            + (f" {quarantine_path}" if quarantine_path is not None else "")
+            + "; fix the source data, or raise input_gate.max_quarantine_share if these rows may be dropped.",
         ]
     )
     raise QuarantineThresholdExceeded(message, result, over)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from recaug.pipelines.config import EngineConfig
+from recaug.core.config import EngineConfig
 from recaug.pipelines.engines.base import EngineError
 from recaug.pipelines.engines.vllm_engine import (
     CPU_FREE_MEMORY_SHARE,

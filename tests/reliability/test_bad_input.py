@@ -209,7 +209,7 @@ def _(s: Shop):
     s.raw_bytes["interactions"] = s.frames["interactions"].write_csv().encode() + b"u1,i1,3,880000000,extra,fields\n"
 
 
-@_c("utf16_file", Error(EXIT_INPUT, "the header holds bytes that are not UTF-8: save the file as UTF-8"))
+@_c("utf16_file", Error(EXIT_INPUT, "is UTF-16 text (it starts with a UTF-16 byte-order mark), not utf-8; set dataset.users.encoding: utf-16"))
 def _(s: Shop):
     s.raw_bytes["users"] = s.frames["users"].write_csv().encode("utf-16")
 
