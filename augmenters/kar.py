@@ -36,7 +36,7 @@ def kar_user_preference() -> Augmenter:
         build_context=user_context,
         parse=parse_user_reasoning,
         parser_version="1",
-        default_options={"encode": "history+answer"},
+        default_options={"encode": "history+answer", "min_history": 2},
         description="user preference reasoning along the domain's factors (free text)",
     )
 

@@ -117,7 +117,7 @@ def llmrec_implicit_feedback() -> Augmenter:
         response_model=ImplicitFeedback,
         parse=parse_implicit_feedback,
         parser_version="1",
-        default_options={"n_candidates": 10},
+        default_options={"n_candidates": 10, "min_history": 1},
         encodes=False,
         description="most/least liked of N base-recommender candidates -> synthetic (user, pos, neg)",
     )
@@ -149,5 +149,6 @@ def llmrec_user_profile() -> Augmenter:
         response_model=UserProfile,
         parse=parse_user_profile,
         parser_version="1",
+        default_options={"min_history": 2},
         description="structured user profile: age, gender, liked/disliked genres, directors, country, language",
     )

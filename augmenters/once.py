@@ -110,6 +110,7 @@ def once_user_profiler() -> Augmenter:
         build_context=user_context,
         response_model=TopicProfile,
         parse=parse_topics,
+        default_options={"min_history": 1},
         description="user interests from the domain's fixed topic vocabulary, optional regions",
     )
 
@@ -125,6 +126,6 @@ def once_cold_item_generator() -> Augmenter:
         response_model=GeneratedItems,
         parse=parse_generated_items,
         select=select_cold_users,
-        default_options={"cold_max_interactions": 5, "n_items": 2},
+        default_options={"cold_max_interactions": 5, "n_items": 2, "min_history": 1},
         description="synthetic items for cold users (few interactions), written to synthetic tables",
     )

@@ -54,10 +54,12 @@ class Pending:
 @dataclass
 class AugmenterStats:
     augmenter: str
-    entities: int = 0
-    requests: int = 0  # incl. retries
-    cache_hits: int = 0
-    llm_requests: int = 0  # sent to the engine in this run
+    entities: int = 0  # worked on in this run (eligible, sampled); no_history ones are not among them
+    no_history: int = 0  # selected users with too little prompt history: never prompted (see min_history)
+    requests: int = 0  # entity attempts, incl. retries
+    distinct_prompts: int = 0  # distinct request keys over all attempts: == cache_hits + llm_requests
+    cache_hits: int = 0  # distinct prompts answered by the cache
+    llm_requests: int = 0  # distinct prompts sent to the engine in this run (identical prompts go once)
     engine_errors: int = 0
     input_tokens: int = 0  # of this run's LLM requests
     output_tokens: int = 0
@@ -72,7 +74,26 @@ class AugmenterStats:
 
     @property
     def cache_hit_rate(self) -> float:
-        return self.cache_hits / self.requests if self.requests else 1.0
+        return self.cache_hits / self.distinct_prompts if self.distinct_prompts else 1.0
+
+    @property
+    def truncated_share(self) -> float:
+        total = self.parsed + self.dead_letter
+        return self.truncated / total if total else 0.0
+
+    def summary_line(self) -> str:
+        """One line per augmenter for the run log: the counts always add up
+        (distinct prompts = cached + LLM calls; entities without history are counted apart)."""
+        line = (f"  {self.augmenter:<26} {self.entities:>6} entities"
+                + (f" (+{self.no_history} without prompt history, not prompted)" if self.no_history else "")
+                + f"  {self.distinct_prompts:>6} distinct prompts = {self.cache_hits} cached + {self.llm_requests} LLM calls"
+                + f"  parsed {self.parse_rate:6.1%}  dead-letter {self.dead_letter:>4}"
+                + f"  truncated {self.truncated} ({self.truncated_share:.0%})")
+        if self.deferred:
+            line += f"  deferred {self.deferred} (kept {self.carried_over})"
+        if self.llm_requests:
+            line += f"  {self.tokens_per_s:6.1f} tok/s"
+        return line
 
     @property
     def parse_rate(self) -> float:
@@ -85,7 +106,8 @@ class AugmenterStats:
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d.update(cache_hit_rate=self.cache_hit_rate, parse_rate=self.parse_rate, tokens_per_s=self.tokens_per_s)
+        d.update(cache_hit_rate=self.cache_hit_rate, parse_rate=self.parse_rate, tokens_per_s=self.tokens_per_s,
+                 truncated_share=self.truncated_share)
         return d
 
 
@@ -189,9 +211,31 @@ def augmenter_options(aug: Augmenter, aug_cfg: AugmenterConfig) -> dict[str, Any
     return options
 
 
+def split_by_history(aug: Augmenter, options: dict[str, Any], inputs: AugmentInputs, ids: list[str]) -> tuple[list[str], list[str]]:
+    """(eligible ids, ids without enough prompt history). A user augmenter with `min_history` never
+    prompts a user whose prompt history holds fewer rows: the model would invent a profile for nobody
+    (no interactions, all rows quarantined, rows that belong to other users all end here)."""
+    need = int(options.get("min_history", 0) or 0)
+    if aug.entity_kind != "user" or need <= 0 or not ids:
+        return list(ids), []
+    frame = pl.DataFrame({"user_id": ids}, schema={"user_id": pl.String})
+    counts = inputs.history.filter(pl.col("user_id").is_in(ids)).group_by("user_id").len("_n")
+    joined = frame.join(counts, on="user_id", how="left").with_columns(pl.col("_n").fill_null(0))
+    ok = pl.col("_n") >= need
+    return joined.filter(ok)["user_id"].to_list(), joined.filter(~ok)["user_id"].to_list()
+
+
+def selection(aug: Augmenter, aug_cfg: AugmenterConfig, inputs: AugmentInputs) -> tuple[list[str], list[str]]:
+    """(entities this augmenter works on in this run, selected users left out for lack of history):
+    its selection, minus users without enough prompt history, sampled to max_entities."""
+    options = augmenter_options(aug, aug_cfg)
+    eligible, no_history = split_by_history(aug, options, inputs, aug.select(inputs, options))
+    return sample_entities(eligible, aug_cfg.max_entities, inputs.seed), sorted(no_history)
+
+
 def select_entities(aug: Augmenter, aug_cfg: AugmenterConfig, inputs: AugmentInputs) -> list[str]:
-    """The entities this augmenter works on in this run: its selection, sampled to max_entities."""
-    return sample_entities(aug.select(inputs, augmenter_options(aug, aug_cfg)), aug_cfg.max_entities, inputs.seed)
+    """The entities this augmenter works on in this run: its eligible selection, sampled to max_entities."""
+    return selection(aug, aug_cfg, inputs)[0]
 
 
 def build_pending(
@@ -206,6 +250,8 @@ def build_pending(
     options = augmenter_options(aug, aug_cfg)
     if entity_ids is None:
         entity_ids = select_entities(aug, aug_cfg, inputs)
+    else:
+        entity_ids = split_by_history(aug, options, inputs, list(entity_ids))[0]
     if not entity_ids:
         return [], [], []
     ctx = aug.build_context(inputs, entity_ids, options)
@@ -276,8 +322,12 @@ def run_augmenter(
     With `spill_dir`, each chunk's tables go to disk as they are finished (see pipelines/spill.py) and
     the output tables are memory-mapped from there."""
     stats = AugmenterStats(augmenter=aug.name)
-    expected = list(entity_ids) if entity_ids is not None else select_entities(aug, aug_cfg, inputs)
+    if entity_ids is None:
+        expected, no_history = selection(aug, aug_cfg, inputs)
+    else:
+        expected, no_history = split_by_history(aug, augmenter_options(aug, aug_cfg), inputs, list(entity_ids))
     stats.entities = len(expected)
+    stats.no_history = len(no_history)
     now = _now()
     deferred: set[str] = set()
     carried: pl.DataFrame | None = None
@@ -363,8 +413,18 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
         hits = cache.lookup([p.key for p in pending])
         hit_keys = set(hits["cache_key"].to_list())
         stats.cache_hits += len(hit_keys)
-        todo = [[p for p in shard if p.key not in hit_keys] for shard in shards]
-        todo = [s for s in todo if s]
+        # identical prompts (same key) go to the engine once; every entity with that key gets the answer
+        sent: set[str] = set(hit_keys)
+        todo = []
+        for shard in shards:
+            fresh_shard = []
+            for p in shard:
+                if p.key not in sent:
+                    sent.add(p.key)
+                    fresh_shard.append(p)
+            if fresh_shard:
+                todo.append(fresh_shard)
+        stats.distinct_prompts += len(sent)
         fresh: dict[str, GenerationResult] = {}
         if todo:
             schema = aug.decoding_schema(inputs.domain)

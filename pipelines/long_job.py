@@ -132,12 +132,7 @@ def run_augmentation(
             bar.close()
         outputs[aug.name] = out
         s = out.stats
-        log(
-            f"  {aug.name:<26} {s.entities:>6} entities  {s.cache_hits:>6} cached  {s.llm_requests:>6} LLM calls  "
-            f"parsed {s.parse_rate:6.1%}  dead-letter {s.dead_letter:>4}  truncated {s.truncated:>4}"
-            + (f"  deferred {s.deferred} (kept {s.carried_over})" if s.deferred else "")
-            + (f"  {s.tokens_per_s:6.1f} tok/s" if s.llm_requests else "")
-        )
+        log(s.summary_line())
     cache.compact()
     release_memory()
     result = AugmentationResult(run_id, workdir / "runs" / run_id, outputs, time.perf_counter() - started)
@@ -150,10 +145,12 @@ def run_augmentation(
 def augmentation_report(cfg: PipelineConfig, engine: Engine, result: AugmentationResult) -> dict[str, Any]:
     per = {name: out.stats.as_dict() for name, out in result.outputs.items()}
     tot = {k: sum(p[k] for p in per.values()) for k in (
-        "entities", "requests", "cache_hits", "llm_requests", "engine_errors", "input_tokens", "output_tokens",
-        "parsed", "dead_letter", "truncated", "retries", "generate_seconds",
+        "entities", "no_history", "requests", "distinct_prompts", "cache_hits", "llm_requests", "engine_errors",
+        "input_tokens", "output_tokens", "parsed", "dead_letter", "truncated", "retries", "generate_seconds",
     )}
-    tot["cache_hit_rate"] = tot["cache_hits"] / tot["requests"] if tot["requests"] else 1.0
+    tot["cache_hit_rate"] = tot["cache_hits"] / tot["distinct_prompts"] if tot["distinct_prompts"] else 1.0
+    answered = tot["parsed"] + tot["dead_letter"]
+    tot["truncated_share"] = tot["truncated"] / answered if answered else 0.0
     tot["parse_rate"] = tot["parsed"] / (tot["parsed"] + tot["dead_letter"]) if tot["parsed"] + tot["dead_letter"] else 1.0
     tot["tokens_per_s"] = tot["output_tokens"] / tot["generate_seconds"] if tot["generate_seconds"] else 0.0
     return {
@@ -201,14 +198,17 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"pipeline `{report['pipeline']}` · model `{report['model']}` ({report['engine']}) · runner {report['runner']}"
         f" · {report['wall_seconds']:.1f} s",
         "",
-        "| augmenter | entities | cached | LLM calls | in tok | out tok | tok/s | parse rate | dead-letter | truncated |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| augmenter | entities | without history | distinct prompts | cached | LLM calls | in tok | out tok | tok/s "
+        "| parse rate | dead-letter | truncated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = list(report["augmenters"].items()) + [("**total**", report["totals"])]
     for name, s in rows:
         lines.append(
-            f"| {name} | {s['entities']:,} | {s['cache_hits']:,} | {s['llm_requests']:,} | {s['input_tokens']:,} | "
-            f"{s['output_tokens']:,} | {s['tokens_per_s']:.1f} | {s['parse_rate']:.1%} | {s['dead_letter']:,} | {s['truncated']:,} |"
+            f"| {name} | {s['entities']:,} | {s.get('no_history', 0):,} | {s.get('distinct_prompts', 0):,} | "
+            f"{s['cache_hits']:,} | {s['llm_requests']:,} | {s['input_tokens']:,} | {s['output_tokens']:,} | "
+            f"{s['tokens_per_s']:.1f} | {s['parse_rate']:.1%} | {s['dead_letter']:,} | "
+            f"{s['truncated']:,} ({s.get('truncated_share', 0.0):.0%}) |"
         )
     return "\n".join(lines) + "\n"
 
