@@ -10,6 +10,7 @@ have, and greedy outputs match.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import gc
 import hashlib
@@ -23,8 +24,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recaug.augmenters.base import AugmentInputs, Augmenter, ParseError
-from recaug.augmenters.vocab import VOCABULARY
+from recaug.augmenters.base import AugmentInputs, Augmenter, ParseError, check_contract, template_variables
+from recaug.augmenters.domains import domain_variables
 from recaug.pipelines.cache import CacheSink, GenerationCache, request_key
 from recaug.pipelines.config import AugmenterConfig, EngineConfig
 from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, Engine, GenerationRequest, GenerationResult
@@ -256,11 +257,11 @@ def build_pending(
         return [], [], []
     ctx = aug.build_context(inputs, entity_ids, options)
     max_new = aug_cfg.max_new_tokens or engine_cfg.max_new_tokens
-    common = {"domain": inputs.domain, "vocabulary": VOCABULARY[inputs.domain], **options}
+    common = {**domain_variables(inputs.domain), **options}
     pending, failed = [], []
     with _gc_paused():
         for row in ctx.to_dicts():  # rendering is per entity by nature; everything around it is columnar
-            variables = {**common, **row}
+            variables = template_variables(common, row)
             try:
                 messages = aug.prompt.render(variables)
             except PromptError as exc:
@@ -322,6 +323,7 @@ def run_augmenter(
     With `spill_dir`, each chunk's tables go to disk as they are finished (see pipelines/spill.py) and
     the output tables are memory-mapped from there."""
     stats = AugmenterStats(augmenter=aug.name)
+    check_contract(aug, inputs, augmenter_options(aug, aug_cfg))  # a template typo fails here, not per entity
     if entity_ids is None:
         expected, no_history = selection(aug, aug_cfg, inputs)
     else:
@@ -502,10 +504,10 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
                     int(input_tokens), int(output_tokens), finish_reason, float(latency_s), p.attempt,
                 )):
                     gen_cols[name].append(value)
-                for row in parsed.synthetic.get("synthetic_items", []):
-                    synth_items.append({**row, "augmenter": aug.name, "cache_key": p.key})
-                for row in parsed.synthetic.get("synthetic_interactions", []):
-                    synth_inter.append({**row, "source": aug.name, "cache_key": p.key})
+                for item in parsed.synthetic_items:
+                    synth_items.append({**dataclasses.asdict(item), "augmenter": aug.name, "cache_key": p.key})
+                for edge in parsed.synthetic_interactions:
+                    synth_inter.append({**dataclasses.asdict(edge), "source": aug.name, "cache_key": p.key})
         del answers
         stats.retries += len(retry)
         pending = retry

@@ -37,7 +37,7 @@ class TableSource(_Section):
 
 class DatasetConfig(_Section):
     kind: Literal["ml100k", "files"] = "ml100k"
-    domain: Literal["movies", "books", "news"] = "movies"
+    domain: Literal["movies", "books", "news", "generic"] = "movies"
     users: TableSource | None = None
     items: TableSource | None = None
     interactions: TableSource | None = None

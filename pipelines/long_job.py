@@ -23,8 +23,8 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from recaug.augmenters.base import AugmentInputs, get_augmenter
-from recaug.pipelines.augment import AugmenterOutput, run_augmenter
+from recaug.augmenters.base import AugmentInputs, check_contract, get_augmenter
+from recaug.pipelines.augment import AugmenterOutput, augmenter_options, run_augmenter
 from recaug.pipelines.cache import GenerationCache, remove_stale_temporaries, write_parquet_atomic
 from recaug.pipelines.config import AugmenterConfig, PipelineConfig
 from recaug.pipelines.crashpoints import crash_point
@@ -119,6 +119,9 @@ def run_augmentation(
     started = time.perf_counter()
     show = sys.stderr.isatty() if progress is None else progress
     outputs: dict[str, AugmenterOutput] = {}
+    for aug_cfg in enabled_augmenters(cfg, only):  # every template against its context before any entity runs
+        aug = get_augmenter(aug_cfg.name)
+        check_contract(aug, inputs, augmenter_options(aug, aug_cfg))
     for aug_cfg in enabled_augmenters(cfg, only):
         aug = get_augmenter(aug_cfg.name)
         bar = _Progress(aug.name, show)

@@ -142,7 +142,7 @@ def test_parser_change_reparses_cached_raw_text_without_llm(tmp_path, inputs):
 def test_malformed_output_is_retried_then_dead_lettered(tmp_path, inputs):
     def responder(r):
         item = r.messages[-1]["content"] if len(r.messages) <= 2 else r.messages[1]["content"]
-        if "Movie 3\"" in item or "Movie 3 " in item:
+        if "Movie 3\"" in item or "Movie 3 " in item or "Movie 3\n" in item:
             return "I think the director is Steven"  # never valid
         if len(r.messages) > 2:  # the retry turn fixes it
             return '{"director": "D", "country": "C", "language": "L"}'
@@ -206,7 +206,7 @@ def test_max_entities_is_a_stable_sample(tmp_path, inputs):
 def test_budget_defers_changed_entities_and_carries_their_previous_answer(tmp_path, inputs):
     from recaug.pipelines.augment import Budget
 
-    engine = ScriptedEngine(lambda r: "About " + r.messages[-1]["content"].split('"')[1])
+    engine = ScriptedEngine(lambda r: "About " + r.messages[-1]["content"].split("Title: ")[1].split("\n")[0])
     cache = GenerationCache(tmp_path)
     first = run("kar_item_knowledge", inputs, engine, cache)
     # five items change (a new year is known), three new items arrive

@@ -31,7 +31,7 @@ from recaug.pipelines.runners.local import LocalRunner
 from recaug.pipelines.snapshots import list_snapshots, resolve_snapshot, snapshot_root, verify_snapshot
 
 GOOD_JSON = '{"director": "Jane Doe", "country": "France", "language": "French"}'
-TITLE = re.compile(r'Item: "([^"]+)"')
+TITLE = re.compile(r"^Title: (.+)$", re.MULTILINE)
 
 
 def json_responder(request: GenerationRequest) -> str:
