@@ -211,10 +211,25 @@ def _sha(text: str) -> str:
 # --- parsers ------------------------------------------------------------------------------------
 
 
-def free_text_answer(raw: str) -> str:
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+")
+
+
+def free_text_answer(raw: str, whole_sentences: bool = False) -> str:
     """The one helper every free-text parser starts with: the answer with its white space collapsed
-    (line breaks and runs of spaces become one space), or ParseError when nothing is left."""
+    (line breaks and runs of spaces become one space), or ParseError when nothing is left.
+
+    With `whole_sentences`, an answer cut off mid-sentence (at max_new_tokens) keeps its complete
+    sentences only, and a sentence the model repeated word for word is kept once: a small model that
+    loops ("... a romantic undertones and a romantic undertones") must not publish the loop."""
     text = " ".join(raw.split())
+    if whole_sentences and text:
+        sentences = [x for x in _SENTENCE_END.split(text) if x]
+        complete = sentences if text.endswith((".", "!", "?", '."', ".'", ".)")) else sentences[:-1]
+        kept: list[str] = []
+        for sentence in complete or sentences:
+            if sentence not in kept:
+                kept.append(sentence)
+        text = " ".join(kept)
     if not text:
         raise ParseError("empty answer")
     return text

@@ -33,6 +33,7 @@ from recaug.pipelines.memory import release_memory
 from recaug.pipelines.spill import TableParts, frame_to_table
 from recaug.prompts import PromptError
 from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS, SYNTHETIC_INTERACTIONS, SYNTHETIC_ITEMS
+from recaug.schemas.output_gate import TEXT_REASON_PREFIX, TextChecks, contradiction, identical_answer_rows, prompt_echo
 
 RETRY_INSTRUCTION = (
     "Your previous answer could not be used: {reason}. Reply again with only the JSON object, nothing else."
@@ -70,6 +71,7 @@ class AugmenterStats:
     truncated: int = 0  # finish_reason == length among the final answers, parsed or dead-lettered
     retries: int = 0
     render_errors: int = 0
+    text_rejected: int = 0  # answers a text check turned into dead letters (echo, contradiction, identical)
     deferred: int = 0  # over this run's budget: left for a later run
     carried_over: int = 0  # deferred entities whose previous answer was kept
 
@@ -89,6 +91,7 @@ class AugmenterStats:
                 + (f" (+{self.no_history} without prompt history, not prompted)" if self.no_history else "")
                 + f"  {self.distinct_prompts:>6} distinct prompts = {self.cache_hits} cached + {self.llm_requests} LLM calls"
                 + f"  parsed {self.parse_rate:6.1%}  dead-letter {self.dead_letter:>4}"
+                + (f" ({self.text_rejected} by text checks)" if self.text_rejected else "")
                 + f"  truncated {self.truncated} ({self.truncated_share:.0%})")
         if self.deferred:
             line += f"  deferred {self.deferred} (kept {self.carried_over})"
@@ -318,6 +321,7 @@ def run_augmenter(
     carry_over: pa.Table | None = None,
     chunk_size: int = ENTITY_CHUNK,
     spill_dir: Path | None = None,
+    text_checks: TextChecks = TextChecks(),
 ) -> AugmenterOutput:
     """Generate, parse, retry (bounded) and assemble this augmenter's tables, a chunk of entities at a time.
     With `spill_dir`, each chunk's tables go to disk as they are finished (see pipelines/spill.py) and
@@ -360,14 +364,31 @@ def run_augmenter(
                    common, parts)
         release_memory()  # the chunk's prompts, answers and rows as Python objects
 
-    stats.parsed = parts["generated"].rows
+    generated = parts["generated"].table()
+    if aug.response_model is None and generated.num_rows:
+        # one answer word for word for many different prompts says nothing about any of them
+        same = identical_answer_rows(generated, text_checks.max_identical_answers)
+        if pc.any(same).as_py():
+            rejected = pl.from_arrow(generated.filter(same))
+            counts = rejected.group_by("raw_text").agg(pl.col("cache_key").n_unique().alias("_n"))
+            rejected = rejected.join(counts, on="raw_text", how="left").with_columns(
+                pl.concat_str([pl.lit(f"{TEXT_REASON_PREFIX}identical answer given for "), pl.col("_n").cast(pl.String),
+                               pl.lit(f" different prompts (more than output_gate.max_identical_answers = "
+                                      f"{text_checks.max_identical_answers})")]).alias("reason"))
+            parts["dead"].append(frame_to_table(rejected, DEAD_LETTER, "entity_id"))
+            stats.text_rejected += rejected.height
+            generated = generated.filter(pc.invert(same))
+    stats.parsed = generated.num_rows
     stats.dead_letter = parts["dead"].rows
     if carried is not None and carried.height:
         # a deferred entity keeps its previous answer, with the lineage it was made with
-        parts["generated"].append(frame_to_table(carried, GENERATED_TEXTS, "entity_id"))
+        final = TableParts(GENERATED_TEXTS, "entity_id", spill_dir)
+        final.append(generated)
+        final.append(frame_to_table(carried, GENERATED_TEXTS, "entity_id"))
+        generated = final.table()
     return AugmenterOutput(
         augmenter=aug,
-        generated=parts["generated"].table(),
+        generated=generated,
         dead_letter=parts["dead"].table(),
         synthetic_items=parts["items"].table(),
         synthetic_interactions=parts["inter"].table(),
@@ -498,6 +519,15 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
                     continue
                 if finish_reason == FINISH_LENGTH:
                     stats.truncated += 1
+                if aug.response_model is None:  # free text: what a schema cannot check
+                    problem = prompt_echo(raw, p.messages) or (
+                        contradiction(raw, p.context, p.context.get("vocabulary") or [], p.context.get("noun") or "")
+                        if aug.entity_kind == "item" else None)
+                    if problem:
+                        stats.text_rejected += 1
+                        dead_rows.append(dict(entity_id=p.entity_id, prompt=prompt_text, raw_text=raw, reason=problem,
+                                              finish_reason=finish_reason, attempts=p.attempt, cache_key=p.key))
+                        continue
                 for name, value in zip(_GENERATED_ROW_COLUMNS, (
                     p.entity_id, p.key, prompt_text, raw, parsed.text,
                     json.dumps(parsed.record, ensure_ascii=False, sort_keys=True),

@@ -33,6 +33,7 @@ from recaug.pipelines.inputs import PreparedInputs
 from recaug.pipelines.memory import release_memory
 from recaug.pipelines.spill import spill_folder
 from recaug.pipelines.splits import prompt_context
+from recaug.schemas.output_gate import TextChecks
 
 
 @dataclass
@@ -129,7 +130,7 @@ def run_augmentation(
             out = run_augmenter(
                 aug, aug_cfg, inputs, engine, cfg.engine, cache, runner.execute, cfg.runner.shard_size, bar,
                 budget=budget, carry_over=(carry_over or {}).get(aug.name), chunk_size=cfg.runner.chunk_entities,
-                spill_dir=spill_folder(workdir),
+                spill_dir=spill_folder(workdir), text_checks=TextChecks.from_config(cfg.output_gate),
             )
         finally:
             bar.close()
