@@ -157,6 +157,10 @@ def cmd_run(args) -> int:
         )
         print(f"run report: {result.augmentation.run_dir / 'report.md'}")
         print(f"published snapshot {result.snapshot_id}: {result.snapshot_path}")
+        if not args.only:  # a whole run is what the schedule's long job does: the next tick counts it
+            from recaug.pipelines.scheduler import LONG, record_manual
+
+            record_manual(cfg, LONG, snapshot=result.snapshot_id)
         if result.removed_by_retention:
             print(f"retention removed: {', '.join(result.removed_by_retention)}")
     return EXIT_OK
@@ -290,6 +294,9 @@ def cmd_train(args) -> int:
     print(f"best epoch {result.best_epoch} (validation AUC by epoch: {', '.join(f'{x:.4f}' for x in result.history_of_valid_auc)})")
     print(f"test (evaluated once): AUC {m['test_auc']:.4f}, LogLoss {m['test_logloss']:.4f}, GAUC {m['test_gauc']:.4f}")
     print(f"checkpoint: {result.checkpoint_path}")
+    from recaug.pipelines.scheduler import SHORT, record_manual
+
+    record_manual(cfg, SHORT, checkpoint=str(result.checkpoint_path) if result.checkpoint_path else None)
     return EXIT_OK
 
 
