@@ -10,7 +10,10 @@ attribute completion asks for) and `vocabulary` (the fixed topic list of augment
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from recaug.augmenters.vocab import VOCABULARY
@@ -59,6 +62,14 @@ def domain_variables(name: str) -> dict[str, Any]:
     d = domain(name)
     return {"domain": d.name, "noun": d.noun, "item_noun": d.item_noun, "factors": list(d.factors),
             "creator": d.creator, "item_attributes": list(d.item_attributes), "vocabulary": list(VOCABULARY[d.name])}
+
+
+@lru_cache(maxsize=None)
+def domain_hash(name: str) -> str:
+    """A version of what templates see for this domain: part of every request key, so editing a
+    factor list or a vocabulary re-generates the prompts that use it even where a key is derived
+    without rendering the prompt."""
+    return hashlib.sha256(json.dumps(domain_variables(name), sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 # names the stage injects next to a context builder's columns (see augmenters/base.py `check_contract`)

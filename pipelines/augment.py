@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recaug.augmenters.base import AugmentInputs, Augmenter, ParseError, check_contract, template_variables
-from recaug.augmenters.domains import domain_variables
+from recaug.augmenters.domains import domain_hash, domain_variables
 from recaug.pipelines.cache import CacheSink, GenerationCache, request_key
 from recaug.pipelines.config import AugmenterConfig, EngineConfig
 from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, Engine, GenerationRequest, GenerationResult
@@ -186,6 +186,7 @@ def _key_parts(aug: Augmenter, engine: Engine, messages, max_new_tokens: int, do
     return {
         "augmenter": aug.name,
         "template": aug.prompt.content_hash,
+        "domain_variables": domain_hash(domain),  # factor lists, nouns, vocabulary (augmenters/domains.py)
         "model": engine.model_id,
         "sampling": _sampling_key(aug, engine),
         # the response schema as the engine constrains it (per domain: vocabulary enums)

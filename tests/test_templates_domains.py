@@ -155,3 +155,35 @@ def test_the_cli_refuses_a_broken_template_before_the_first_augmenter_runs(tmp_p
     err = capsys.readouterr().err
     assert "'athor'" in err and "broken.j2" in err
     assert not (tmp_path / "work" / "cache").exists() or not any((tmp_path / "work" / "cache").rglob("*.parquet"))
+
+
+def test_kar_answers_keep_whole_sentences_and_drop_repeats():
+    aug = get_augmenter("kar_item_knowledge")
+    looping = ("It is a romantic comedy with a warm tone. It is a romantic comedy with a warm tone. "
+               "The director is British. The story is a romantic comedy with a roman")
+    parsed = aug.parse(looping, {"title": "Emma"})
+    assert parsed.record["knowledge"] == "It is a romantic comedy with a warm tone. The director is British."
+    assert parsed.text == "Emma. It is a romantic comedy with a warm tone. The director is British."
+    # an answer without any sentence end is kept as it is rather than emptied
+    assert aug.parse("a comedy about\na family", {"title": "X"}).record["knowledge"] == "a comedy about a family"
+    user = get_augmenter("kar_user_preference")
+    out = user.parse("They like dramas. They dislike horror. They like drama", {"history": ["- A"], "encode": "answer"})
+    assert out.record["reasoning"] == "They like dramas. They dislike horror."
+
+
+def test_domain_variables_enter_every_request_key(monkeypatch):
+    from recaug.augmenters import domains
+    from recaug.pipelines.augment import _key_parts
+
+    engine = FakeEngine(EngineConfig(kind="fake"))
+    aug = get_augmenter("kar_item_knowledge")
+    before = _key_parts(aug, engine, (), 64, "books")["domain_variables"]
+    books = domains.DOMAINS["books"]
+    monkeypatch.setitem(domains.DOMAINS, "books", domains.Domain(books.name, books.noun, books.item_noun,
+                                                                 books.factors + ("cover art",), books.creator,
+                                                                 books.item_attributes))
+    domains.domain_hash.cache_clear()
+    try:
+        assert _key_parts(aug, engine, (), 64, "books")["domain_variables"] != before
+    finally:
+        domains.domain_hash.cache_clear()
