@@ -169,8 +169,8 @@ def cmd_run(args) -> int:
 def cmd_preview(args) -> int:
     import json
 
-    from recaug.augmenters.base import ParseError, get_augmenter
-    from recaug.pipelines.augment import build_pending
+    from recaug.augmenters.base import ParseError, check_contract, get_augmenter
+    from recaug.pipelines.augment import augmenter_options, build_pending
     from recaug.pipelines.config import AugmenterConfig, load_config
     from recaug.pipelines.engines.base import GenerationRequest
     from recaug.pipelines.inputs import prepare_inputs
@@ -185,7 +185,9 @@ def cmd_preview(args) -> int:
     aug_cfg = next((a for a in cfg.augmenters if a.name == args.augmenter), AugmenterConfig(name=args.augmenter))
     aug_cfg = aug_cfg.model_copy(update={"max_entities": args.n})
     prep = prepare_inputs(cfg, as_of=args.as_of)
-    pending, failed, _ = build_pending(aug, aug_cfg, augment_inputs(cfg, prep, engine), engine, cfg.engine)
+    inputs = augment_inputs(cfg, prep, engine)
+    check_contract(aug, inputs, augmenter_options(aug, aug_cfg))  # a template typo: one clear error, exit 2
+    pending, failed, _ = build_pending(aug, aug_cfg, inputs, engine, cfg.engine)
     for f in failed:
         print(f"== {aug.entity_kind} {f['entity_id']}: cannot render: {f['reason']}")
     if not pending:
