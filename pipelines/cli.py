@@ -149,8 +149,8 @@ def cmd_run(args) -> int:
             runner.close()
         t = result.augmentation.report["totals"]
         print(
-            f"augmentation: {t['entities']:,} entities, {t['distinct_prompts']:,} distinct prompts = "
-            f"{t['cache_hits']:,} cached + {t['llm_requests']:,} LLM calls; "
+            f"augmentation: {t['llm_requests']:,} LLM calls + {t['cache_hits']:,} cached = "
+            f"{t['distinct_prompts']:,} distinct prompts for {t['entities']:,} entities; "
             f"{t['no_history']:,} users without prompt history not prompted; "
             f"parse rate {t['parse_rate']:.1%}, {t['dead_letter']:,} dead-letter rows, "
             f"{t['truncated']:,} answers cut at max_new_tokens ({t['truncated_share']:.0%}), {t['output_tokens']:,} tokens out"
