@@ -267,7 +267,6 @@ def train_model(
             warm_start=warm_start, checkpoint_dir=out_dir,
             synthetic=inputs.synthetic if ctr.synthetic_rate > 0 else None, lineage=lineage,
         )
-        result.data_summary["llm_vector_coverage"] = coverage
         if result.checkpoint_path:
             pin_snapshot(root, inputs.snapshot_id, f"model {result.checkpoint_path}")
     finally:
