@@ -521,7 +521,7 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
                 if finish_reason == FINISH_LENGTH:
                     stats.truncated += 1
                 if aug.response_model is None:  # free text: what a schema cannot check
-                    problem = prompt_echo(raw, p.messages) or (
+                    problem = prompt_echo(raw, p.messages, p.context.get("title")) or (
                         contradiction(raw, p.context, p.context.get("vocabulary") or [], p.context.get("noun") or "")
                         if aug.entity_kind == "item" else None)
                     if problem:

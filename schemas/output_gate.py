@@ -500,10 +500,14 @@ def _normalised(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def prompt_echo(answer: str, messages: Sequence[dict[str, str]]) -> str | None:
+def prompt_echo(answer: str, messages: Sequence[dict[str, str]], title: str | None = None) -> str | None:
     """The reason when an answer begins by repeating the prompt (its first line, up to 40 characters,
-    occurs in a user message: "Describe the movie below..." or "Title: Heat"), else None."""
-    lines = answer.strip().splitlines()
+    occurs in a user message: "Describe the movie below..." or "Title: Heat"), else None. A first
+    line that is only the item's title (a heading, "**Heat**") is not an echo: the next line is judged."""
+    lines = [line for line in answer.strip().splitlines() if line.strip()]
+    heading = _normalised(title or "")
+    while heading and lines and _normalised(lines[0]).strip("#*_\"' :") == heading:
+        lines = lines[1:]
     start = _normalised(lines[0] if lines else "")[:_ECHO_PREFIX_CHARS]
     if len(start) < _ECHO_MIN_CHARS:
         return None

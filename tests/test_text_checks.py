@@ -30,6 +30,9 @@ def test_prompt_echo_is_recognised_and_a_real_answer_is_not():
     assert "prompt echo" in prompt_echo("title: heat\nyear: 1995\nGenre: crime", PROMPT)
     assert prompt_echo("Heat is a 1995 crime film directed by Michael Mann.", PROMPT) is None
     assert prompt_echo("Heat", PROMPT) is None  # too short to call
+    # a heading that is only the title is not an echo; what follows it is judged
+    assert prompt_echo("**Heat**\nHeat is a 1995 crime film.", PROMPT, title="Heat") is None
+    assert "prompt echo" in prompt_echo("Heat\nTitle: Heat\nYear: 1995", PROMPT, title="Heat")
 
 
 def test_contradictions_with_the_record():
