@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal
 import polars as pl
 from pydantic import BaseModel, ValidationError
 
-from recaug.prompts import PromptTemplate, load_template
+from recaug.prompts import PromptError, PromptTemplate, load_template
 
 EntityKind = Literal["user", "item"]
 
@@ -36,12 +36,33 @@ class ParseError(ValueError):
     """The LLM output cannot be turned into a valid record; the message says why."""
 
 
+@dataclass(frozen=True)
+class SyntheticItem:
+    """A made-up item for one user (ONCE's generator): goes to the `synthetic_items` table only."""
+
+    item_id: str
+    for_user_id: str
+    title: str
+    abstract: str
+    category: str
+
+
+@dataclass(frozen=True)
+class SyntheticInteraction:
+    """A made-up (user, item, label) edge: goes to the `synthetic_interactions` table only."""
+
+    user_id: str
+    item_id: str
+    label: int  # 1 liked, 0 disliked
+
+
 @dataclass
 class Parsed:
     record: dict[str, Any]  # the validated record (what the response model accepted)
     text: str  # what gets encoded into the vector
-    # extra rows for the synthetic tables: {"synthetic_interactions": [...], "synthetic_items": [...]}
-    synthetic: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # rows for the synthetic tables, typed: never mixed into the real catalogue or interactions
+    synthetic_items: list[SyntheticItem] = field(default_factory=list)
+    synthetic_interactions: list[SyntheticInteraction] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +101,9 @@ class Augmenter:
     template: str  # file name in prompts/
     build_context: ContextBuilder
     response_model: type[BaseModel] | None = None  # None: free text
+    # a domain whose answer has other fields (books: author, not director) gets its own model; the
+    # parser picks it with `model_for(context["domain"])`, decoding is constrained to it
+    domain_models: dict[str, type[BaseModel]] = field(default_factory=dict)
     parse: Parser | None = None  # default: free text, or JSON validated by response_model
     parser_version: str = "1"
     select: Selector | None = None
@@ -104,9 +128,19 @@ class Augmenter:
     def json_schema(self) -> dict[str, Any] | None:
         return None if self.response_model is None else self.response_model.model_json_schema()
 
+    def model_for(self, domain: str) -> type[BaseModel] | None:
+        return self.domain_models.get(domain, self.response_model)
+
+    def json_schema_for(self, domain: str) -> dict[str, Any] | None:
+        model = self.model_for(domain)
+        return None if model is None else model.model_json_schema()
+
     @cached_property
     def schema_hash(self) -> str:
-        return _sha(json.dumps(self.json_schema, sort_keys=True)) if self.json_schema else "free-text"
+        if not self.json_schema:
+            return "free-text"
+        every = {"": self.json_schema, **{d: m.model_json_schema() for d, m in sorted(self.domain_models.items())}}
+        return _sha(json.dumps(every if self.domain_models else self.json_schema, sort_keys=True))
 
     def decoding_schema(self, domain: str) -> dict[str, Any] | None:
         """The schema engines constrain decoding with (see `decoding_schema`), for this domain."""
@@ -115,7 +149,7 @@ class Augmenter:
         if domain not in self._decoding:
             from recaug.augmenters.vocab import VOCABULARY
 
-            self._decoding[domain] = decoding_schema(self.json_schema, VOCABULARY.get(domain, []))
+            self._decoding[domain] = decoding_schema(self.json_schema_for(domain), VOCABULARY.get(domain, []))
         return self._decoding[domain]
 
     def decoding_schema_hash(self, domain: str) -> str:
@@ -177,10 +211,32 @@ def _sha(text: str) -> str:
 # --- parsers ------------------------------------------------------------------------------------
 
 
-def parse_free_text(raw: str, context: dict[str, Any]) -> Parsed:
-    text = raw.strip()
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+")
+
+
+def free_text_answer(raw: str, whole_sentences: bool = False) -> str:
+    """The one helper every free-text parser starts with: the answer with its white space collapsed
+    (line breaks and runs of spaces become one space), or ParseError when nothing is left.
+
+    With `whole_sentences`, an answer cut off mid-sentence (at max_new_tokens) keeps its complete
+    sentences only, and a sentence the model repeated word for word is kept once: a small model that
+    loops ("... a romantic undertones and a romantic undertones") must not publish the loop."""
+    text = " ".join(raw.split())
+    if whole_sentences and text:
+        sentences = [x for x in _SENTENCE_END.split(text) if x]
+        complete = sentences if text.endswith((".", "!", "?", '."', ".'", ".)")) else sentences[:-1]
+        kept: list[str] = []
+        for sentence in complete or sentences:
+            if sentence not in kept:
+                kept.append(sentence)
+        text = " ".join(kept)
     if not text:
         raise ParseError("empty answer")
+    return text
+
+
+def parse_free_text(raw: str, context: dict[str, Any]) -> Parsed:
+    text = free_text_answer(raw)
     return Parsed(record={"text": text}, text=text)
 
 
@@ -279,6 +335,76 @@ def make_json_parser(model: type[BaseModel], to_text: Callable[[BaseModel], str]
         return Parsed(record=record.model_dump(mode="json"), text=text)
 
     return parse
+
+
+# --- template variables and the augmenter contract ----------------------------------------------
+
+
+def normalise_attributes(value: Any) -> dict[str, str]:
+    """`attributes` as templates see it: an ordered {name: value} of the non-empty values, whether the
+    context column holds a mapping, a struct, a list of {name, value} pairs, or nothing."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        pairs = value.items()
+    elif isinstance(value, (list, tuple)):
+        pairs = []
+        for entry in value:
+            if isinstance(entry, dict) and "name" in entry:
+                pairs.append((entry["name"], entry.get("value")))
+            elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+                pairs.append((entry[0], entry[1]))
+    else:
+        return {}
+    out: dict[str, str] = {}
+    for name, v in pairs:
+        text = "" if v is None else " ".join(str(v).split())
+        if name and text:
+            out[str(name)] = text
+    return out
+
+
+def template_variables(common: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """What a template renders with for one entity: the injected variables (domain ones, options),
+    then the context row; `attributes` is always a clean mapping (empty when the catalogue has none)."""
+    variables = {**common, **row}
+    variables["attributes"] = normalise_attributes(row.get("attributes"))
+    return variables
+
+
+class ContractError(PromptError):
+    """A template uses a variable its context builder does not provide (checked before any entity runs)."""
+
+
+def template_variables_used(template: PromptTemplate) -> set[str]:
+    """The names a template reads from its context (jinja2.meta on the sandboxed environment's parse;
+    names set inside the template and loop variables are not among them)."""
+    from jinja2 import meta
+
+    from recaug.prompts import _environment, _search_path
+
+    return set(meta.find_undeclared_variables(_environment(tuple(_search_path())).parse(template.source)))
+
+
+def check_contract(aug: "Augmenter", inputs: AugmentInputs, options: dict[str, Any]) -> set[str]:
+    """Fail before any entity runs when the template reads a variable nobody provides: the context
+    builder's columns (asked for on zero entities, so nothing is rendered or generated), the injected
+    domain variables and the augmenter's options. Returns the variables the template uses."""
+    from recaug.augmenters.domains import INJECTED
+
+    used = template_variables_used(aug.prompt)
+    columns = set(aug.build_context(inputs, [], options).columns)
+    provided = columns | set(INJECTED) | set(options)
+    missing = sorted(used - provided)
+    if missing:
+        raise ContractError(
+            f"augmenter {aug.name!r}: template {aug.prompt.path} uses {', '.join(repr(m) for m in missing)}, which "
+            f"its context builder {getattr(aug.build_context, '__name__', aug.build_context)!r} does not provide; "
+            f"context columns: {', '.join(sorted(columns))}; injected: {', '.join(sorted(INJECTED))}; "
+            f"options: {', '.join(sorted(options)) or 'none'}. Fix the variable name in the template, or add the "
+            f"column to the context builder"
+        )
+    return used
 
 
 # --- registry -----------------------------------------------------------------------------------

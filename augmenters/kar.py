@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from recaug.augmenters.base import Augmenter, ParseError, Parsed, register
+from recaug.augmenters.base import Augmenter, Parsed, free_text_answer, register
 from recaug.augmenters.context import item_context, user_context
 
 
 def parse_user_reasoning(raw: str, context: dict[str, Any]) -> Parsed:
-    answer = raw.strip()
-    if not answer:
-        raise ParseError("empty answer")
+    answer = free_text_answer(raw, whole_sentences=True)
     history = "\n".join(context.get("history") or [])
     # `encode: history+answer` (KAR's choice) or `answer`
     text = f"{history}\n{answer}" if context.get("encode", "history+answer") == "history+answer" and history else answer
@@ -20,9 +18,7 @@ def parse_user_reasoning(raw: str, context: dict[str, Any]) -> Parsed:
 
 
 def parse_item_knowledge(raw: str, context: dict[str, Any]) -> Parsed:
-    answer = raw.strip()
-    if not answer:
-        raise ParseError("empty answer")
+    answer = free_text_answer(raw, whole_sentences=True)
     return Parsed(record={"knowledge": answer}, text=f"{context['title']}. {answer}")
 
 
@@ -35,8 +31,8 @@ def kar_user_preference() -> Augmenter:
         template="kar_user_preference.j2",
         build_context=user_context,
         parse=parse_user_reasoning,
-        parser_version="1",
-        default_options={"encode": "history+answer"},
+        parser_version="2",  # 2: shared free-text helper: white space collapsed, whole sentences, no repeats
+        default_options={"encode": "history+answer", "min_history": 2},
         description="user preference reasoning along the domain's factors (free text)",
     )
 
@@ -50,6 +46,6 @@ def kar_item_knowledge() -> Augmenter:
         template="kar_item_knowledge.j2",
         build_context=item_context,
         parse=parse_item_knowledge,
-        parser_version="1",
+        parser_version="2",  # 2: shared free-text helper: white space collapsed, whole sentences, no repeats
         description="item factual knowledge along the domain's factors (free text)",
     )

@@ -7,9 +7,18 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from recaug.augmenters.base import Augmenter, ParseError, Parsed, extract_json_object, make_json_parser, register
+from recaug.augmenters.base import (
+    Augmenter,
+    ParseError,
+    Parsed,
+    SyntheticInteraction,
+    extract_json_object,
+    make_json_parser,
+    register,
+)
+from recaug.augmenters.domains import DOMAINS
 from recaug.augmenters.context import history_context, item_context, item_lines, user_context
 from recaug.augmenters.recall import genre_popularity_candidates
 from recaug.augmenters.vocab import canonical
@@ -55,12 +64,10 @@ def parse_implicit_feedback(raw: str, context: dict[str, Any]) -> Parsed:
     return Parsed(
         record={"liked": choice.liked, "disliked": choice.disliked, "liked_item_id": pos, "disliked_item_id": neg},
         text=f"likes {context['candidates'][choice.liked]}; dislikes {context['candidates'][choice.disliked]}",
-        synthetic={
-            "synthetic_interactions": [
-                {"user_id": user, "item_id": pos, "label": 1},
-                {"user_id": user, "item_id": neg, "label": 0},
-            ]
-        },
+        synthetic_interactions=[
+            SyntheticInteraction(user_id=user, item_id=pos, label=1),
+            SyntheticInteraction(user_id=user, item_id=neg, label=0),
+        ],
     )
 
 
@@ -71,8 +78,25 @@ class ItemAttributes(BaseModel):
     language: str = Field(min_length=1, max_length=100)
 
 
-def _attributes_text(rec: ItemAttributes) -> str:
-    return f"director: {rec.director}; country: {rec.country}; language: {rec.language}"
+def _attribute_model(domain: str) -> type[BaseModel]:
+    """The attributes the domain has (augmenters/domains.py), e.g. books: author, publisher, language."""
+    fields = {name: (str, Field(min_length=1, max_length=200)) for name in DOMAINS[domain].item_attributes}
+    return create_model(f"ItemAttributes_{domain}", __config__=ConfigDict(extra="ignore"), **fields)
+
+
+ITEM_ATTRIBUTE_MODELS = {d: (ItemAttributes if d == "movies" else _attribute_model(d)) for d in DOMAINS}
+
+
+def parse_item_attributes(raw: str, context: dict[str, Any]) -> Parsed:
+    """The domain's attributes; a value the catalogue already holds (context `attributes`) is taken
+    from the catalogue, never from the model, and recorded as such."""
+    domain = context.get("domain", "movies")  # the config's default domain
+    rec = make_json_parser(ITEM_ATTRIBUTE_MODELS[domain])(raw, context).record
+    known = context.get("attributes") or {}
+    from_catalogue = sorted(k for k in rec if known.get(k))
+    rec.update({k: known[k] for k in from_catalogue})
+    text = "; ".join(f"{k}: {rec[k]}" for k in DOMAINS[domain].item_attributes)
+    return Parsed(record={**rec, "from_catalogue": from_catalogue}, text=text)
 
 
 Genre = Annotated[str, Field(json_schema_extra={"x-vocabulary": True})]
@@ -92,17 +116,33 @@ class UserProfile(BaseModel):
     language: str = "unknown"
 
 
+def _profile_model(domain: str) -> type[BaseModel]:
+    """UserProfile with the domain's creator role: liked_authors for books, liked_brands elsewhere."""
+    creator = DOMAINS[domain].creator
+    if creator == "director":
+        return UserProfile
+    fields = {k: (v.annotation, v) for k, v in UserProfile.model_fields.items() if k != "liked_directors"}
+    fields[f"liked_{creator}s"] = (UserProfile.model_fields["liked_directors"].annotation,
+                                   UserProfile.model_fields["liked_directors"])
+    return create_model(f"UserProfile_{domain}", __config__=ConfigDict(extra="ignore"), **fields)
+
+
+USER_PROFILE_MODELS = {d: _profile_model(d) for d in DOMAINS}
+
+
 def parse_user_profile(raw: str, context: dict[str, Any]) -> Parsed:
-    base = make_json_parser(UserProfile)(raw, context)
+    domain = context["domain"]
+    base = make_json_parser(USER_PROFILE_MODELS[domain])(raw, context)
     rec = dict(base.record)
+    creators_key = f"liked_{DOMAINS[domain].creator}s"
     liked, unknown_l = canonical(context["domain"], rec["liked_genres"])
     disliked, unknown_d = canonical(context["domain"], rec["disliked_genres"])
     if not liked:
         raise ParseError("no liked genre from the vocabulary")
     rec.update(liked_genres=liked, disliked_genres=disliked, off_vocabulary=unknown_l + unknown_d)
     text = f"likes {', '.join(liked)}" + (f"; dislikes {', '.join(disliked)}" if disliked else "")
-    if rec["liked_directors"]:
-        text += f"; directors: {', '.join(rec['liked_directors'])}"
+    if rec[creators_key]:
+        text += f"; {DOMAINS[domain].creator}s: {', '.join(rec[creators_key])}"
     return Parsed(record=rec, text=text)
 
 
@@ -117,7 +157,7 @@ def llmrec_implicit_feedback() -> Augmenter:
         response_model=ImplicitFeedback,
         parse=parse_implicit_feedback,
         parser_version="1",
-        default_options={"n_candidates": 10},
+        default_options={"n_candidates": 10, "min_history": 1},
         encodes=False,
         description="most/least liked of N base-recommender candidates -> synthetic (user, pos, neg)",
     )
@@ -132,9 +172,11 @@ def llmrec_item_attributes() -> Augmenter:
         template="llmrec_item_attributes.j2",
         build_context=item_context,
         response_model=ItemAttributes,
-        parse=make_json_parser(ItemAttributes, _attributes_text),
-        parser_version="2",  # 2: format placeholders ("...") are dead letters, not attributes
-        description="item attribute completion: director, country, language",
+        domain_models=ITEM_ATTRIBUTE_MODELS,
+        parse=parse_item_attributes,
+        parser_version="3",  # 3: the domain's attributes; catalogue values win over the model's
+        description="item attribute completion: the domain's attributes (movies: director, country, language; "
+                    "books: author, publisher, language; news: source, region, language; generic: brand, category, country)",
     )
 
 
@@ -147,7 +189,9 @@ def llmrec_user_profile() -> Augmenter:
         template="llmrec_user_profile.j2",
         build_context=user_context,
         response_model=UserProfile,
+        domain_models=USER_PROFILE_MODELS,
         parse=parse_user_profile,
-        parser_version="1",
-        description="structured user profile: age, gender, liked/disliked genres, directors, country, language",
+        parser_version="2",  # 2: the domain's creator role (liked_authors for books, ...)
+        default_options={"min_history": 2},
+        description="structured user profile: age, gender, liked/disliked genres, the domain's creators, country, language",
     )

@@ -4,21 +4,30 @@ marked synthetic tables. Outputs are schema-validated (the reference code's were
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Annotated, Any
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
-from recaug.augmenters.base import Augmenter, AugmentInputs, ParseError, Parsed, make_json_parser, register
+from recaug.augmenters.base import (
+    Augmenter,
+    AugmentInputs,
+    ParseError,
+    Parsed,
+    SyntheticInteraction,
+    SyntheticItem,
+    free_text_answer,
+    make_json_parser,
+    register,
+)
 from recaug.augmenters.context import item_context, user_context
 from recaug.augmenters.vocab import canonical
 
 
 def parse_summary(raw: str, context: dict[str, Any]) -> Parsed:
-    text = " ".join(raw.split())
-    if not text:
-        raise ParseError("empty answer")
+    text = free_text_answer(raw)
     return Parsed(record={"summary": text}, text=text)
 
 
@@ -75,15 +84,17 @@ def parse_generated_items(raw: str, context: dict[str, Any]) -> Parsed:
         # ids derive from content so a re-parse gives the same ids
         digest = hashlib.sha256(f"{user}|{item['title']}|{n}".encode()).hexdigest()[:10]
         item_id = f"syn:{user}:{digest}"
-        items.append({"item_id": item_id, "for_user_id": user, "title": item["title"], "abstract": item["abstract"], "category": cats[0]})
-        rows.append({"user_id": user, "item_id": item_id, "label": 1})
+        items.append(SyntheticItem(item_id=item_id, for_user_id=user, title=item["title"], abstract=item["abstract"],
+                                   category=cats[0]))
+        rows.append(SyntheticInteraction(user_id=user, item_id=item_id, label=1))
     if not items:
         raise ParseError(f"no generated item has a category from the vocabulary (got {dropped[:5]})")
-    text = " | ".join(f"{i['title']}: {i['abstract']}" for i in items)
+    text = " | ".join(f"{i.title}: {i.abstract}" for i in items)
     return Parsed(
-        record={"items": items, "off_vocabulary_categories": dropped},
+        record={"items": [dataclasses.asdict(i) for i in items], "off_vocabulary_categories": dropped},
         text=text,
-        synthetic={"synthetic_items": items, "synthetic_interactions": rows},
+        synthetic_items=items,
+        synthetic_interactions=rows,
     )
 
 
@@ -110,6 +121,7 @@ def once_user_profiler() -> Augmenter:
         build_context=user_context,
         response_model=TopicProfile,
         parse=parse_topics,
+        default_options={"min_history": 1},
         description="user interests from the domain's fixed topic vocabulary, optional regions",
     )
 
@@ -125,6 +137,6 @@ def once_cold_item_generator() -> Augmenter:
         response_model=GeneratedItems,
         parse=parse_generated_items,
         select=select_cold_users,
-        default_options={"cold_max_interactions": 5, "n_items": 2},
+        default_options={"cold_max_interactions": 5, "n_items": 2, "min_history": 1},
         description="synthetic items for cold users (few interactions), written to synthetic tables",
     )

@@ -16,6 +16,11 @@ VOCABULARY = {
         "Politics", "World", "Business", "Technology", "Science", "Health", "Sports", "Entertainment",
         "Lifestyle", "Travel", "Food", "Autos", "Finance", "Weather",
     ],
+    # any other catalogue (a shop, a music or game store, ...): broad, product-neutral categories
+    "generic": [
+        "Electronics", "Home", "Fashion", "Beauty", "Health", "Sports", "Toys", "Books", "Music", "Movies",
+        "Games", "Food", "Garden", "Automotive", "Office", "Travel", "Other",
+    ],
 }
 
 

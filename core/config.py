@@ -94,7 +94,7 @@ class TableSource(_Section):
 
 class DatasetConfig(_Section):
     kind: Literal["ml100k", "files"] = "ml100k"
-    domain: Literal["movies", "books", "news"] = "movies"
+    domain: Literal["movies", "books", "news", "generic"] = "movies"
     users: TableSource | None = None
     items: TableSource | None = None
     interactions: TableSource | None = None
@@ -421,12 +421,19 @@ class AugmenterGateConfig(_Section):
     min_coverage: float | None = Field(None, ge=0.0, le=1.0)
     min_parse_rate: float | None = Field(None, ge=0.0, le=1.0)
     max_dead_letter_share: float | None = Field(None, ge=0.0, le=1.0)
+    max_text_rejected_share: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class OutputGateConfig(_Section):
     min_coverage: float = Field(0.95, ge=0.0, le=1.0)
     min_parse_rate: float = Field(0.8, ge=0.0, le=1.0)
     max_dead_letter_share: float = Field(0.2, ge=0.0, le=1.0)
+    # text checks on free-text answers (schemas/output_gate.py `TextChecks`): an answer that echoes
+    # the prompt, contradicts the catalogue record, or is given word for word for more than
+    # max_identical_answers different prompts is a dead letter; over this share of the expected
+    # entities, nothing is published
+    max_text_rejected_share: float = Field(0.2, ge=0.0, le=1.0)
+    max_identical_answers: int = Field(3, ge=1)
     # e.g. {llmrec_implicit_feedback: {min_parse_rate: 0.1}}: a hard JSON task on a small model
     # needs its own floor without lowering everyone else's
     augmenters: dict[str, AugmenterGateConfig] = Field(default_factory=dict)

@@ -56,6 +56,9 @@ class TrainResult:
     data_summary: dict[str, Any] = field(default_factory=dict)
     split_reads: dict[str, int] = field(default_factory=dict)  # reads of each split during this run
     seconds: float = 0.0
+    # the one test read, kept for metrics by segment (cold/warm users and items, with/without a vector):
+    # prediction, label and the user's and item's vocabulary index per test sample
+    test_rows: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -275,6 +278,10 @@ def train_on_data(
         test_pred = predict(model, data, test)
         test_labels = test.labels.numpy()
         test_gauc, gauc_users = gauc(test.user_ids, test_labels, test_pred)
+        id_cols = data.spec.id_columns()
+        test_rows = {"pred": test_pred, "label": test_labels,
+                     "user_index": test.ids[:, id_cols["user_id"][0]].numpy(),
+                     "item_index": test.ids[:, id_cols["item_id"][0]].numpy()}
         metrics.update(
             {
                 "test_auc": auc(test_labels, test_pred),
@@ -325,6 +332,7 @@ def train_on_data(
             data_summary=summary,
             split_reads={k: data.reads[k] - reads_before.get(k, 0) for k in data.reads},
             seconds=time.perf_counter() - started,
+            test_rows=test_rows,
         )
     finally:
         torch.set_num_threads(threads_before)

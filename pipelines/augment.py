@@ -10,6 +10,7 @@ have, and greedy outputs match.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import gc
 import hashlib
@@ -23,8 +24,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recaug.augmenters.base import AugmentInputs, Augmenter, ParseError
-from recaug.augmenters.vocab import VOCABULARY
+from recaug.augmenters.base import AugmentInputs, Augmenter, ParseError, check_contract, template_variables
+from recaug.augmenters.domains import domain_hash, domain_variables
 from recaug.pipelines.cache import CacheSink, GenerationCache, request_key
 from recaug.core.config import AugmenterConfig, EngineConfig
 from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, Engine, GenerationRequest, GenerationResult
@@ -32,6 +33,7 @@ from recaug.core.memory import release_memory
 from recaug.core.spill import TableParts, frame_to_table
 from recaug.prompts import PromptError
 from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS, SYNTHETIC_INTERACTIONS, SYNTHETIC_ITEMS
+from recaug.schemas.output_gate import TEXT_REASON_PREFIX, TextChecks, contradiction, identical_answer_rows, prompt_echo
 
 RETRY_INSTRUCTION = (
     "Your previous answer could not be used: {reason}. Reply again with only the JSON object, nothing else."
@@ -54,10 +56,12 @@ class Pending:
 @dataclass
 class AugmenterStats:
     augmenter: str
-    entities: int = 0
-    requests: int = 0  # incl. retries
-    cache_hits: int = 0
-    llm_requests: int = 0  # sent to the engine in this run
+    entities: int = 0  # worked on in this run (eligible, sampled); no_history ones are not among them
+    no_history: int = 0  # selected users with too little prompt history: never prompted (see min_history)
+    requests: int = 0  # entity attempts, incl. retries
+    distinct_prompts: int = 0  # distinct request keys over all attempts: == cache_hits + llm_requests
+    cache_hits: int = 0  # distinct prompts answered by the cache
+    llm_requests: int = 0  # distinct prompts sent to the engine in this run (identical prompts go once)
     engine_errors: int = 0
     input_tokens: int = 0  # of this run's LLM requests
     output_tokens: int = 0
@@ -67,12 +71,33 @@ class AugmenterStats:
     truncated: int = 0  # finish_reason == length among the final answers, parsed or dead-lettered
     retries: int = 0
     render_errors: int = 0
+    text_rejected: int = 0  # answers a text check turned into dead letters (echo, contradiction, identical)
     deferred: int = 0  # over this run's budget: left for a later run
     carried_over: int = 0  # deferred entities whose previous answer was kept
 
     @property
     def cache_hit_rate(self) -> float:
-        return self.cache_hits / self.requests if self.requests else 1.0
+        return self.cache_hits / self.distinct_prompts if self.distinct_prompts else 1.0
+
+    @property
+    def truncated_share(self) -> float:
+        total = self.parsed + self.dead_letter
+        return self.truncated / total if total else 0.0
+
+    def summary_line(self) -> str:
+        """One line per augmenter for the run log: the counts always add up
+        (distinct prompts = cached + LLM calls; entities without history are counted apart)."""
+        line = (f"  {self.augmenter:<26} {self.entities:>6} entities"
+                + (f" (+{self.no_history} without prompt history, not prompted)" if self.no_history else "")
+                + f"  {self.distinct_prompts:>6} distinct prompts = {self.cache_hits} cached + {self.llm_requests} LLM calls"
+                + f"  parsed {self.parse_rate:6.1%}  dead-letter {self.dead_letter:>4}"
+                + (f" ({self.text_rejected} by text checks)" if self.text_rejected else "")
+                + f"  truncated {self.truncated} ({self.truncated_share:.0%})")
+        if self.deferred:
+            line += f"  deferred {self.deferred} (kept {self.carried_over})"
+        if self.llm_requests:
+            line += f"  {self.tokens_per_s:6.1f} tok/s"
+        return line
 
     @property
     def parse_rate(self) -> float:
@@ -85,7 +110,8 @@ class AugmenterStats:
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d.update(cache_hit_rate=self.cache_hit_rate, parse_rate=self.parse_rate, tokens_per_s=self.tokens_per_s)
+        d.update(cache_hit_rate=self.cache_hit_rate, parse_rate=self.parse_rate, tokens_per_s=self.tokens_per_s,
+                 truncated_share=self.truncated_share)
         return d
 
 
@@ -160,6 +186,7 @@ def _key_parts(aug: Augmenter, engine: Engine, messages, max_new_tokens: int, do
     return {
         "augmenter": aug.name,
         "template": aug.prompt.content_hash,
+        "domain_variables": domain_hash(domain),  # factor lists, nouns, vocabulary (augmenters/domains.py)
         "model": engine.model_id,
         "sampling": _sampling_key(aug, engine),
         # the response schema as the engine constrains it (per domain: vocabulary enums)
@@ -189,9 +216,31 @@ def augmenter_options(aug: Augmenter, aug_cfg: AugmenterConfig) -> dict[str, Any
     return options
 
 
+def split_by_history(aug: Augmenter, options: dict[str, Any], inputs: AugmentInputs, ids: list[str]) -> tuple[list[str], list[str]]:
+    """(eligible ids, ids without enough prompt history). A user augmenter with `min_history` never
+    prompts a user whose prompt history holds fewer rows: the model would invent a profile for nobody
+    (no interactions, all rows quarantined, rows that belong to other users all end here)."""
+    need = int(options.get("min_history", 0) or 0)
+    if aug.entity_kind != "user" or need <= 0 or not ids:
+        return list(ids), []
+    frame = pl.DataFrame({"user_id": ids}, schema={"user_id": pl.String})
+    counts = inputs.history.filter(pl.col("user_id").is_in(ids)).group_by("user_id").len("_n")
+    joined = frame.join(counts, on="user_id", how="left").with_columns(pl.col("_n").fill_null(0))
+    ok = pl.col("_n") >= need
+    return joined.filter(ok)["user_id"].to_list(), joined.filter(~ok)["user_id"].to_list()
+
+
+def selection(aug: Augmenter, aug_cfg: AugmenterConfig, inputs: AugmentInputs) -> tuple[list[str], list[str]]:
+    """(entities this augmenter works on in this run, selected users left out for lack of history):
+    its selection, minus users without enough prompt history, sampled to max_entities."""
+    options = augmenter_options(aug, aug_cfg)
+    eligible, no_history = split_by_history(aug, options, inputs, aug.select(inputs, options))
+    return sample_entities(eligible, aug_cfg.max_entities, inputs.seed), sorted(no_history)
+
+
 def select_entities(aug: Augmenter, aug_cfg: AugmenterConfig, inputs: AugmentInputs) -> list[str]:
-    """The entities this augmenter works on in this run: its selection, sampled to max_entities."""
-    return sample_entities(aug.select(inputs, augmenter_options(aug, aug_cfg)), aug_cfg.max_entities, inputs.seed)
+    """The entities this augmenter works on in this run: its eligible selection, sampled to max_entities."""
+    return selection(aug, aug_cfg, inputs)[0]
 
 
 def build_pending(
@@ -206,15 +255,17 @@ def build_pending(
     options = augmenter_options(aug, aug_cfg)
     if entity_ids is None:
         entity_ids = select_entities(aug, aug_cfg, inputs)
+    else:
+        entity_ids = split_by_history(aug, options, inputs, list(entity_ids))[0]
     if not entity_ids:
         return [], [], []
     ctx = aug.build_context(inputs, entity_ids, options)
     max_new = aug_cfg.max_new_tokens or engine_cfg.max_new_tokens
-    common = {"domain": inputs.domain, "vocabulary": VOCABULARY[inputs.domain], **options}
+    common = {**domain_variables(inputs.domain), **options}
     pending, failed = [], []
     with _gc_paused():
         for row in ctx.to_dicts():  # rendering is per entity by nature; everything around it is columnar
-            variables = {**common, **row}
+            variables = template_variables(common, row)
             try:
                 messages = aug.prompt.render(variables)
             except PromptError as exc:
@@ -271,13 +322,19 @@ def run_augmenter(
     carry_over: pa.Table | None = None,
     chunk_size: int = ENTITY_CHUNK,
     spill_dir: Path | None = None,
+    text_checks: TextChecks = TextChecks(),
 ) -> AugmenterOutput:
     """Generate, parse, retry (bounded) and assemble this augmenter's tables, a chunk of entities at a time.
     With `spill_dir`, each chunk's tables go to disk as they are finished (see core/spill.py) and
     the output tables are memory-mapped from there."""
     stats = AugmenterStats(augmenter=aug.name)
-    expected = list(entity_ids) if entity_ids is not None else select_entities(aug, aug_cfg, inputs)
+    check_contract(aug, inputs, augmenter_options(aug, aug_cfg))  # a template typo fails here, not per entity
+    if entity_ids is None:
+        expected, no_history = selection(aug, aug_cfg, inputs)
+    else:
+        expected, no_history = split_by_history(aug, augmenter_options(aug, aug_cfg), inputs, list(entity_ids))
     stats.entities = len(expected)
+    stats.no_history = len(no_history)
     now = _now()
     deferred: set[str] = set()
     carried: pl.DataFrame | None = None
@@ -308,14 +365,31 @@ def run_augmenter(
                    common, parts)
         release_memory()  # the chunk's prompts, answers and rows as Python objects
 
-    stats.parsed = parts["generated"].rows
+    generated = parts["generated"].table()
+    if aug.response_model is None and generated.num_rows:
+        # one answer word for word for many different prompts says nothing about any of them
+        same = identical_answer_rows(generated, text_checks.max_identical_answers)
+        if pc.any(same).as_py():
+            rejected = pl.from_arrow(generated.filter(same))
+            counts = rejected.group_by("raw_text").agg(pl.col("cache_key").n_unique().alias("_n"))
+            rejected = rejected.join(counts, on="raw_text", how="left").with_columns(
+                pl.concat_str([pl.lit(f"{TEXT_REASON_PREFIX}identical answer given for "), pl.col("_n").cast(pl.String),
+                               pl.lit(f" different prompts (more than output_gate.max_identical_answers = "
+                                      f"{text_checks.max_identical_answers})")]).alias("reason"))
+            parts["dead"].append(frame_to_table(rejected, DEAD_LETTER, "entity_id"))
+            stats.text_rejected += rejected.height
+            generated = generated.filter(pc.invert(same))
+    stats.parsed = generated.num_rows
     stats.dead_letter = parts["dead"].rows
     if carried is not None and carried.height:
         # a deferred entity keeps its previous answer, with the lineage it was made with
-        parts["generated"].append(frame_to_table(carried, GENERATED_TEXTS, "entity_id"))
+        final = TableParts(GENERATED_TEXTS, "entity_id", spill_dir)
+        final.append(generated)
+        final.append(frame_to_table(carried, GENERATED_TEXTS, "entity_id"))
+        generated = final.table()
     return AugmenterOutput(
         augmenter=aug,
-        generated=parts["generated"].table(),
+        generated=generated,
         dead_letter=parts["dead"].table(),
         synthetic_items=parts["items"].table(),
         synthetic_interactions=parts["inter"].table(),
@@ -363,8 +437,18 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
         hits = cache.lookup([p.key for p in pending])
         hit_keys = set(hits["cache_key"].to_list())
         stats.cache_hits += len(hit_keys)
-        todo = [[p for p in shard if p.key not in hit_keys] for shard in shards]
-        todo = [s for s in todo if s]
+        # identical prompts (same key) go to the engine once; every entity with that key gets the answer
+        sent: set[str] = set(hit_keys)
+        todo = []
+        for shard in shards:
+            fresh_shard = []
+            for p in shard:
+                if p.key not in sent:
+                    sent.add(p.key)
+                    fresh_shard.append(p)
+            if fresh_shard:
+                todo.append(fresh_shard)
+        stats.distinct_prompts += len(sent)
         fresh: dict[str, GenerationResult] = {}
         if todo:
             schema = aug.decoding_schema(inputs.domain)
@@ -436,16 +520,25 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
                     continue
                 if finish_reason == FINISH_LENGTH:
                     stats.truncated += 1
+                if aug.response_model is None:  # free text: what a schema cannot check
+                    problem = prompt_echo(raw, p.messages, p.context.get("title")) or (
+                        contradiction(raw, p.context, p.context.get("vocabulary") or [], p.context.get("noun") or "")
+                        if aug.entity_kind == "item" else None)
+                    if problem:
+                        stats.text_rejected += 1
+                        dead_rows.append(dict(entity_id=p.entity_id, prompt=prompt_text, raw_text=raw, reason=problem,
+                                              finish_reason=finish_reason, attempts=p.attempt, cache_key=p.key))
+                        continue
                 for name, value in zip(_GENERATED_ROW_COLUMNS, (
                     p.entity_id, p.key, prompt_text, raw, parsed.text,
                     json.dumps(parsed.record, ensure_ascii=False, sort_keys=True),
                     int(input_tokens), int(output_tokens), finish_reason, float(latency_s), p.attempt,
                 )):
                     gen_cols[name].append(value)
-                for row in parsed.synthetic.get("synthetic_items", []):
-                    synth_items.append({**row, "augmenter": aug.name, "cache_key": p.key})
-                for row in parsed.synthetic.get("synthetic_interactions", []):
-                    synth_inter.append({**row, "source": aug.name, "cache_key": p.key})
+                for item in parsed.synthetic_items:
+                    synth_items.append({**dataclasses.asdict(item), "augmenter": aug.name, "cache_key": p.key})
+                for edge in parsed.synthetic_interactions:
+                    synth_inter.append({**dataclasses.asdict(edge), "source": aug.name, "cache_key": p.key})
         del answers
         stats.retries += len(retry)
         pending = retry

@@ -145,11 +145,18 @@ def cmd_run(args) -> int:
             runner.close()
         t = result.augmentation.report["totals"]
         print(
-            f"augmentation: {t['llm_requests']:,} LLM calls, cache hit rate {t['cache_hit_rate']:.1%}, "
-            f"parse rate {t['parse_rate']:.1%}, {t['dead_letter']:,} dead-letter rows, {t['output_tokens']:,} tokens out"
+            f"augmentation: {t['llm_requests']:,} LLM calls + {t['cache_hits']:,} cached = "
+            f"{t['distinct_prompts']:,} distinct prompts for {t['entities']:,} entities; "
+            f"{t['no_history']:,} users without prompt history not prompted; "
+            f"parse rate {t['parse_rate']:.1%}, {t['dead_letter']:,} dead-letter rows, "
+            f"{t['truncated']:,} answers cut at max_new_tokens ({t['truncated_share']:.0%}), {t['output_tokens']:,} tokens out"
         )
         print(f"run report: {result.augmentation.run_dir / 'report.md'}")
         print(f"published snapshot {result.snapshot_id}: {result.snapshot_path}")
+        if not args.only:  # a whole run is what the schedule's long job does: the next tick counts it
+            from recaug.pipelines.scheduler import LONG, record_manual
+
+            record_manual(cfg, LONG, snapshot=result.snapshot_id)
         if result.removed_by_retention:
             print(f"retention removed: {', '.join(result.removed_by_retention)}")
     return EXIT_OK
@@ -158,8 +165,8 @@ def cmd_run(args) -> int:
 def cmd_preview(args) -> int:
     import json
 
-    from recaug.augmenters.base import ParseError, get_augmenter
-    from recaug.pipelines.augment import build_pending
+    from recaug.augmenters.base import ParseError, check_contract, get_augmenter
+    from recaug.pipelines.augment import augmenter_options, build_pending
     from recaug.core.config import AugmenterConfig, load_config
     from recaug.pipelines.engines.base import GenerationRequest
     from recaug.pipelines.inputs import prepare_inputs
@@ -174,7 +181,9 @@ def cmd_preview(args) -> int:
     aug_cfg = next((a for a in cfg.augmenters if a.name == args.augmenter), AugmenterConfig(name=args.augmenter))
     aug_cfg = aug_cfg.model_copy(update={"max_entities": args.n})
     prep = prepare_inputs(cfg, as_of=args.as_of)
-    pending, failed, _ = build_pending(aug, aug_cfg, augment_inputs(cfg, prep, engine), engine, cfg.engine)
+    inputs = augment_inputs(cfg, prep, engine)
+    check_contract(aug, inputs, augmenter_options(aug, aug_cfg))  # a template typo: one clear error, exit 2
+    pending, failed, _ = build_pending(aug, aug_cfg, inputs, engine, cfg.engine)
     for f in failed:
         print(f"== {aug.entity_kind} {f['entity_id']}: cannot render: {f['reason']}")
     if not pending:
@@ -283,6 +292,9 @@ def cmd_train(args) -> int:
     print(f"best epoch {result.best_epoch} (validation AUC by epoch: {', '.join(f'{x:.4f}' for x in result.history_of_valid_auc)})")
     print(f"test (evaluated once): AUC {m['test_auc']:.4f}, LogLoss {m['test_logloss']:.4f}, GAUC {m['test_gauc']:.4f}")
     print(f"checkpoint: {result.checkpoint_path}")
+    from recaug.pipelines.scheduler import SHORT, record_manual
+
+    record_manual(cfg, SHORT, checkpoint=str(result.checkpoint_path) if result.checkpoint_path else None)
     return EXIT_OK
 
 

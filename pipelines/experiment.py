@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from recaug.core.config import CTRConfig, PipelineConfig
 
@@ -118,6 +119,89 @@ def load_training_inputs(
     )
 
 
+# a user or item with at most this many (real) training samples is "cold" in the segment table
+COLD_MAX_TRAIN_SAMPLES = 5
+
+
+def vector_coverage(samples: pa.Table, llm_vectors: dict[str, pa.Table]) -> dict[str, dict[str, Any]]:
+    """Per split: samples, and how many of them have a user with an LLM user vector, an item with an
+    LLM item vector, either, or both (any augmenter of that kind) - so a null result can be told
+    apart from no coverage."""
+    df = pl.from_arrow(samples).select(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String), "split")
+    ids = {"user": set(), "item": set()}
+    for key, table in llm_vectors.items():
+        kind = key.split(":", 1)[0]
+        ids.setdefault(kind, set()).update(table.column("entity_id").to_pylist())
+    df = df.with_columns(pl.col("user_id").is_in(list(ids["user"])).alias("_u"),
+                         pl.col("item_id").is_in(list(ids["item"])).alias("_i"))
+    out: dict[str, dict[str, Any]] = {}
+    for split in ("train", "valid", "test"):
+        part = df.filter(pl.col("split") == split)
+        n = part.height
+        counts = {"samples": n, "user": int(part["_u"].sum()), "item": int(part["_i"].sum()),
+                  "either": int((part["_u"] | part["_i"]).sum()), "both": int((part["_u"] & part["_i"]).sum())}
+        out[split] = counts | {f"{k}_share": (counts[k] / n if n else 0.0) for k in ("user", "item", "either", "both")}
+    return out
+
+
+def coverage_lines(coverage: dict[str, dict[str, Any]]) -> list[str]:
+    return [
+        f"  {split:<5} {c['samples']:>9,} samples: user vector {c['user']:,} ({c['user_share']:.1%}), "
+        f"item vector {c['item']:,} ({c['item_share']:.1%}), either {c['either_share']:.1%}, both {c['both_share']:.1%}"
+        for split, c in coverage.items()
+    ]
+
+
+def segment_flags(samples: pa.Table, llm_vectors: dict[str, pa.Table]) -> dict[str, dict[str, set[str]]]:
+    """Which users and items are cold (<= COLD_MAX_TRAIN_SAMPLES real training samples) and which
+    have an LLM vector: {"user": {"cold": ids, "vector": ids}, "item": {...}}."""
+    df = pl.from_arrow(samples).select(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String), "split")
+    train = df.filter(pl.col("split") == "train")
+    out: dict[str, dict[str, set[str]]] = {}
+    for kind in ("user", "item"):
+        col = f"{kind}_id"
+        counts = df.select(col).unique().join(train.group_by(col).len("_n"), on=col, how="left").with_columns(
+            pl.col("_n").fill_null(0))
+        cold = set(counts.filter(pl.col("_n") <= COLD_MAX_TRAIN_SAMPLES)[col].to_list())
+        vector = set()
+        for key, table in llm_vectors.items():
+            if key.startswith(f"{kind}:"):
+                vector.update(table.column("entity_id").to_pylist())
+        out[kind] = {"cold": cold, "vector": vector}
+    return out
+
+
+SEGMENTS = ("cold users", "warm users", "cold items", "warm items", "users with LLM vector", "items with LLM vector")
+
+
+def segment_metrics(test_rows: dict[str, np.ndarray], spec, flags: dict[str, dict[str, set[str]]]) -> dict[str, dict[str, Any]]:
+    """Test AUC and sample count per segment (AUC None where a segment has one class or no sample)."""
+    from recaug.ctr_models.metrics import auc
+
+    from recaug.ctr_models.data import FIRST_VALUE
+
+    def member(kind: str, index: np.ndarray, ids: set[str]) -> np.ndarray:
+        # vocabulary index FIRST_VALUE.. = values in order; below = padding/unknown (in no id segment)
+        values = pa.array(spec.vocabularies[f"{kind}_id"].values, pa.string())
+        hit = pc.is_in(values, value_set=pa.array(sorted(ids), pa.string())).to_numpy(zero_copy_only=False)
+        lookup = np.concatenate([np.zeros(FIRST_VALUE, dtype=bool), hit.astype(bool)])
+        return lookup[np.clip(index, 0, len(lookup) - 1)]
+
+    u, i = test_rows["user_index"], test_rows["item_index"]
+    cold_u, cold_i = member("user", u, flags["user"]["cold"]), member("item", i, flags["item"]["cold"])
+    masks = {
+        "cold users": cold_u, "warm users": ~cold_u, "cold items": cold_i, "warm items": ~cold_i,
+        "users with LLM vector": member("user", u, flags["user"]["vector"]),
+        "items with LLM vector": member("item", i, flags["item"]["vector"]),
+    }
+    out = {}
+    for name, mask in masks.items():
+        labels, preds = test_rows["label"][mask], test_rows["pred"][mask]
+        value = float(auc(labels, preds)) if labels.size and labels.min() != labels.max() else None
+        out[name] = {"samples": int(mask.sum()), "auc": value}
+    return out
+
+
 def raw_text_vectors(cfg: PipelineConfig, inputs: TrainingInputs, like: dict[str, pa.Table]) -> dict[str, pa.Table]:
     """Row (b): the encoder applied to the text the LLM was given (item line / user history),
     for exactly the entities that have LLM vectors, so (b) and (c) differ only by the LLM."""
@@ -174,6 +258,10 @@ def train_model(
         log(f"train {model} (adaptor {ctr.adaptor}, seed {seed}) on snapshot {inputs.snapshot_id}: "
             f"{inputs.samples.num_rows:,} samples, vectors {sorted(inputs.llm_vectors)}"
             + (f", warm start from {warm_start}" if warm_start else ""))
+        coverage = vector_coverage(inputs.samples, inputs.llm_vectors)
+        log("LLM-vector coverage of the samples (share whose user / item has an LLM vector):")
+        for line in coverage_lines(coverage):
+            log(line)
         result = train_ctr(
             inputs.samples, inputs.users, inputs.items, inputs.split, inputs.llm_vectors, ctr, model, seed,
             warm_start=warm_start, checkpoint_dir=out_dir,
@@ -209,6 +297,11 @@ def run_report(
     seeds = seeds if seeds is not None else cfg.ctr.seeds
     data_by_variant: dict[str, Any] = {}
     notes = []
+    coverage = vector_coverage(inputs.samples, inputs.llm_vectors)
+    log("LLM-vector coverage of the samples (share whose user / item has an LLM vector):")
+    for line in coverage_lines(coverage):
+        log(line)
+    flags = segment_flags(inputs.samples, inputs.llm_vectors)
     syn_rate = cfg.ctr.synthetic_rate
     for v in variants:
         if v == "a":
@@ -237,7 +330,8 @@ def run_report(
                 r = train_on_data(data, ctr, model, seed)
                 done += 1
                 results.setdefault(model, {}).setdefault(v, []).append(
-                    {k: r.metrics[k] for k in ("test_auc", "test_logloss", "test_gauc", "valid_auc")} | {"best_epoch": r.best_epoch}
+                    {k: r.metrics[k] for k in ("test_auc", "test_logloss", "test_gauc", "valid_auc")}
+                    | {"best_epoch": r.best_epoch, "segments": segment_metrics(r.test_rows, data.spec, flags)}
                 )
                 log(f"  [{done}/{total}] {model:<8} ({v}) seed {seed}: valid AUC {r.metrics['valid_auc']:.4f}, "
                     f"test AUC {r.metrics['test_auc']:.4f}, LogLoss {r.metrics['test_logloss']:.4f} ({r.seconds:.1f} s)")
@@ -247,6 +341,8 @@ def run_report(
         "data_cutoff": inputs.manifest["data_cutoff"],
         "samples": {s: int(n) for s, n in pl.from_arrow(inputs.samples).group_by("split").len().iter_rows()},
         "vectors": {k: t.num_rows for k, t in inputs.llm_vectors.items()},
+        "coverage": coverage,
+        "cold_max_train_samples": COLD_MAX_TRAIN_SAMPLES,
         "synthetic_interactions": inputs.synthetic.num_rows,
         "synthetic_rate": syn_rate,
         "seeds": seeds,
@@ -284,6 +380,26 @@ def report_markdown(report: dict[str, Any]) -> str:
                 f"| {model} | ({v}) {report['variants'][v]} | {_fmt([r['test_auc'] for r in runs])} | "
                 f"{_fmt([r['test_logloss'] for r in runs])} | {_fmt([r['test_gauc'] for r in runs])} |"
             )
+    if report.get("coverage"):
+        lines += ["", "LLM-vector coverage of the samples (share whose user / item has an LLM vector):", "",
+                  "| split | samples | user vector | item vector | either | both |", "|---|---:|---:|---:|---:|---:|"]
+        for split, c in report["coverage"].items():
+            lines.append(f"| {split} | {c['samples']:,} | {c['user']:,} ({c['user_share']:.1%}) | "
+                         f"{c['item']:,} ({c['item_share']:.1%}) | {c['either_share']:.1%} | {c['both_share']:.1%} |")
+    segments = [seg for seg in SEGMENTS if any(seg in r.get("segments", {}) for per in report["results"].values()
+                                                for runs in per.values() for r in runs)]
+    if segments:
+        lines += ["", f"Test AUC by segment, mean over seeds (cold = at most {report.get('cold_max_train_samples')} "
+                  "training samples; the sample count is per run; - = one class only or no sample):", "",
+                  "| backbone | variant | " + " | ".join(segments) + " |", "|---|---|" + "---|" * len(segments)]
+        for model, per in report["results"].items():
+            for v, runs in per.items():
+                cells = []
+                for seg in segments:
+                    vals = [r["segments"][seg]["auc"] for r in runs if r["segments"][seg]["auc"] is not None]
+                    n = runs[0]["segments"][seg]["samples"]
+                    cells.append(f"{np.mean(vals):.4f} (n={n:,})" if vals else f"- (n={n:,})")
+                lines.append(f"| {model} | ({v}) | " + " | ".join(cells) + " |")
     for note in report["notes"]:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"

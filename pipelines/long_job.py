@@ -23,18 +23,19 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from recaug.core.progress import progress_wanted
-from recaug.augmenters.base import AugmentInputs, get_augmenter
-from recaug.pipelines.augment import AugmenterOutput, run_augmenter
-from recaug.core.storage import remove_stale_temporaries, write_parquet_atomic
-from recaug.pipelines.cache import GenerationCache
+from recaug.augmenters.base import AugmentInputs, check_contract, get_augmenter
 from recaug.core.config import AugmenterConfig, PipelineConfig
 from recaug.core.crashpoints import crash_point
+from recaug.core.memory import release_memory
+from recaug.core.progress import progress_wanted
+from recaug.core.spill import spill_folder
+from recaug.core.storage import remove_stale_temporaries, write_parquet_atomic
+from recaug.ctr_models.splits import prompt_context
+from recaug.pipelines.augment import AugmenterOutput, augmenter_options, run_augmenter
+from recaug.pipelines.cache import GenerationCache
 from recaug.pipelines.engines.base import Engine
 from recaug.pipelines.inputs import PreparedInputs
-from recaug.core.memory import release_memory
-from recaug.core.spill import spill_folder
-from recaug.ctr_models.splits import prompt_context
+from recaug.schemas.output_gate import TextChecks
 
 
 @dataclass
@@ -123,6 +124,9 @@ def run_augmentation(
     started = time.perf_counter()
     show = progress_wanted(progress)
     outputs: dict[str, AugmenterOutput] = {}
+    for aug_cfg in enabled_augmenters(cfg, only):  # every template against its context before any entity runs
+        aug = get_augmenter(aug_cfg.name)
+        check_contract(aug, inputs, augmenter_options(aug, aug_cfg))
     for aug_cfg in enabled_augmenters(cfg, only):
         aug = get_augmenter(aug_cfg.name)
         bar = _Progress(aug.name, show)
@@ -130,18 +134,13 @@ def run_augmentation(
             out = run_augmenter(
                 aug, aug_cfg, inputs, engine, cfg.engine, cache, runner.execute, cfg.runner.shard_size, bar,
                 budget=budget, carry_over=(carry_over or {}).get(aug.name), chunk_size=cfg.runner.chunk_entities,
-                spill_dir=spill_folder(workdir),
+                spill_dir=spill_folder(workdir), text_checks=TextChecks.from_config(cfg.output_gate),
             )
         finally:
             bar.close()
         outputs[aug.name] = out
         s = out.stats
-        log(
-            f"  {aug.name:<26} {s.entities:>6} entities  {s.cache_hits:>6} cached  {s.llm_requests:>6} LLM calls  "
-            f"parsed {s.parse_rate:6.1%}  dead-letter {s.dead_letter:>4}  truncated {s.truncated:>4}"
-            + (f"  deferred {s.deferred} (kept {s.carried_over})" if s.deferred else "")
-            + (f"  {s.tokens_per_s:6.1f} tok/s" if s.llm_requests else "")
-        )
+        log(s.summary_line())
     cache.compact()
     release_memory()
     result = AugmentationResult(run_id, workdir / "runs" / run_id, outputs, time.perf_counter() - started)
@@ -156,10 +155,12 @@ def augmentation_report(
 ) -> dict[str, Any]:
     per = {name: out.stats.as_dict() for name, out in result.outputs.items()}
     tot = {k: sum(p[k] for p in per.values()) for k in (
-        "entities", "requests", "cache_hits", "llm_requests", "engine_errors", "input_tokens", "output_tokens",
-        "parsed", "dead_letter", "truncated", "retries", "generate_seconds",
+        "entities", "no_history", "requests", "distinct_prompts", "cache_hits", "llm_requests", "engine_errors",
+        "input_tokens", "output_tokens", "parsed", "dead_letter", "truncated", "retries", "generate_seconds",
     )}
-    tot["cache_hit_rate"] = tot["cache_hits"] / tot["requests"] if tot["requests"] else 1.0
+    tot["cache_hit_rate"] = tot["cache_hits"] / tot["distinct_prompts"] if tot["distinct_prompts"] else 1.0
+    answered = tot["parsed"] + tot["dead_letter"]
+    tot["truncated_share"] = tot["truncated"] / answered if answered else 0.0
     tot["parse_rate"] = tot["parsed"] / (tot["parsed"] + tot["dead_letter"]) if tot["parsed"] + tot["dead_letter"] else 1.0
     tot["tokens_per_s"] = tot["output_tokens"] / tot["generate_seconds"] if tot["generate_seconds"] else 0.0
     return {
@@ -211,14 +212,17 @@ def report_markdown(report: dict[str, Any]) -> str:
         f" · {report['wall_seconds']:.1f} s"
         + (f" (engine load {report['engine_load_seconds']:.1f} s)" if report.get("engine_load_seconds") else ""),
         "",
-        "| augmenter | entities | cached | LLM calls | in tok | out tok | tok/s | parse rate | dead-letter | truncated |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| augmenter | entities | without history | distinct prompts | cached | LLM calls | in tok | out tok | tok/s "
+        "| parse rate | dead-letter | truncated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = list(report["augmenters"].items()) + [("**total**", report["totals"])]
     for name, s in rows:
         lines.append(
-            f"| {name} | {s['entities']:,} | {s['cache_hits']:,} | {s['llm_requests']:,} | {s['input_tokens']:,} | "
-            f"{s['output_tokens']:,} | {s['tokens_per_s']:.1f} | {s['parse_rate']:.1%} | {s['dead_letter']:,} | {s['truncated']:,} |"
+            f"| {name} | {s['entities']:,} | {s.get('no_history', 0):,} | {s.get('distinct_prompts', 0):,} | "
+            f"{s['cache_hits']:,} | {s['llm_requests']:,} | {s['input_tokens']:,} | {s['output_tokens']:,} | "
+            f"{s['tokens_per_s']:.1f} | {s['parse_rate']:.1%} | {s['dead_letter']:,} | "
+            f"{s['truncated']:,} ({s.get('truncated_share', 0.0):.0%}) |"
         )
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,9 @@ state and runs what is due:
   published snapshot, warm-started from the previous checkpoint.
 
 A tick while another tick runs does nothing (a lock); a job that crashed is still due at the next
-tick because its success was never recorded.
+tick because its success was never recorded. A manual `recaug run` or `recaug train` records its
+success too (`record_manual`, schedule/manual.json), so the next tick counts it as the last run of
+that job instead of saying nothing has run yet.
 """
 
 from __future__ import annotations
@@ -82,10 +84,48 @@ def _fmt(ts: int | None) -> str:
     return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def manual_path(cfg: PipelineConfig) -> Path:
+    return cfg.workdir_path() / "schedule" / "manual.json"
+
+
+def record_manual(cfg: PipelineConfig, job: str, now: int | None = None, **out: Any) -> None:
+    """What a manual `recaug run` (LONG) or `recaug train` (SHORT) achieved, for the next tick to read:
+    a successful manual run counts as that job's last success. Written to its own small file (atomic
+    replace), so it never races with a tick rewriting state.json."""
+    now = int(time.time()) if now is None else int(now)
+    path = manual_path(cfg)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    entry = {"last_success": now, **{k: v for k, v in out.items() if k in ("snapshot", "checkpoint")}}
+    if job == LONG:
+        entry["fingerprint"] = fingerprint(cfg)
+    data[job] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _with_manual(cfg: PipelineConfig, state: ScheduleState) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The long and short job states, each replaced by the manual record when that is newer than the
+    schedule's own last success (and the schedule's job is not mid-run or failed after it)."""
+    path = manual_path(cfg)
+    manual = json.loads(path.read_text()) if path.exists() else {}
+    out = []
+    for job in (LONG, SHORT):
+        js = dict(state.job(job))
+        m = manual.get(job)
+        if m and (js.get("last_success") is None or m["last_success"] > js["last_success"]) and \
+                m["last_success"] >= (js.get("last_start") or 0):
+            js.update(status="ok", last_success=m["last_success"], manual=True,
+                      **{k: v for k, v in m.items() if k in ("fingerprint", "snapshot", "checkpoint")})
+        out.append(js)
+    return out[0], out[1]
+
+
 def decide(cfg: PipelineConfig, state: ScheduleState, now: int, has_snapshot: bool) -> list[Decision]:
     sched = cfg.schedule
     fp = fingerprint(cfg)
-    long_state, short_state = state.job(LONG), state.job(SHORT)
+    long_state, short_state = _with_manual(cfg, state)
 
     last = long_state.get("last_success")
     if last is None:
@@ -99,7 +139,9 @@ def decide(cfg: PipelineConfig, state: ScheduleState, now: int, has_snapshot: bo
     elif now - last >= sched.long_every_s:
         long = Decision(LONG, True, f"last long job succeeded {_fmt(last)}, cadence {sched.long_every_s // 3600} h: incremental refresh")
     else:
-        long = Decision(LONG, False, f"last long job succeeded {_fmt(last)}; next due {_fmt(last + sched.long_every_s)}")
+        long = Decision(LONG, False, f"last long job succeeded {_fmt(last)}"
+                        + (" (a manual `recaug run`)" if long_state.get("manual") else "")
+                        + f"; next due {_fmt(last + sched.long_every_s)}")
 
     last_s = short_state.get("last_success")
     if not has_snapshot and not long.due:
@@ -111,7 +153,9 @@ def decide(cfg: PipelineConfig, state: ScheduleState, now: int, has_snapshot: bo
     elif now - last_s >= sched.short_every_s:
         short = Decision(SHORT, True, f"last CTR retrain {_fmt(last_s)}, cadence {sched.short_every_s // 3600} h")
     else:
-        short = Decision(SHORT, False, f"last CTR retrain {_fmt(last_s)}; next due {_fmt(last_s + sched.short_every_s)}")
+        short = Decision(SHORT, False, f"last CTR retrain {_fmt(last_s)}"
+                         + (" (a manual `recaug train`)" if short_state.get("manual") else "")
+                         + f"; next due {_fmt(last_s + sched.short_every_s)}")
     return [long, short]
 
 
@@ -159,7 +203,7 @@ def tick(
                     out = long_job(cfg, now, d.full_refresh)
                     js.update(fingerprint=fingerprint(cfg))
                 else:
-                    out = short_job(cfg, now, state.job(SHORT).get("checkpoint"))
+                    out = short_job(cfg, now, _with_manual(cfg, state)[1].get("checkpoint"))
             except BaseException as exc:
                 js.update(status="failed", last_error=f"{type(exc).__name__}: {exc}")
                 state.save()

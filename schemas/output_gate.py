@@ -9,6 +9,9 @@ those (docs/architecture.md, "Data flow"):
   per augmenter       coverage          = share of the expected entities that have a vector
                       parse_rate        = generated rows / (generated + dead-letter rows)
                       dead_letter_share = dead-lettered entities / expected entities
+                      text_rejected_share = entities whose answer a text check rejected (prompt
+                                        echo, contradiction with the record, identical answers;
+                                        see `TextChecks` below) / expected entities
                       missing_metadata  = EMBEDDING_METADATA_KEYS absent from the table's schema
 
 Row-level frames go to GX a block of rows at a time (`_GX_BLOCK`), so the gate's memory does not grow
@@ -23,6 +26,7 @@ with an ephemeral context (nothing written to disk) and analytics off.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -256,6 +260,10 @@ def _derive(inputs: Sequence[GateInput]):
             attempted = inp.generated.column("entity_id") if inp.generated is not None else emb.column("entity_id")
             expected = _ids(pa.chunked_array([_ids(attempted), dead_ids], pa.string()))
         present = _ids(emb.column("entity_id"))
+        text_rejected = 0
+        if inp.dead_letter is not None and inp.dead_letter.num_rows:
+            by_text = pc.starts_with(inp.dead_letter.column("reason"), TEXT_REASON_PREFIX)
+            text_rejected = _count_in(_ids(inp.dead_letter.column("entity_id").filter(by_text)), expected)
         summary_rows.append(
             {
                 "augmenter": inp.augmenter,
@@ -265,6 +273,7 @@ def _derive(inputs: Sequence[GateInput]):
                 "parse_rate": generated_rows / (generated_rows + dead_rows) if generated_rows + dead_rows else 1.0,
                 "dead_letter_share": (_count_in(dead_ids, expected) / len(expected) if len(expected)
                                       else (1.0 if len(dead_ids) else 0.0)),
+                "text_rejected_share": text_rejected / len(expected) if len(expected) else 0.0,
                 "missing_metadata": sum(1 for k in EMBEDDING_METADATA_KEYS if not meta.get(k)),
                 "missing_metadata_keys": ",".join(k for k in EMBEDDING_METADATA_KEYS if not meta.get(k)),
             }
@@ -388,7 +397,7 @@ def run_output_gate(inputs: Iterable[GateInput] | GateInput, cfg: OutputGateConf
         )
     s = summary
     # per-augmenter floors (global unless output_gate.augmenters overrides them), judged row by row
-    for key in ("min_coverage", "min_parse_rate", "max_dead_letter_share"):
+    for key in ("min_coverage", "min_parse_rate", "max_dead_letter_share", "max_text_rejected_share"):
         s[key] = [cfg.floor(a, key) for a in s["augmenter"]] if len(s) else []
 
     def floors(key: str, op: str) -> str:
@@ -413,6 +422,10 @@ def run_output_gate(inputs: Iterable[GateInput] | GateInput, cfg: OutputGateConf
                  E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="max_dead_letter_share", column_B="dead_letter_share", or_equal=True),
                  floors("max_dead_letter_share", "<="), f"max {_fmt(float(s['dead_letter_share'].max()))}",
                  _failing(s, s["dead_letter_share"] > s["max_dead_letter_share"])),
+                ("text_checks", "text_rejected_share",
+                 E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="max_text_rejected_share", column_B="text_rejected_share", or_equal=True),
+                 floors("max_text_rejected_share", "<="), f"max {_fmt(float(s['text_rejected_share'].max()))}",
+                 _failing(s, s["text_rejected_share"] > s["max_text_rejected_share"])),
                 ("metadata_complete", "missing_metadata",
                  E.ExpectColumnValuesToBeBetween(column="missing_metadata", min_value=0, max_value=0),
                  "0 missing", ", ".join(sorted({k for v in s["missing_metadata_keys"] for k in v.split(",") if k})) or "0 missing",
@@ -456,3 +469,89 @@ def _validate_blocks(gx, ctx, source, frame_name: str, frames, specs) -> list[tu
         del frame, validation, by_key
         release_memory()
     return [tuple(t) for t in totals]
+
+
+# --- text checks: what a vector cannot show ---------------------------------------------------------
+#
+# A parse rate of 100% said nothing about answers such as "Introduce this item: ..." (the prompt
+# repeated), one text given for many different entities, or "released in 1987" for a 1995 film. These
+# checks run on each free-text answer as it is parsed (echo, contradiction) and on an augmenter's
+# whole output (identical answers); a rejected answer becomes a dead letter whose reason starts with
+# TEXT_REASON_PREFIX, and `max_text_rejected_share` stops publication when too many were rejected.
+
+TEXT_REASON_PREFIX = "text check: "
+_ECHO_PREFIX_CHARS = 40  # how much of an answer's first line is compared with the prompt
+_ECHO_MIN_CHARS = 10  # a shorter first line is left alone (a short title may legitimately repeat)
+_YEAR_WORDS = (r"(?:released|published|premiered|came out|debuted|appeared|first (?:shown|aired|published|released))"
+               r"(?:\s+\w+){0,3}?\s+in\s+(\d{4})\b")
+_YEAR_PATTERN = re.compile(_YEAR_WORDS, re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class TextChecks:
+    max_identical_answers: int = 3
+
+    @classmethod
+    def from_config(cls, cfg: OutputGateConfig) -> "TextChecks":
+        return cls(max_identical_answers=cfg.max_identical_answers)
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def prompt_echo(answer: str, messages: Sequence[dict[str, str]], title: str | None = None) -> str | None:
+    """The reason when an answer begins by repeating the prompt (its first line, up to 40 characters,
+    occurs in a user message: "Describe the movie below..." or "Title: Heat"), else None. A first
+    line that is only the item's title (a heading, "**Heat**") is not an echo: the next line is judged."""
+    lines = [line for line in answer.strip().splitlines() if line.strip()]
+    heading = _normalised(title or "")
+    while heading and lines and _normalised(lines[0]).strip("#*_\"' :") == heading:
+        lines = lines[1:]
+    start = _normalised(lines[0] if lines else "")[:_ECHO_PREFIX_CHARS]
+    if len(start) < _ECHO_MIN_CHARS:
+        return None
+    for m in messages:
+        if m.get("role") == "user" and start in _normalised(m.get("content", "")):
+            return f"{TEXT_REASON_PREFIX}prompt echo: the answer begins by repeating the prompt ({start[:30]!r}...)"
+    return None
+
+
+def contradiction(answer: str, context: dict[str, Any], vocabulary: Sequence[str], noun: str) -> str | None:
+    """The reason when an item answer states a year or a genre the catalogue record contradicts:
+    "released in 1987" (or "Title (1987)") for a record of 1995 (one year of slack for release dates),
+    or "is a Western film" for a record whose genres do not include Western. None when it does not."""
+    title = context.get("title")
+    year = context.get("year")
+    if year:
+        stated = [int(y) for y in _YEAR_PATTERN.findall(answer)]
+        if title:
+            stated += [int(y) for y in re.findall(re.escape(str(title)) + r"\s*\((\d{4})\)", answer)]
+        wrong = [y for y in stated if abs(y - int(year)) > 1]
+        if wrong:
+            return f"{TEXT_REASON_PREFIX}contradicts the catalogue: states the year {wrong[0]}, the record says {int(year)}"
+    genres = [g for g in (context.get("genres") or []) if g]
+    if genres and vocabulary:
+        known = {g.lower() for g in genres}
+        nouns = "|".join(re.escape(n) for n in {noun, noun.rstrip("s"), "film", "movie", "book", "novel", "article"})
+        names = "|".join(re.escape(v) for v in sorted(vocabulary, key=len, reverse=True))
+        pattern = re.compile(rf"\b(?:is|was) an? ({names})(?:\s+|-)(?:{nouns})\b", re.IGNORECASE)
+        for hit in pattern.findall(answer):
+            if hit.lower() not in known:
+                return (f"{TEXT_REASON_PREFIX}contradicts the catalogue: calls it {hit!r}, the record's genres are "
+                        f"{', '.join(genres)}")
+    return None
+
+
+def identical_answer_rows(generated: pa.Table, limit: int) -> pa.Array:
+    """A boolean mask over `generated`: rows whose answer (white space and case aside) was given for
+    more than `limit` different prompts. Identical prompts (one cache key) count once."""
+    import polars as pl
+
+    if generated.num_rows == 0:
+        return pa.array([], pa.bool_())
+    frame = pl.from_arrow(generated.select(["cache_key", "raw_text"])).with_columns(
+        pl.col("raw_text").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars().alias("_norm"))
+    counts = frame.group_by("_norm").agg(pl.col("cache_key").n_unique().alias("_prompts"))
+    joined = frame.join(counts, on="_norm", how="left", maintain_order="left")
+    return pa.array((joined["_prompts"] > limit).to_list(), pa.bool_())

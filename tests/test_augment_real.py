@@ -16,6 +16,7 @@ from recaug.core.config import AugmenterConfig, EngineConfig, SplitConfig
 from recaug.pipelines.datasets import load_ml100k
 from recaug.pipelines.runners.local import LocalRunner
 from recaug.ctr_models.splits import prompt_context, split_interactions
+from recaug.schemas.output_gate import TEXT_REASON_PREFIX
 from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS, INTERACTIONS, ITEMS, SYNTHETIC_INTERACTIONS, SYNTHETIC_ITEMS, USERS, conform
 
 pytestmark = pytest.mark.slow
@@ -83,7 +84,11 @@ def test_each_augmenter_runs_on_the_real_model(name, engine, inputs, cache):
         finished = dead.filter(pl.col("finish_reason") == "stop")
         assert not finished["reason"].str.contains("JSON|schema violation").any(), finished["reason"].to_list()
     if aug.response_model is None:
-        assert gen.height == 3  # free text always parses unless empty
+        # free text always parses unless empty; what a text check rejects (an echoed prompt, a year
+        # the record contradicts) is a dead letter that says so
+        assert (dead["reason"].str.starts_with(TEXT_REASON_PREFIX)).all(), dead["reason"].to_list()
+        assert gen.height + dead.height == 3 and out.stats.text_rejected == dead.height
+        print(name, "text check rejections:", dead["reason"].to_list())
     # the synthetic tables only ever hold rows of entities that parsed
     syn = pl.from_arrow(out.synthetic_interactions)
     if syn.height:

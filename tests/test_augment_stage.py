@@ -76,7 +76,7 @@ def run(aug_name, inputs, engine, cache, aug_cfg=None, max_attempts=2, aug=None)
 
 
 def test_unchanged_rerun_makes_zero_llm_calls(tmp_path, inputs):
-    engine = ScriptedEngine(lambda r: "A fine film about things.")
+    engine = ScriptedEngine(lambda r: f"A fine film about things, {r.key[:8]}.")
     cache = GenerationCache(tmp_path)
     first = run("kar_item_knowledge", inputs, engine, cache)
     assert first.stats.llm_requests == 20 and engine.requests_seen == 20
@@ -89,7 +89,7 @@ def test_unchanged_rerun_makes_zero_llm_calls(tmp_path, inputs):
 
 
 def test_resume_redoes_only_missing_shards(tmp_path, inputs):
-    engine = ScriptedEngine(lambda r: "Knowledge.")
+    engine = ScriptedEngine(lambda r: f"Knowledge {r.key[:8]}.")
     cache = GenerationCache(tmp_path)
     run("kar_item_knowledge", inputs, engine, cache)
     # a run killed after 3 of 5 shards: drop the last two shard files
@@ -103,7 +103,7 @@ def test_resume_redoes_only_missing_shards(tmp_path, inputs):
 
 
 def test_template_change_invalidates_only_that_augmenter(tmp_path, inputs, monkeypatch):
-    engine = ScriptedEngine(lambda r: "Text.")
+    engine = ScriptedEngine(lambda r: f"Text {r.key[:8]}.")
     cache = GenerationCache(tmp_path)
     run("kar_item_knowledge", inputs, engine, cache)
     run("once_content_summary", inputs, engine, cache)
@@ -142,7 +142,7 @@ def test_parser_change_reparses_cached_raw_text_without_llm(tmp_path, inputs):
 def test_malformed_output_is_retried_then_dead_lettered(tmp_path, inputs):
     def responder(r):
         item = r.messages[-1]["content"] if len(r.messages) <= 2 else r.messages[1]["content"]
-        if "Movie 3\"" in item or "Movie 3 " in item:
+        if "Movie 3\"" in item or "Movie 3 " in item or "Movie 3\n" in item:
             return "I think the director is Steven"  # never valid
         if len(r.messages) > 2:  # the retry turn fixes it
             return '{"director": "D", "country": "C", "language": "L"}'
@@ -173,7 +173,7 @@ def test_engine_errors_go_to_dead_letter_and_are_not_cached(tmp_path, inputs):
     def responder(r):
         if flaky["fail"] and "Movie 7" in r.messages[-1]["content"]:
             return RuntimeError("HTTP 503 after 4 retries")
-        return "Fine."
+        return f"Fine {r.key[:8]}."
 
     engine = ScriptedEngine(responder)
     cache = GenerationCache(tmp_path)
@@ -196,7 +196,7 @@ def test_implicit_feedback_writes_synthetic_edges(tmp_path, inputs):
 
 
 def test_max_entities_is_a_stable_sample(tmp_path, inputs):
-    engine = ScriptedEngine(lambda r: "x y")
+    engine = ScriptedEngine(lambda r: f"x y {r.key[:8]}")
     cfg = AugmenterConfig(name="kar_item_knowledge", max_entities=7)
     a = run("kar_item_knowledge", inputs, engine, GenerationCache(tmp_path / "a"), cfg)
     b = run("kar_item_knowledge", inputs, engine, GenerationCache(tmp_path / "b"), cfg)
@@ -206,7 +206,7 @@ def test_max_entities_is_a_stable_sample(tmp_path, inputs):
 def test_budget_defers_changed_entities_and_carries_their_previous_answer(tmp_path, inputs):
     from recaug.pipelines.augment import Budget
 
-    engine = ScriptedEngine(lambda r: "About " + r.messages[-1]["content"].split('"')[1])
+    engine = ScriptedEngine(lambda r: "About " + r.messages[-1]["content"].split("Title: ")[1].split("\n")[0])
     cache = GenerationCache(tmp_path)
     first = run("kar_item_knowledge", inputs, engine, cache)
     # five items change (a new year is known), three new items arrive
@@ -313,7 +313,7 @@ def test_chunked_stage_gives_the_tables_of_one_chunk(tmp_path, inputs, name):
 def test_budget_ranks_misses_across_chunks(tmp_path, inputs):
     from recaug.pipelines.augment import Budget
 
-    engine = ScriptedEngine(lambda r: "About " + r.messages[-1]["content"][:30])
+    engine = ScriptedEngine(lambda r: "About " + r.messages[-1]["content"].split("Title: ")[1][:30])
     aug = get_augmenter("kar_item_knowledge")
     picked = {}
     for chunk_size in (10_000, 3):

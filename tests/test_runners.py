@@ -98,7 +98,7 @@ class RecordingEngine(Engine):
     @staticmethod
     def _attributes(r: GenerationRequest) -> str:
         item = r.messages[-1]["content"] if len(r.messages) <= 2 else r.messages[1]["content"]
-        if "Movie 3\"" in item or "Movie 3 " in item:
+        if "Movie 3\"" in item or "Movie 3 " in item or "Movie 3\n" in item:
             return "I think the director is Steven"  # never valid -> dead letter after retries
         if len(r.messages) > 2:  # the retry turn fixes it
             return '{"director": "D", "country": "C", "language": "L"}'

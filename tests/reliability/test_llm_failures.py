@@ -32,7 +32,7 @@ from recaug.pipelines.snapshots import list_snapshots, resolve_snapshot, snapsho
 from shop_data import Shop
 
 GOOD_JSON = '{"director": "Jane Doe", "country": "France", "language": "French"}'
-TITLE = re.compile(r'Item: "([^"]+)"')
+TITLE = re.compile(r"^Title: (.+)$", re.MULTILINE)
 
 
 def json_responder(request: GenerationRequest) -> str:
