@@ -157,6 +157,30 @@ class CacheSink:
     augmenter: str
     model: str
 
+    def contains(self, keys: list[str] | pl.Series) -> pl.Series:
+        """A boolean per key: is it in the cache? Reads only the `cache_key` column of shards it has
+        not read before (other processes may add shards at any time; a vanished shard, e.g. after a
+        compaction, makes it re-read all), and answers by binary search in sorted key columns, so
+        checking a chunk of keys does not scan the whole cache again."""
+        keys = pl.Series("cache_key", keys, dtype=pl.String)
+        shards = set(self.shards())
+        if not shards >= self._index_files:
+            self._index_files, self._index = set(), []
+        new = sorted(shards - self._index_files)
+        if new:
+            piece = pl.scan_parquet(new).select("cache_key").collect()["cache_key"].unique().sort()
+            self._index.append(piece)
+            self._index_files |= set(new)
+            if len(self._index) > 8:  # keep the number of searches per call small
+                self._index = [pl.concat(self._index).unique().sort()]
+        found = pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
+        for piece in self._index:
+            if not len(piece):
+                continue
+            at = piece.search_sorted(keys, side="left").clip(0, len(piece) - 1)
+            found = found | (piece.gather(at) == keys)
+        return found
+
     def commit(self, results: list[GenerationResult]) -> int:
         return GenerationCache(Path(self.root)).commit(results, self.augmenter, self.model)
 
@@ -166,6 +190,9 @@ class GenerationCache:
         self.root = Path(root)
         self.dir = self.root / "generations"
         self.dir.mkdir(parents=True, exist_ok=True)
+        # which keys the shards hold: sorted pieces, one per batch of shards read (see `contains`)
+        self._index_files: set[Path] = set()
+        self._index: list[pl.Series] = []
 
     def sink(self, augmenter: str, model: str) -> CacheSink:
         return CacheSink(str(self.root), augmenter, model)
@@ -187,6 +214,30 @@ class GenerationCache:
             .sort("created_at")
             .unique("cache_key", keep="first", maintain_order=True)
         )
+        return found
+
+    def contains(self, keys: list[str] | pl.Series) -> pl.Series:
+        """A boolean per key: is it in the cache? Reads only the `cache_key` column of shards it has
+        not read before (other processes may add shards at any time; a vanished shard, e.g. after a
+        compaction, makes it re-read all), and answers by binary search in sorted key columns, so
+        checking a chunk of keys does not scan the whole cache again."""
+        keys = pl.Series("cache_key", keys, dtype=pl.String)
+        shards = set(self.shards())
+        if not shards >= self._index_files:
+            self._index_files, self._index = set(), []
+        new = sorted(shards - self._index_files)
+        if new:
+            piece = pl.scan_parquet(new).select("cache_key").collect()["cache_key"].unique().sort()
+            self._index.append(piece)
+            self._index_files |= set(new)
+            if len(self._index) > 8:  # keep the number of searches per call small
+                self._index = [pl.concat(self._index).unique().sort()]
+        found = pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
+        for piece in self._index:
+            if not len(piece):
+                continue
+            at = piece.search_sorted(keys, side="left").clip(0, len(piece) - 1)
+            found = found | (piece.gather(at) == keys)
         return found
 
     def commit(self, results: list[GenerationResult], augmenter: str, model: str) -> int:

@@ -126,7 +126,7 @@ def run_augmentation(
             out = run_augmenter(
                 aug, aug_cfg, inputs, engine, cfg.engine, cache, runner.execute, cfg.runner.shard_size, bar,
                 budget=budget, carry_over=(carry_over or {}).get(aug.name), chunk_size=cfg.runner.chunk_entities,
-                spill_dir=spill_folder(workdir),
+                spill_dir=spill_folder(workdir), reuse_runs=workdir / "runs",
             )
         finally:
             bar.close()
