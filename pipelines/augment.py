@@ -63,7 +63,8 @@ class AugmenterStats:
     cache_hits: int = 0
     llm_requests: int = 0  # sent to the engine in this run
     engine_errors: int = 0
-    input_tokens: int = 0  # of this run's LLM requests
+    input_tokens: int = 0  # of this run's LLM requests (the rendered prompts)
+    prompt_tokens_computed: int = 0  # of those, run through the model (a reused shared prefix is not)
     output_tokens: int = 0
     generate_seconds: float = 0.0
     parsed: int = 0
@@ -607,6 +608,7 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
                 for r in results:
                     fresh[r.key] = r
                     stats.input_tokens += r.input_tokens
+                    stats.prompt_tokens_computed += (r.extra or {}).get("prompt_tokens_computed", r.input_tokens)
                     stats.output_tokens += r.output_tokens
                     if r.finish_reason == FINISH_ERROR:
                         stats.engine_errors += 1

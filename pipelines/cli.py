@@ -150,7 +150,8 @@ def cmd_run(args) -> int:
         t = result.augmentation.report["totals"]
         print(
             f"augmentation: {t['llm_requests']:,} LLM calls, cache hit rate {t['cache_hit_rate']:.1%}, "
-            f"parse rate {t['parse_rate']:.1%}, {t['dead_letter']:,} dead-letter rows, {t['output_tokens']:,} tokens out"
+            f"parse rate {t['parse_rate']:.1%}, {t['dead_letter']:,} dead-letter rows, {t['output_tokens']:,} tokens out; "
+            f"prompt tokens {t['input_tokens']:,} rendered, {t['prompt_tokens_computed']:,} computed"
         )
         print(f"run report: {result.augmentation.run_dir / 'report.md'}")
         print(f"published snapshot {result.snapshot_id}: {result.snapshot_path}")

@@ -136,7 +136,8 @@ def run_augmentation(
             f"  {aug.name:<26} {s.entities:>6} entities  {s.cache_hits:>6} cached  {s.llm_requests:>6} LLM calls  "
             f"parsed {s.parse_rate:6.1%}  dead-letter {s.dead_letter:>4}  truncated {s.truncated:>4}"
             + (f"  deferred {s.deferred} (kept {s.carried_over})" if s.deferred else "")
-            + (f"  {s.tokens_per_s:6.1f} tok/s" if s.llm_requests else "")
+            + (f"  {s.tokens_per_s:6.1f} tok/s  prompt tokens {s.input_tokens:,} rendered, "
+               f"{s.prompt_tokens_computed:,} computed" if s.llm_requests else "")
         )
     cache.compact()
     release_memory()
@@ -150,7 +151,8 @@ def run_augmentation(
 def augmentation_report(cfg: PipelineConfig, engine: Engine, result: AugmentationResult) -> dict[str, Any]:
     per = {name: out.stats.as_dict() for name, out in result.outputs.items()}
     tot = {k: sum(p[k] for p in per.values()) for k in (
-        "entities", "requests", "cache_hits", "llm_requests", "engine_errors", "input_tokens", "output_tokens",
+        "entities", "requests", "cache_hits", "llm_requests", "engine_errors", "input_tokens", "prompt_tokens_computed",
+        "output_tokens",
         "parsed", "dead_letter", "truncated", "retries", "generate_seconds",
     )}
     tot["cache_hit_rate"] = tot["cache_hits"] / tot["requests"] if tot["requests"] else 1.0
@@ -201,13 +203,13 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"pipeline `{report['pipeline']}` · model `{report['model']}` ({report['engine']}) · runner {report['runner']}"
         f" · {report['wall_seconds']:.1f} s",
         "",
-        "| augmenter | entities | cached | LLM calls | in tok | out tok | tok/s | parse rate | dead-letter | truncated |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| augmenter | entities | cached | LLM calls | in tok | in tok computed | out tok | tok/s | parse rate | dead-letter | truncated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = list(report["augmenters"].items()) + [("**total**", report["totals"])]
     for name, s in rows:
         lines.append(
-            f"| {name} | {s['entities']:,} | {s['cache_hits']:,} | {s['llm_requests']:,} | {s['input_tokens']:,} | "
+            f"| {name} | {s['entities']:,} | {s['cache_hits']:,} | {s['llm_requests']:,} | {s['input_tokens']:,} | {s.get('prompt_tokens_computed', s['input_tokens']):,} | "
             f"{s['output_tokens']:,} | {s['tokens_per_s']:.1f} | {s['parse_rate']:.1%} | {s['dead_letter']:,} | {s['truncated']:,} |"
         )
     return "\n".join(lines) + "\n"
@@ -341,7 +343,8 @@ def run_long_job(
             "sources": prep.sources,
         },
         "augmentation": aug.report["augmenters"],
-        "tokens": {k: aug.report["totals"][k] for k in ("input_tokens", "output_tokens", "llm_requests", "cache_hits")},
+        "tokens": {k: aug.report["totals"][k] for k in (
+            "input_tokens", "prompt_tokens_computed", "output_tokens", "llm_requests", "cache_hits")},
         "encoding": enc.stats(),
     }
     info = publish_snapshot(snapshot_root(cfg), tables, manifest, keep=cfg.publish.keep_snapshots, gate=gate)
