@@ -553,7 +553,7 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
     derived from the context rows, rows of a previous run are reused for unchanged cached keys, and
     only the other entities are rendered (cache hits among them are parsed, misses generated)."""
     ctx = aug.build_context(inputs, chunk, augmenter_options(aug, aug_cfg))
-    keys = context_keys(aug, aug_cfg, inputs, engine, engine_cfg, ctx)
+    keys = all_keys = context_keys(aug, aug_cfg, inputs, engine, engine_cfg, ctx)
     reused = None
     if previous is not None:
         present = cache.contains(keys["key"])
@@ -564,10 +564,9 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
                 stats.cache_hits += reused.height
                 stats.truncated += int((reused["finish_reason"] == FINISH_LENGTH).sum())
                 rest = ~keys["entity_id"].is_in(reused["entity_id"].implode())
-                ctx, all_keys, keys = ctx.filter(rest), keys, keys.filter(rest)
+                ctx, keys = ctx.filter(rest), keys.filter(rest)
             else:
                 reused = None
-    all_keys = keys if reused is None else all_keys
     pending, render_failed, _ = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, ctx=ctx, keys=keys) \
         if ctx.height else ([], [], [])
     del ctx
