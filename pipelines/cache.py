@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -160,29 +161,55 @@ class CacheSink:
     def contains(self, keys: list[str] | pl.Series) -> pl.Series:
         """A boolean per key: is it in the cache? Reads only the `cache_key` column of shards it has
         not read before (other processes may add shards at any time; a vanished shard, e.g. after a
-        compaction, makes it re-read all), and answers by binary search in sorted key columns, so
-        checking a chunk of keys does not scan the whole cache again."""
+        compaction, makes it re-read all), and answers by binary search over the keys' first 60 bits
+        (sorted integers) confirmed by comparing the whole key, so checking a chunk of keys does not
+        scan the cache again. Keys that are not hex digests are compared as strings."""
         keys = pl.Series("cache_key", keys, dtype=pl.String)
         shards = set(self.shards())
         if not shards >= self._index_files:
             self._index_files, self._index = set(), []
         new = sorted(shards - self._index_files)
         if new:
-            piece = pl.scan_parquet(new).select("cache_key").collect()["cache_key"].unique().sort()
-            self._index.append(piece)
+            self._index.append(_KeyIndex(pl.scan_parquet(new).select("cache_key").collect()["cache_key"]))
             self._index_files |= set(new)
             if len(self._index) > 8:  # keep the number of searches per call small
-                self._index = [pl.concat(self._index).unique().sort()]
+                self._index = [_KeyIndex(pl.concat([piece.keys for piece in self._index]))]
         found = pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
         for piece in self._index:
-            if not len(piece):
-                continue
-            at = piece.search_sorted(keys, side="left").clip(0, len(piece) - 1)
-            found = found | (piece.gather(at) == keys)
+            found = found | piece.contains(keys)
         return found
 
     def commit(self, results: list[GenerationResult]) -> int:
         return GenerationCache(Path(self.root)).commit(results, self.augmenter, self.model)
+
+
+class _KeyIndex:
+    """Cache keys, unique and sorted by their first 60 bits (15 hex digits) as int64, for numpy's
+    binary search; the whole key confirms a match. Two keys sharing 60 bits (about one pair in 10^6
+    at 10^9 keys) can make one of them look absent: it is then generated again, never mistaken."""
+
+    def __init__(self, keys: pl.Series):
+        frame = pl.DataFrame({"key": keys.unique()}).with_columns(_prefix(pl.col("key")).alias("p"))
+        self.hex = frame["p"].null_count() == 0
+        frame = frame.sort("p" if self.hex else "key")
+        self.keys = frame["key"]
+        self.prefix = frame["p"].to_numpy() if self.hex else None
+
+    def contains(self, keys: pl.Series) -> pl.Series:
+        if not len(self.keys) or not len(keys):
+            return pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
+        wanted = pl.DataFrame({"key": keys}).select(_prefix(pl.col("key")))["key"]
+        if self.hex and wanted.null_count() == 0:
+            at = np.searchsorted(self.prefix, wanted.to_numpy(), side="left").clip(0, len(self.keys) - 1)
+        else:  # sorted by the whole key (not hex digests), or a query key that is not one
+            keys_sorted = self.keys if not self.hex else self.keys.sort()
+            at = keys_sorted.search_sorted(keys, side="left").clip(0, len(keys_sorted) - 1)
+            return keys_sorted.gather(at) == keys
+        return self.keys.gather(at) == keys
+
+
+def _prefix(key: pl.Expr) -> pl.Expr:
+    return key.str.slice(0, 15).str.to_integer(base=16, strict=False)
 
 
 class GenerationCache:
@@ -219,25 +246,22 @@ class GenerationCache:
     def contains(self, keys: list[str] | pl.Series) -> pl.Series:
         """A boolean per key: is it in the cache? Reads only the `cache_key` column of shards it has
         not read before (other processes may add shards at any time; a vanished shard, e.g. after a
-        compaction, makes it re-read all), and answers by binary search in sorted key columns, so
-        checking a chunk of keys does not scan the whole cache again."""
+        compaction, makes it re-read all), and answers by binary search over the keys' first 60 bits
+        (sorted integers) confirmed by comparing the whole key, so checking a chunk of keys does not
+        scan the cache again. Keys that are not hex digests are compared as strings."""
         keys = pl.Series("cache_key", keys, dtype=pl.String)
         shards = set(self.shards())
         if not shards >= self._index_files:
             self._index_files, self._index = set(), []
         new = sorted(shards - self._index_files)
         if new:
-            piece = pl.scan_parquet(new).select("cache_key").collect()["cache_key"].unique().sort()
-            self._index.append(piece)
+            self._index.append(_KeyIndex(pl.scan_parquet(new).select("cache_key").collect()["cache_key"]))
             self._index_files |= set(new)
             if len(self._index) > 8:  # keep the number of searches per call small
-                self._index = [pl.concat(self._index).unique().sort()]
+                self._index = [_KeyIndex(pl.concat([piece.keys for piece in self._index]))]
         found = pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
         for piece in self._index:
-            if not len(piece):
-                continue
-            at = piece.search_sorted(keys, side="left").clip(0, len(piece) - 1)
-            found = found | (piece.gather(at) == keys)
+            found = found | piece.contains(keys)
         return found
 
     def commit(self, results: list[GenerationResult], augmenter: str, model: str) -> int:

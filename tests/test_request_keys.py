@@ -174,3 +174,24 @@ def test_reuse_skips_changed_entities_other_parsers_and_uncached_keys(inputs, tm
     shutil.rmtree(tmp_path / "cache")
     fresh = _run(aug, changed_inputs, engine, GenerationCache(tmp_path / "cache"), runs)
     assert fresh.stats.llm_requests == 12 and fresh.stats.cache_hits == 0
+
+
+def test_cache_membership_index(tmp_path):
+    import hashlib
+
+    from recaug.pipelines.engines.base import GenerationResult
+
+    cache = GenerationCache(tmp_path)
+    stored = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(50)]
+    cache.commit([GenerationResult(k, "t", 1, 1, "stop", 0.1) for k in stored[:30]], "a", "m")
+    absent = [hashlib.sha256(f"x{i}".encode()).hexdigest() for i in range(20)]
+    # a key sharing the first 60 bits of a stored one is not taken for it
+    twin = stored[3][:15] + ("0" if stored[3][15] != "0" else "1") + stored[3][16:]
+    assert cache.contains(stored[:30] + absent + [twin]).to_list() == [True] * 30 + [False] * 21
+    cache.commit([GenerationResult(k, "t", 1, 1, "stop", 0.1) for k in stored[30:]], "a", "m")  # a new shard
+    assert cache.contains(stored).all()
+    cache.commit([GenerationResult(k, "t", 1, 1, "stop", 0.1) for k in ["plain-key", "k2"]], "a", "m")
+    assert cache.contains(["plain-key", "k3", stored[0]]).to_list() == [True, False, True]
+    for shard in cache.shards()[:1]:  # a vanished shard: the index is read again
+        shard.unlink()
+    assert cache.contains(stored[:2] + stored[30:32]).to_list() == [False, False, True, True]
