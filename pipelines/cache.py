@@ -172,8 +172,11 @@ class CacheSink:
         if new:
             self._index.append(_KeyIndex(pl.scan_parquet(new).select("cache_key").collect()["cache_key"]))
             self._index_files |= set(new)
-            if len(self._index) > 8:  # keep the number of searches per call small
-                self._index = [_KeyIndex(pl.concat([piece.keys for piece in self._index]))]
+            if len(self._index) > 8:  # keep the number of searches per call small: merge all but the
+                # largest piece (the keys found at the start), which is never rebuilt for a few new shards
+                big = max(self._index, key=lambda piece: len(piece.keys))
+                rest = [piece.keys for piece in self._index if piece is not big]
+                self._index = [big, _KeyIndex(pl.concat(rest))]
         found = pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
         for piece in self._index:
             found = found | piece.contains(keys)
@@ -257,8 +260,11 @@ class GenerationCache:
         if new:
             self._index.append(_KeyIndex(pl.scan_parquet(new).select("cache_key").collect()["cache_key"]))
             self._index_files |= set(new)
-            if len(self._index) > 8:  # keep the number of searches per call small
-                self._index = [_KeyIndex(pl.concat([piece.keys for piece in self._index]))]
+            if len(self._index) > 8:  # keep the number of searches per call small: merge all but the
+                # largest piece (the keys found at the start), which is never rebuilt for a few new shards
+                big = max(self._index, key=lambda piece: len(piece.keys))
+                rest = [piece.keys for piece in self._index if piece is not big]
+                self._index = [big, _KeyIndex(pl.concat(rest))]
         found = pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
         for piece in self._index:
             found = found | piece.contains(keys)
