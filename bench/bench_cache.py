@@ -1,13 +1,15 @@
 """Re-running the augmentation job over a large synthetic catalogue: the cache path, not the LLM.
 
 A synthetic catalogue of N items (1,000,000 by default) goes through the input gate and then the
-long job's augmentation stage (`run_augmentation`: render every prompt, hash its cache key, look
-the keys up, send the misses to the engine, parse, write the run's tables, compact the cache) with
+long job's augmentation stage (`run_augmentation`: derive every entity's cache key from its context
+row, check the keys against the cache, take unchanged cached entities' rows from the previous run,
+render and send the misses to the engine, parse, write the run's tables, compact the cache) with
 the deterministic fake engine (`pipelines/engines/fake.py`) on the local runner:
 
   fill         empty cache: every entity goes to the (fake) engine. This times our per-row
                overheads plus writing the cache; a real model's generation time is not in it.
-  unchanged    the same catalogue again: must be 100% cache hits and 0 engine calls (asserted).
+  unchanged    the same catalogue again: must be 100% cache hits and 0 engine calls (asserted);
+               nothing is rendered or parsed (rows come from the fill's run).
   1% changed   the titles of 1% of the items edited: the engine must see exactly those (asserted).
 
     .venv/bin/python bench/bench_cache.py [--items 1000000] [--changed-share 0.01] [--shard-size 256] [--quick]
@@ -122,8 +124,9 @@ def run(quick: bool = False, items: int | None = None, changed_share: float = 0.
         rows,
         notes=[
             "fill = fake-engine fill: our per-row overheads and cache writes, no model time. "
-            "Each pass renders and hashes every prompt (that is how a changed input is found), looks all keys up "
-            "in the cache (Parquet, columnar), parses and writes the run's tables. "
+            "Each pass hashes every entity's context row into its key (no rendering), checks the keys against the "
+            "cache's sorted key index, copies unchanged cached rows from the previous run, renders and parses only "
+            "the rest, and writes the run's tables. "
             f"Input gate per pass (not in the figures above): {fill['gate_s']:.1f} s / {same['gate_s']:.1f} s / "
             f"{incr['gate_s']:.1f} s.",
         ],
@@ -134,7 +137,7 @@ def run(quick: bool = False, items: int | None = None, changed_share: float = 0.
         f"{changed_share:.0%} changed: engine requests {incr['engine_requests']:,} == changed entities {n_changed:,}; "
         f"{incr['wall_s']:.1f} s = {incr['wall_s'] / fill['wall_s']:.2f}x the fake-engine fill "
         f"(unchanged run + changed rows at fill speed would be {predicted:.1f} s): the engine work is proportional "
-        "to the change, the fixed part is rendering and hashing every prompt",
+        "to the change, the fixed part is hashing every context row and copying/writing the run's tables",
     ]
     data = {"items": n, "changed": int(n_changed), "shard_size": shard_size, "passes": passes,
             "predicted_incremental_s": predicted}

@@ -8,14 +8,17 @@ items - side by side in one run:
            cache, shards of --batch-size sorted by length, local runner, TransformersEngine, cache
            commits, parsing, the output tables)
   engine   TransformersEngine.generate over the same prompts (micro-batches of --batch-size, sorted
-           by length inside the call, left padding, stop tokens excluded from the count)
+           by length inside the call, left padding, stop tokens excluded from the count; a shared
+           prompt prefix computed once per run and reused, see transformers_engine.py)
+  engine, no prefix reuse   the same with `reuse_prefix = False`: every prompt token computed
   naive    for each prompt: apply the chat template, model.generate(one prompt) - the pattern of the
            anchor repositories' augmentation scripts
   batched  bare model.generate on the same batches of --batch-size in the prompts' own order
            (left padding, no length sorting)
 
 Each path counts generated tokens up to its first stop token and reports generated tokens/s over its
-wall time. Runs alternate between the paths (--repeats rounds) and each path's best run counts; the
+wall time, and for our paths the prompt tokens rendered and the prompt tokens actually computed
+(a reused prefix is computed once per run). Runs alternate between the paths (--repeats rounds) and each path's best run counts; the
 naive loop, ~3x slower than the rest, runs in the first round only (--naive-repeats) to keep
 `make bench` within half an hour. Ratios are against the naive loop and the bare batched generate.
 The JSON keeps every run.
@@ -72,7 +75,7 @@ class Pipeline:
         assert not failed, failed
         return [list(p.messages) for p in pending]
 
-    def run(self, shard_size: int) -> tuple[float, int]:
+    def run(self, shard_size: int) -> tuple[float, int, int, int]:
         with tempfile.TemporaryDirectory(prefix="recaug-bench-gen-") as tmp:  # an empty cache every run
             started = time.perf_counter()
             out = run_augmenter(self.aug, self.aug_cfg, self.inputs, self.engine, self.engine_cfg,
@@ -80,7 +83,7 @@ class Pipeline:
                                 entity_ids=self.entity_ids)
             wall = time.perf_counter() - started
         assert out.stats.llm_requests == len(self.entity_ids) and out.stats.cache_hits == 0, out.stats
-        return wall, out.stats.output_tokens
+        return wall, out.stats.output_tokens, out.stats.input_tokens, out.stats.prompt_tokens_computed
 
 
 def content_tokens(rows: list[list[int]], stop_ids: set[int]) -> int:
@@ -91,11 +94,18 @@ def content_tokens(rows: list[list[int]], stop_ids: set[int]) -> int:
     return total
 
 
-def run_engine(engine: TransformersEngine, conversations, max_new: int) -> tuple[float, int]:
+def run_engine(engine: TransformersEngine, conversations, max_new: int, reuse: bool = True) -> tuple[float, int, int, int]:
     requests = [GenerationRequest(f"p{i}", tuple(c), max_new) for i, c in enumerate(conversations)]
+    engine._prefix_ids, engine._prefix_kv = [], []  # each run computes its prefix once
+    engine.reuse_prefix = reuse
     started = time.perf_counter()
-    results = engine.generate(requests)
-    return time.perf_counter() - started, sum(r.output_tokens for r in results)
+    try:
+        results = engine.generate(requests)
+    finally:
+        engine.reuse_prefix = True
+    wall = time.perf_counter() - started
+    return (wall, sum(r.output_tokens for r in results), sum(r.input_tokens for r in results),
+            sum(r.extra.get("prompt_tokens_computed", r.input_tokens) for r in results))
 
 
 def run_naive(model, tok, conversations, max_new: int, stop_ids: set[int]) -> tuple[float, int]:
@@ -148,6 +158,7 @@ def run(quick: bool = False, prompts: int | None = None, max_new_tokens: int | N
     paths = (
         ("pipeline", lambda: pipeline.run(args.batch_size)),
         ("engine", lambda: run_engine(engine, conversations, args.max_new_tokens)),
+        ("engine_plain", lambda: run_engine(engine, conversations, args.max_new_tokens, reuse=False)),
         ("batched", lambda: run_bare_batched(model, tok, conversations, args.max_new_tokens, args.batch_size, stop_ids)),
         ("naive", lambda: run_naive(model, tok, conversations, args.max_new_tokens, stop_ids)),
     )
@@ -156,10 +167,14 @@ def run(quick: bool = False, prompts: int | None = None, max_new_tokens: int | N
         for name, fn in paths:
             if name == "naive" and repeat >= naive_repeats:
                 continue
-            wall, tokens = fn()
-            runs[name].append({"wall_s": round(wall, 3), "generated_tokens": tokens, "tokens_per_s": round(tokens / wall, 2)})
-            log(f"[{repeat + 1}/{args.repeats}] {name:8s} {tokens:6d} tokens in {wall:7.2f} s = "
-                f"{tokens / wall:7.2f} generated tok/s")
+            wall, tokens, *prompt = fn()
+            row = {"wall_s": round(wall, 3), "generated_tokens": tokens, "tokens_per_s": round(tokens / wall, 2)}
+            if prompt:
+                row.update(prompt_tokens_rendered=prompt[0], prompt_tokens_computed=prompt[1])
+            runs[name].append(row)
+            log(f"[{repeat + 1}/{args.repeats}] {name:12s} {tokens:6d} tokens in {wall:7.2f} s = "
+                f"{tokens / wall:7.2f} generated tok/s"
+                + (f"; prompt tokens {prompt[0]:,} rendered, {prompt[1]:,} computed" if prompt else ""))
     # other work on the machine only ever slows a run down: compare each path's best run
     rows = {name: {**max(r, key=lambda x: x["tokens_per_s"]), "runs": r} for name, r in runs.items()}
 
@@ -169,6 +184,7 @@ def run(quick: bool = False, prompts: int | None = None, max_new_tokens: int | N
         "pipeline_vs_bare_batched": round(tps["pipeline"] / tps["batched"], 2),
         "pipeline_vs_engine": round(tps["pipeline"] / tps["engine"], 2),
         "engine_vs_naive": round(tps["engine"] / tps["naive"], 2),
+        "engine_prefix_reuse_vs_plain": round(tps["engine"] / tps["engine_plain"], 2),
         "engine_vs_bare_batched": round(tps["engine"] / tps["batched"], 2),
         "bare_batched_vs_naive": round(tps["batched"] / tps["naive"], 2),
     }
@@ -192,6 +208,7 @@ def run(quick: bool = False, prompts: int | None = None, max_new_tokens: int | N
     labels = {
         "pipeline": "recaug pipeline end to end (augmentation stage, local runner)",
         "engine": "recaug TransformersEngine.generate alone",
+        "engine_plain": "recaug TransformersEngine.generate, no prefix reuse",
         "batched": "bare batched model.generate",
         "naive": "one prompt at a time (naive loop)",
     }
@@ -199,16 +216,22 @@ def run(quick: bool = False, prompts: int | None = None, max_new_tokens: int | N
         f"Generation, {engine.model_id}, the {AUGMENTER} prompts of {args.prompts} ML-100K items, greedy, "
         f"max {args.max_new_tokens} new tokens, batch {args.batch_size} (best of {args.repeats}; naive: "
         f"{min(naive_repeats, args.repeats)} run)",
-        ["path", "generated tokens", "wall s", "generated tok/s", "vs naive", "vs bare batched"],
-        [[labels[name], rows[name]["generated_tokens"], rows[name]["wall_s"], rows[name]["tokens_per_s"],
+        ["path", "generated tokens", "prompt tokens rendered", "prompt tokens computed", "wall s", "generated tok/s",
+         "vs naive", "vs bare batched"],
+        [[labels[name], rows[name]["generated_tokens"], rows[name].get("prompt_tokens_rendered", ""),
+          rows[name].get("prompt_tokens_computed", ""), rows[name]["wall_s"], rows[name]["tokens_per_s"],
           rows[name]["tokens_per_s"] / tps["naive"], rows[name]["tokens_per_s"] / tps["batched"]]
-         for name in ("pipeline", "engine", "batched", "naive")],
+         for name in ("pipeline", "engine", "engine_plain", "batched", "naive")],
     )
     summary = [
         f"our pipeline end to end: {ratios['pipeline_vs_naive']:.2f}x the naive loop's tokens/s and "
         f"{ratios['pipeline_vs_bare_batched']:.2f}x a bare batched generate on the same prompts "
         f"(the engine alone: {ratios['engine_vs_naive']:.2f}x / {ratios['engine_vs_bare_batched']:.2f}x; "
         f"batched vs naive: {ratios['bare_batched_vs_naive']:.2f}x)",
+        f"prompt tokens: {rows['engine']['prompt_tokens_rendered']:,} rendered, "
+        f"{rows['engine']['prompt_tokens_computed']:,} computed with the shared prefix reused "
+        f"(pipeline: {rows['pipeline']['prompt_tokens_computed']:,}); the engine with reuse runs at "
+        f"{ratios['engine_prefix_reuse_vs_plain']:.2f}x the generated tok/s of the engine without",
     ]
     return result(NAME, "Generation: our pipeline vs naive loop vs bare batched generate", [t1], summary, report)
 

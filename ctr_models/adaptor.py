@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ADAPTOR_KINDS = ("hybrid", "mlp", "raw", "none")
@@ -83,15 +84,27 @@ class HybridExpertAdaptor(KnowledgeAdaptor):
         return tuple(self.out for _ in self.input_dims)
 
     def forward(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Vector t may have its own row count (e.g. the distinct users and the distinct items of a
+        batch). Per vector, the first layers of its shared and dedicated experts and its gate run as one
+        matrix product, the second layers as one batched product: the same function as one expert
+        module at a time, in a few large operations instead of many small ones."""
         self._check(vectors)
-        stacked = torch.stack(list(vectors), dim=1)  # [B, T, d]
-        shared = torch.stack([expert(stacked) for expert in self.shared], dim=2)  # [B, T, S, out]
+        experts_of = [list(self.shared) + list(own) for own in self.dedicated]
         outputs = []
         for t, x in enumerate(vectors):
-            own = torch.stack([expert(x) for expert in self.dedicated[t]], dim=1)  # [B, D, out]
-            experts = torch.cat([shared[:, t], own], dim=1)  # [B, S + D, out]
-            gate = torch.softmax(self.gates[t](x), dim=-1).unsqueeze(1)  # [B, 1, S + D]
-            outputs.append(torch.bmm(gate, experts).squeeze(1))  # [B, out]
+            experts = experts_of[t]
+            k = len(experts)
+            w1 = torch.cat([e[0].weight for e in experts] + [self.gates[t].weight])  # [k*h + k, d]
+            b1 = torch.cat([e[0].bias for e in experts] + [self.gates[t].bias])
+            first = torch.addmm(b1, x, w1.t())  # [N, k*h + k]
+            hidden_width = experts[0][0].out_features
+            hidden = torch.relu(first[:, : k * hidden_width]).reshape(-1, k, hidden_width).transpose(0, 1)  # [k, N, h]
+            hidden = F.dropout(hidden, experts[0][2].p, self.training)
+            w2 = torch.stack([e[3].weight.t() for e in experts])  # [k, h, out]
+            b2 = torch.stack([e[3].bias for e in experts]).unsqueeze(1)  # [k, 1, out]
+            out = F.dropout(torch.relu(torch.baddbmm(b2, hidden, w2)), experts[0][5].p, self.training)  # [k, N, out]
+            gate = torch.softmax(first[:, k * hidden_width :], dim=-1)  # [N, k]
+            outputs.append(torch.einsum("nk,kno->no", gate, out))
         return outputs
 
 

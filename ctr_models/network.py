@@ -87,6 +87,39 @@ class KnowledgeCTRModel(nn.Module):
                 raise RuntimeError(f"no input source for deepctr feature {name!r}")
         self._plan = plan
         self.input_width = at
+        # the id-matrix column of each vector's entity (its user or item vocabulary index)
+        self._entity_columns = [id_cols[f"{v.kind}_id"][0] for v in spec.vectors]
+        self._attached: object | None = None
+
+    def attach_vectors(self, vectors: Sequence) -> None:
+        """Keep the vector tables (`data.EntityVectors`, one row per vocabulary index) inside the model
+        as buffers, so a batch's vectors are looked up by index here instead of being gathered and
+        passed in per sample. Buffers are not persistent: checkpoints stay the learnt weights only.
+        Attaching the same tables again is free."""
+        if self._attached is vectors:
+            return
+        if len(vectors) != len(self._entity_columns):
+            raise ValueError(f"the model was built for {len(self._entity_columns)} vector table(s), got {len(vectors)}")
+        for k, ev in enumerate(vectors):
+            self.register_buffer(f"vector_table_{k}", ev.matrix, persistent=False)
+            self.register_buffer(f"vector_missing_{k}", ev.missing, persistent=False)
+        self._attached = vectors
+
+    def _indexed_inputs(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Adaptor outputs and missing flags of a batch from the attached tables. The adaptor is a
+        function of the entity's vector alone, so it runs once per distinct user/item of the batch
+        and its outputs are spread back to the samples (same values, fewer rows to compute)."""
+        if self._attached is None:
+            raise RuntimeError("no vectors given and no vector tables attached: call attach_vectors(data.vectors)")
+        distinct, back, flags = [], [], []
+        for k, col in enumerate(self._entity_columns):
+            entity = ids[:, col]
+            uniq, inverse = torch.unique(entity, return_inverse=True)
+            distinct.append(getattr(self, f"vector_table_{k}").index_select(0, uniq))
+            back.append(inverse)
+            flags.append(getattr(self, f"vector_missing_{k}").index_select(0, entity))
+        outputs = [o.index_select(0, i) for o, i in zip(self.adaptor(distinct), back)]
+        return outputs, torch.stack(flags, dim=1)
 
     @property
     def uses_vectors(self) -> bool:
@@ -95,9 +128,15 @@ class KnowledgeCTRModel(nn.Module):
     def adaptor_outputs(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return self.adaptor(vectors) if self.uses_vectors else []
 
-    def assemble_inputs(self, ids: torch.Tensor, vectors: Sequence[torch.Tensor], missing: torch.Tensor) -> torch.Tensor:
-        """The X tensor the deepctr backbone expects (float32 [B, input_width])."""
-        outputs = self.adaptor_outputs(vectors)
+    def assemble_inputs(
+        self, ids: torch.Tensor, vectors: Sequence[torch.Tensor] | None = None, missing: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The X tensor the deepctr backbone expects (float32 [B, input_width]). Without `vectors`,
+        they come from the attached tables (`attach_vectors`)."""
+        if vectors is None and self.uses_vectors:
+            outputs, missing = self._indexed_inputs(ids)
+        else:
+            outputs = self.adaptor_outputs(vectors or [])
         ids_f = ids.float()  # exact for indices < 2**24
         pieces = []
         for source, a, b in self._plan:
@@ -111,7 +150,9 @@ class KnowledgeCTRModel(nn.Module):
                 pieces.append(ids_f.new_zeros((ids.shape[0], b)))
         return torch.cat(pieces, dim=1)
 
-    def forward(self, ids: torch.Tensor, vectors: Sequence[torch.Tensor], missing: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, vectors: Sequence[torch.Tensor] | None = None, missing: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Click probabilities, float32 [B]."""
         return self.backbone(self.assemble_inputs(ids, vectors, missing)).squeeze(-1)
 

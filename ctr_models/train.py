@@ -172,7 +172,8 @@ def _batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 def _inputs(model: KnowledgeCTRModel, data: CTRData, ids: torch.Tensor):
     if model.uses_vectors:
-        return data.gather_vectors(ids)
+        model.attach_vectors(data.vectors)  # looked up by index inside the model (once attached, free)
+        return None, None
     return [], ids.new_zeros((ids.shape[0], 0), dtype=torch.float32)
 
 

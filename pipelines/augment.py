@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import gc
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +25,12 @@ from typing import Any, Callable
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from recaug.augmenters.base import AugmentInputs, Augmenter, ParseError, check_contract, template_variables
+from recaug.augmenters.base import AugmentInputs, Augmenter, ParseError, check_contract, template_variables, template_variables_used
 from recaug.augmenters.domains import domain_hash, domain_variables
-from recaug.pipelines.cache import CacheSink, GenerationCache, request_key
 from recaug.core.config import AugmenterConfig, EngineConfig
+from recaug.pipelines.cache import CACHE_SCHEMA, CacheSink, GenerationCache, request_key
 from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, Engine, GenerationRequest, GenerationResult
 from recaug.core.memory import release_memory
 from recaug.core.spill import TableParts, frame_to_table
@@ -51,6 +54,7 @@ class Pending:
     key: str
     attempt: int
     max_new_tokens: int
+    size: int = 0  # bytes of the serialised context row: orders first attempts by length (see context_keys)
 
 
 @dataclass
@@ -63,7 +67,8 @@ class AugmenterStats:
     cache_hits: int = 0  # distinct prompts answered by the cache
     llm_requests: int = 0  # distinct prompts sent to the engine in this run (identical prompts go once)
     engine_errors: int = 0
-    input_tokens: int = 0  # of this run's LLM requests
+    input_tokens: int = 0  # of this run's LLM requests (the rendered prompts)
+    prompt_tokens_computed: int = 0  # of those, run through the model (a reused shared prefix is not)
     output_tokens: int = 0
     generate_seconds: float = 0.0
     parsed: int = 0
@@ -96,7 +101,8 @@ class AugmenterStats:
         if self.deferred:
             line += f"  deferred {self.deferred} (kept {self.carried_over})"
         if self.llm_requests:
-            line += f"  {self.tokens_per_s:6.1f} tok/s"
+            line += (f"  {self.tokens_per_s:6.1f} tok/s  prompt tokens {self.input_tokens:,} rendered, "
+                     f"{self.prompt_tokens_computed:,} computed")
         return line
 
     @property
@@ -196,6 +202,98 @@ def _key_parts(aug: Augmenter, engine: Engine, messages, max_new_tokens: int, do
     }
 
 
+# Version of the render-free request key (`context_keys`): bump it when the key's recipe changes.
+KEY_VERSION = 2
+
+
+def template_fingerprint(aug: Augmenter) -> str:
+    from recaug.prompts import _search_path
+
+    # memoised per state of the template folders (a stat per file), so an edited include counts
+    files = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size)
+                  for folder in _search_path() for p in sorted(Path(folder).glob("*.j2")))
+    return _fingerprint(aug.template, aug.prompt.source, os.environ.get("RECAUG_PROMPTS_PATH", ""), files)
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(template: str, source: str, prompts_path: str, files: tuple) -> str:
+    """The template's content hash, plus those of every template it includes, imports or extends
+    (recursively); a name computed at render time makes every template on the search path count."""
+    from jinja2 import meta
+
+    from recaug.prompts import _search_path, load_template
+
+    env = _template_env()
+    seen: dict[str, str] = {}
+    todo = [template]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        tpl_source = source if name == template else load_template(name).source
+        seen[name] = hashlib.sha256(tpl_source.encode("utf-8")).hexdigest()
+        for ref in meta.find_referenced_templates(env.parse(tpl_source)):
+            if ref is None:  # dynamic: cannot tell which one, so all of them
+                for folder in _search_path():
+                    for path in sorted(Path(folder).glob("*.j2")):
+                        todo.append(path.name)
+            else:
+                todo.append(ref)
+    return hashlib.sha256(json.dumps(seen, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _template_env():
+    from recaug.prompts import _environment, _search_path
+
+    return _environment(tuple(_search_path()))
+
+
+def context_keys(
+    aug: Augmenter, aug_cfg: AugmenterConfig, inputs: AugmentInputs, engine: Engine, engine_cfg: EngineConfig,
+    ctx: pl.DataFrame,
+) -> pl.DataFrame:
+    """(entity_id, key, size) per context row, without rendering any prompt.
+
+    A prompt is a function of the template (and the templates it includes), the variables shared by
+    every entity (domain, vocabulary, the augmenter's options including the history token budget) and
+    the entity's context row, which already holds the history *as truncated* to its budget. A key is
+    sha256 over a canonical JSON of the template fingerprint, model, sampling, decoding schema, answer
+    cap and shared variables, followed by the row serialised by polars (`json_encode`). The parser
+    sees the same variables, so the key also covers what a parse depends on. `entity_id` enters only
+    if the template reads it: entities with identical context share one answer, as before.
+    `size` (bytes of the serialised row) orders requests by length when cutting shards."""
+    max_new = aug_cfg.max_new_tokens or engine_cfg.max_new_tokens
+    options = augmenter_options(aug, aug_cfg)
+    shared = {**domain_variables(inputs.domain), **options}  # what build_pending renders with, besides the row
+    prefix = json.dumps({
+        "key_version": KEY_VERSION,
+        "augmenter": aug.name,
+        "template": template_fingerprint(aug),
+        "model": engine.model_id,
+        "sampling": _sampling_key(aug, engine),
+        "schema": aug.decoding_schema_hash(inputs.domain),
+        "max_new_tokens": max_new,
+        "shared": shared,
+    }, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    columns = [c for c in ctx.columns if c != "entity_id" or "entity_id" in template_variables_used(aug.prompt)]
+    rows = ctx.select(
+        pl.col("entity_id"),
+        pl.struct(columns).struct.json_encode().alias("_row") if columns else pl.lit("{}").alias("_row"),
+    )
+    base = hashlib.sha256(prefix.encode("utf-8") + b"\n")
+    keys = []
+    with _gc_paused():
+        for row in rows["_row"]:
+            h = base.copy()
+            h.update(row.encode("utf-8"))
+            keys.append(h.hexdigest())
+    return pl.DataFrame({
+        "entity_id": rows["entity_id"],
+        "key": pl.Series("key", keys, dtype=pl.String),
+        "size": rows["_row"].str.len_bytes().cast(pl.Int64),
+    })
+
+
 @contextlib.contextmanager
 def _gc_paused():
     """Build many small objects (one request or row per entity) without the cyclic collector
@@ -250,29 +348,35 @@ def build_pending(
     engine: Engine,
     engine_cfg: EngineConfig,
     entity_ids: list[str] | None = None,
+    ctx: pl.DataFrame | None = None,
+    keys: pl.DataFrame | None = None,
 ) -> tuple[list[Pending], list[dict[str, Any]], list[str]]:
-    """First-attempt requests, plus render failures (as dead-letter dicts) and the expected ids."""
+    """First-attempt requests, plus render failures (as dead-letter dicts) and the expected ids.
+    `ctx` and `keys` (rows in the same order, from `context_keys`) may be given to render only those rows."""
     options = augmenter_options(aug, aug_cfg)
     if entity_ids is None:
-        entity_ids = select_entities(aug, aug_cfg, inputs)
-    else:
+        entity_ids = select_entities(aug, aug_cfg, inputs) if ctx is None else ctx["entity_id"].to_list()
+    elif ctx is None:
         entity_ids = split_by_history(aug, options, inputs, list(entity_ids))[0]
     if not entity_ids:
         return [], [], []
-    ctx = aug.build_context(inputs, entity_ids, options)
+    if ctx is None:
+        ctx = aug.build_context(inputs, entity_ids, options)
+    if keys is None:
+        keys = context_keys(aug, aug_cfg, inputs, engine, engine_cfg, ctx)
     max_new = aug_cfg.max_new_tokens or engine_cfg.max_new_tokens
     common = {**domain_variables(inputs.domain), **options}
     pending, failed = [], []
     with _gc_paused():
-        for row in ctx.to_dicts():  # rendering is per entity by nature; everything around it is columnar
+        # rendering is per entity by nature; everything around it is columnar
+        for row, key, size in zip(ctx.to_dicts(), keys["key"].to_list(), keys["size"].to_list()):
             variables = template_variables(common, row)
             try:
                 messages = aug.prompt.render(variables)
             except PromptError as exc:
                 failed.append({"entity_id": row["entity_id"], "reason": f"render: {exc}", "prompt": ""})
                 continue
-            key = request_key(_key_parts(aug, engine, messages, max_new, inputs.domain))
-            pending.append(Pending(row["entity_id"], variables, messages, key, key, 1, max_new))
+            pending.append(Pending(row["entity_id"], variables, messages, key, key, 1, max_new, size))
     return pending, failed, list(entity_ids)
 
 
@@ -290,6 +394,88 @@ def shard_requests(pending: list[Pending], shard_size: int) -> list[list[Pending
     # One fixed-width string per request sorts exactly like the (length, key) tuple, 2.5x faster at 1M.
     ordered = sorted(pending, key=lambda p: f"{sum(len(m['content']) for m in p.messages):012d}{p.key}")
     return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
+
+
+def first_shards(keys: pl.DataFrame, pending: list[Pending], shard_size: int) -> list[list[Pending]]:
+    """First attempts cut into shards over *all* of a chunk's entities (`keys`: cached, reused and
+    rendered alike), ordered by serialised context length then key, so the engine sees the same
+    batches however many of them a run finds cached; only `pending`'s requests are in the shards."""
+    by_entity = {p.entity_id: p for p in pending}
+    ordered = keys.sort(["size", "key"])["entity_id"].to_list()
+    shards = []
+    for i in range(0, len(ordered), shard_size):
+        shard = [by_entity[e] for e in ordered[i : i + shard_size] if e in by_entity]
+        if shard:
+            shards.append(shard)
+    return shards
+
+
+class PreviousOutputs:
+    """The newest finished run's generated rows of one augmenter, reused for entities whose request
+    key is unchanged (and still cached): same key, same entity and same parser version give the same
+    prompt, answer and parse, so those rows are copied instead of re-rendered and re-parsed. Rows
+    that took a retry, and keys with synthetic rows, are not reused (they take the normal path).
+    Row groups are decoded as the stage's chunks (ascending entity ids) reach them."""
+
+    def __init__(self, generated: Path, synthetic: list[Path], aug: Augmenter):
+        self.file = pq.ParquetFile(generated)
+        self.aug = aug
+        meta = self.file.metadata
+        col = self.file.schema_arrow.get_field_index("entity_id")
+        self.ranges = []
+        for i in range(meta.num_row_groups):
+            st = meta.row_group(i).column(col).statistics
+            ok = st is not None and st.has_min_max
+            self.ranges.append((st.min, st.max) if ok else (None, None))
+        self._decoded: dict[int, pl.DataFrame] = {}
+        excluded = []
+        for path in synthetic:
+            if path.exists():
+                t = pq.read_table(path)
+                who = "augmenter" if "augmenter" in t.column_names else "source"
+                excluded.append(pl.from_arrow(t.select([who, "cache_key"])).filter(pl.col(who) == aug.name)["cache_key"])
+        self.excluded = pl.concat(excluded).unique() if excluded else pl.Series("cache_key", [], pl.String)
+
+    @classmethod
+    def newest(cls, runs_dir: Path | None, aug: Augmenter) -> "PreviousOutputs | None":
+        if runs_dir is None or not Path(runs_dir).is_dir():
+            return None
+        for run in sorted((p for p in Path(runs_dir).iterdir() if not p.name.startswith(".")), reverse=True):
+            generated = run / "generated" / f"{aug.name}.parquet"
+            if generated.is_file():
+                try:
+                    return cls(generated, [run / "synthetic_items.parquet", run / "synthetic_interactions.parquet"], aug)
+                except (OSError, pa.ArrowException, KeyError):
+                    return None  # unreadable: nothing is reused, everything takes the normal path
+        return None
+
+    def rows(self, keys: pl.DataFrame) -> pl.DataFrame:
+        """The reusable generated rows for `keys` (entity_id, key), with an `entity_id` per row."""
+        if not keys.height:
+            return pl.DataFrame()
+        lo, hi = keys["entity_id"].min(), keys["entity_id"].max()
+        wanted = [i for i, (a, b) in enumerate(self.ranges) if a is None or not (b < lo or a > hi)]
+        for i in [i for i in self._decoded if i not in wanted]:
+            del self._decoded[i]  # chunks come in ascending order: a passed row group is not needed again
+        for i in wanted:
+            if i not in self._decoded:
+                self._decoded[i] = pl.from_arrow(self.file.read_row_group(i, columns=list(_REUSED_COLUMNS)))
+        if not wanted:
+            return pl.DataFrame()
+        frame = pl.concat([self._decoded[i] for i in wanted]).filter(
+            pl.col("entity_id").is_between(pl.lit(lo), pl.lit(hi))
+            & (pl.col("attempts") == 1)
+            & (pl.col("parser_version") == self.aug.parser_id)
+            & ~pl.col("cache_key").is_in(self.excluded.implode())
+        )
+        return frame.join(keys.select("entity_id", pl.col("key").alias("cache_key")), on=["entity_id", "cache_key"],
+                          how="inner").unique("entity_id", keep="first", maintain_order=True)
+
+
+_REUSED_COLUMNS = (
+    "entity_id", "cache_key", "parser_version", "prompt", "raw_text", "text", "parsed_json", "input_tokens",
+    "output_tokens", "finish_reason", "latency_s", "attempts",
+)
 
 
 def _now() -> dt.datetime:
@@ -323,10 +509,13 @@ def run_augmenter(
     chunk_size: int = ENTITY_CHUNK,
     spill_dir: Path | None = None,
     text_checks: TextChecks = TextChecks(),
+    reuse_runs: Path | None = None,
 ) -> AugmenterOutput:
     """Generate, parse, retry (bounded) and assemble this augmenter's tables, a chunk of entities at a time.
     With `spill_dir`, each chunk's tables go to disk as they are finished (see core/spill.py) and
-    the output tables are memory-mapped from there."""
+    the output tables are memory-mapped from there. With `reuse_runs` (the folder of finished runs),
+    entities whose request is unchanged and cached take their rows from the newest run that has this
+    augmenter (`PreviousOutputs`) instead of being rendered and parsed again."""
     stats = AugmenterStats(augmenter=aug.name)
     check_contract(aug, inputs, augmenter_options(aug, aug_cfg))  # a template typo fails here, not per entity
     if entity_ids is None:
@@ -360,9 +549,10 @@ def run_augmenter(
         "model": engine.model_id,
         "created_at": now,
     }
+    previous = PreviousOutputs.newest(reuse_runs, aug)
     for chunk in _chunks(sorted(e for e in expected if e not in deferred), chunk_size):
         _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk, stats,
-                   common, parts)
+                   common, parts, previous)
         release_memory()  # the chunk's prompts, answers and rows as Python objects
 
     generated = parts["generated"].table()
@@ -400,26 +590,50 @@ def run_augmenter(
 
 def _over_budget(aug, aug_cfg, inputs, engine, engine_cfg, cache, expected, budget, carry_over, chunk_size) -> set[str]:
     """The entities a budgeted run leaves for later. Ranking needs every cache miss, so this pass
-    renders each chunk for its keys (and token costs) and keeps only (entity, key, cost)."""
+    derives each chunk's keys (no rendering), renders only the misses for their token costs, and
+    keeps only (entity, key, cost)."""
     misses: list[tuple[str, str, int]] = []
+    options = augmenter_options(aug, aug_cfg)
     for chunk in _chunks(expected, chunk_size):
-        pending, _, _ = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, chunk)
-        hits = set(cache.lookup([p.key for p in pending])["cache_key"].to_list())
-        todo = [p for p in pending if p.key not in hits]
-        if budget.max_tokens is not None and todo:
+        ctx = aug.build_context(inputs, chunk, options)
+        keys = context_keys(aug, aug_cfg, inputs, engine, engine_cfg, ctx)
+        miss = ~cache.contains(keys["key"])
+        if budget.max_tokens is None:
+            misses += [(e, k, 0) for e, k in zip(keys.filter(miss)["entity_id"], keys.filter(miss)["key"])]
+            continue
+        todo, _, _ = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, ctx=ctx.filter(miss), keys=keys.filter(miss))
+        if todo:
             costs = engine.count_tokens(["\n".join(m["content"] for m in p.messages) for p in todo])
             misses += [(p.entity_id, p.key, c + p.max_new_tokens) for p, c in zip(todo, costs)]
-        else:
-            misses += [(p.entity_id, p.key, 0) for p in todo]
     known = set() if carry_over is None else set(carry_over.column("entity_id").to_pylist())
     _, over = apply_budget(misses, budget, known)
     return set(over)
 
 
 def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk, stats, common,
-               parts) -> None:
-    """One chunk of entities from requests to finished Arrow tables (appended to `parts`)."""
-    pending, render_failed, _ = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, chunk)
+               parts, previous: PreviousOutputs | None = None) -> None:
+    """One chunk of entities from requests to finished Arrow tables (appended to `parts`): keys are
+    derived from the context rows, rows of a previous run are reused for unchanged cached keys, and
+    only the other entities are rendered (cache hits among them are parsed, misses generated)."""
+    ctx = aug.build_context(inputs, chunk, augmenter_options(aug, aug_cfg))
+    keys = all_keys = context_keys(aug, aug_cfg, inputs, engine, engine_cfg, ctx)
+    reused = None
+    if previous is not None:
+        present = cache.contains(keys["key"])
+        if present.any():
+            reused = previous.rows(keys.filter(present))
+            if reused.height:
+                stats.requests += reused.height
+                stats.cache_hits += reused.height
+                stats.truncated += int((reused["finish_reason"] == FINISH_LENGTH).sum())
+                rest = ~keys["entity_id"].is_in(reused["entity_id"].implode())
+                ctx, keys = ctx.filter(rest), keys.filter(rest)
+            else:
+                reused = None
+    pending, render_failed, _ = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, ctx=ctx, keys=keys) \
+        if ctx.height else ([], [], [])
+    del ctx
+    first = first_shards(all_keys, pending, shard_size)
     stats.render_errors += len(render_failed)
     # the generated rows, column by column (one dict per row cost ~2 KB per entity at 1M entities)
     gen_cols: dict[str, list[Any]] = {name: [] for name in _GENERATED_ROW_COLUMNS}
@@ -433,8 +647,10 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
 
     while pending:
         stats.requests += len(pending)
-        shards = shard_requests(pending, shard_size)
-        hits = cache.lookup([p.key for p in pending])
+        shards = first if first is not None else shard_requests(pending, shard_size)
+        first = None
+        cached = [p.key for p, hit in zip(pending, cache.contains([p.key for p in pending])) if hit]
+        hits = cache.lookup(cached) if cached else pl.from_arrow(CACHE_SCHEMA.empty_table())
         hit_keys = set(hits["cache_key"].to_list())
         stats.cache_hits += len(hit_keys)
         # identical prompts (same key) go to the engine once; every entity with that key gets the answer
@@ -464,6 +680,7 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
                 for r in results:
                     fresh[r.key] = r
                     stats.input_tokens += r.input_tokens
+                    stats.prompt_tokens_computed += (r.extra or {}).get("prompt_tokens_computed", r.input_tokens)
                     stats.output_tokens += r.output_tokens
                     if r.finish_reason == FINISH_ERROR:
                         stats.engine_errors += 1
@@ -543,8 +760,12 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
         stats.retries += len(retry)
         pending = retry
 
-    if gen_cols["entity_id"]:
-        gen = pl.DataFrame(gen_cols, schema_overrides=_GENERATED_ROW_TYPES).with_columns(
+    if gen_cols["entity_id"] or reused is not None:
+        gen = pl.DataFrame(gen_cols, schema_overrides=_GENERATED_ROW_TYPES)
+        if reused is not None:
+            gen = pl.concat([gen, reused.select(
+                *(pl.col(c).cast(t) for c, t in _GENERATED_ROW_TYPES.items()))])
+        gen = gen.with_columns(
             *(pl.lit(v).alias(k) for k, v in common.items()), pl.lit(aug.parser_id).alias("parser_version")
         )
         parts["generated"].append(frame_to_table(gen, GENERATED_TEXTS, "entity_id"))

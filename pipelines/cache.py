@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -53,8 +54,61 @@ class CacheSink:
     augmenter: str
     model: str
 
+    def contains(self, keys: list[str] | pl.Series) -> pl.Series:
+        """A boolean per key: is it in the cache? Reads only the `cache_key` column of shards it has
+        not read before (other processes may add shards at any time; a vanished shard, e.g. after a
+        compaction, makes it re-read all), and answers by binary search over the keys' first 60 bits
+        (sorted integers) confirmed by comparing the whole key, so checking a chunk of keys does not
+        scan the cache again. Keys that are not hex digests are compared as strings."""
+        keys = pl.Series("cache_key", keys, dtype=pl.String)
+        shards = set(self.shards())
+        if not shards >= self._index_files:
+            self._index_files, self._index = set(), []
+        new = sorted(shards - self._index_files)
+        if new:
+            self._index.append(_KeyIndex(pl.scan_parquet(new).select("cache_key").collect()["cache_key"]))
+            self._index_files |= set(new)
+            if len(self._index) > 8:  # keep the number of searches per call small: merge all but the
+                # largest piece (the keys found at the start), which is never rebuilt for a few new shards
+                big = max(self._index, key=lambda piece: len(piece.keys))
+                rest = [piece.keys for piece in self._index if piece is not big]
+                self._index = [big, _KeyIndex(pl.concat(rest))]
+        found = pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
+        for piece in self._index:
+            found = found | piece.contains(keys)
+        return found
+
     def commit(self, results: list[GenerationResult]) -> int:
         return GenerationCache(Path(self.root)).commit(results, self.augmenter, self.model)
+
+
+class _KeyIndex:
+    """Cache keys, unique and sorted by their first 60 bits (15 hex digits) as int64, for numpy's
+    binary search; the whole key confirms a match. Two keys sharing 60 bits (about one pair in 10^6
+    at 10^9 keys) can make one of them look absent: it is then generated again, never mistaken."""
+
+    def __init__(self, keys: pl.Series):
+        frame = pl.DataFrame({"key": keys.unique()}).with_columns(_prefix(pl.col("key")).alias("p"))
+        self.hex = frame["p"].null_count() == 0
+        frame = frame.sort("p" if self.hex else "key")
+        self.keys = frame["key"]
+        self.prefix = frame["p"].to_numpy() if self.hex else None
+
+    def contains(self, keys: pl.Series) -> pl.Series:
+        if not len(self.keys) or not len(keys):
+            return pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
+        wanted = pl.DataFrame({"key": keys}).select(_prefix(pl.col("key")))["key"]
+        if self.hex and wanted.null_count() == 0:
+            at = np.searchsorted(self.prefix, wanted.to_numpy(), side="left").clip(0, len(self.keys) - 1)
+        else:  # sorted by the whole key (not hex digests), or a query key that is not one
+            keys_sorted = self.keys if not self.hex else self.keys.sort()
+            at = keys_sorted.search_sorted(keys, side="left").clip(0, len(keys_sorted) - 1)
+            return keys_sorted.gather(at) == keys
+        return self.keys.gather(at) == keys
+
+
+def _prefix(key: pl.Expr) -> pl.Expr:
+    return key.str.slice(0, 15).str.to_integer(base=16, strict=False)
 
 
 class GenerationCache:
@@ -62,6 +116,9 @@ class GenerationCache:
         self.root = Path(root)
         self.dir = self.root / "generations"
         self.dir.mkdir(parents=True, exist_ok=True)
+        # which keys the shards hold: sorted pieces, one per batch of shards read (see `contains`)
+        self._index_files: set[Path] = set()
+        self._index: list[pl.Series] = []
 
     def sink(self, augmenter: str, model: str) -> CacheSink:
         return CacheSink(str(self.root), augmenter, model)
@@ -83,6 +140,30 @@ class GenerationCache:
             .sort("created_at")
             .unique("cache_key", keep="first", maintain_order=True)
         )
+        return found
+
+    def contains(self, keys: list[str] | pl.Series) -> pl.Series:
+        """A boolean per key: is it in the cache? Reads only the `cache_key` column of shards it has
+        not read before (other processes may add shards at any time; a vanished shard, e.g. after a
+        compaction, makes it re-read all), and answers by binary search over the keys' first 60 bits
+        (sorted integers) confirmed by comparing the whole key, so checking a chunk of keys does not
+        scan the cache again. Keys that are not hex digests are compared as strings."""
+        keys = pl.Series("cache_key", keys, dtype=pl.String)
+        shards = set(self.shards())
+        if not shards >= self._index_files:
+            self._index_files, self._index = set(), []
+        new = sorted(shards - self._index_files)
+        if new:
+            self._index.append(_KeyIndex(pl.scan_parquet(new).select("cache_key").collect()["cache_key"]))
+            self._index_files |= set(new)
+            if len(self._index) > 8:  # keep the number of searches per call small: merge all but the
+                # largest piece (the keys found at the start), which is never rebuilt for a few new shards
+                big = max(self._index, key=lambda piece: len(piece.keys))
+                rest = [piece.keys for piece in self._index if piece is not big]
+                self._index = [big, _KeyIndex(pl.concat(rest))]
+        found = pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
+        for piece in self._index:
+            found = found | piece.contains(keys)
         return found
 
     def commit(self, results: list[GenerationResult], augmenter: str, model: str) -> int:

@@ -149,7 +149,8 @@ def cmd_run(args) -> int:
             f"{t['distinct_prompts']:,} distinct prompts for {t['entities']:,} entities; "
             f"{t['no_history']:,} users without prompt history not prompted; "
             f"parse rate {t['parse_rate']:.1%}, {t['dead_letter']:,} dead-letter rows, "
-            f"{t['truncated']:,} answers cut at max_new_tokens ({t['truncated_share']:.0%}), {t['output_tokens']:,} tokens out"
+            f"{t['truncated']:,} answers cut at max_new_tokens ({t['truncated_share']:.0%}), {t['output_tokens']:,} tokens out; "
+            f"prompt tokens {t['input_tokens']:,} rendered, {t['prompt_tokens_computed']:,} computed"
         )
         print(f"run report: {result.augmentation.run_dir / 'report.md'}")
         print(f"published snapshot {result.snapshot_id}: {result.snapshot_path}")

@@ -135,6 +135,7 @@ def run_augmentation(
                 aug, aug_cfg, inputs, engine, cfg.engine, cache, runner.execute, cfg.runner.shard_size, bar,
                 budget=budget, carry_over=(carry_over or {}).get(aug.name), chunk_size=cfg.runner.chunk_entities,
                 spill_dir=spill_folder(workdir), text_checks=TextChecks.from_config(cfg.output_gate),
+                reuse_runs=workdir / "runs",
             )
         finally:
             bar.close()
@@ -156,7 +157,8 @@ def augmentation_report(
     per = {name: out.stats.as_dict() for name, out in result.outputs.items()}
     tot = {k: sum(p[k] for p in per.values()) for k in (
         "entities", "no_history", "requests", "distinct_prompts", "cache_hits", "llm_requests", "engine_errors",
-        "input_tokens", "output_tokens", "parsed", "dead_letter", "truncated", "retries", "generate_seconds",
+        "input_tokens", "prompt_tokens_computed", "output_tokens", "parsed", "dead_letter", "truncated", "retries",
+        "generate_seconds",
     )}
     tot["cache_hit_rate"] = tot["cache_hits"] / tot["distinct_prompts"] if tot["distinct_prompts"] else 1.0
     answered = tot["parsed"] + tot["dead_letter"]
@@ -212,15 +214,16 @@ def report_markdown(report: dict[str, Any]) -> str:
         f" · {report['wall_seconds']:.1f} s"
         + (f" (engine load {report['engine_load_seconds']:.1f} s)" if report.get("engine_load_seconds") else ""),
         "",
-        "| augmenter | entities | without history | distinct prompts | cached | LLM calls | in tok | out tok | tok/s "
-        "| parse rate | dead-letter | truncated |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| augmenter | entities | without history | distinct prompts | cached | LLM calls | in tok | in tok computed "
+        "| out tok | tok/s | parse rate | dead-letter | truncated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = list(report["augmenters"].items()) + [("**total**", report["totals"])]
     for name, s in rows:
         lines.append(
             f"| {name} | {s['entities']:,} | {s.get('no_history', 0):,} | {s.get('distinct_prompts', 0):,} | "
-            f"{s['cache_hits']:,} | {s['llm_requests']:,} | {s['input_tokens']:,} | {s['output_tokens']:,} | "
+            f"{s['cache_hits']:,} | {s['llm_requests']:,} | {s['input_tokens']:,} | "
+            f"{s.get('prompt_tokens_computed', s['input_tokens']):,} | {s['output_tokens']:,} | "
             f"{s['tokens_per_s']:.1f} | {s['parse_rate']:.1%} | {s['dead_letter']:,} | "
             f"{s['truncated']:,} ({s.get('truncated_share', 0.0):.0%}) |"
         )
@@ -355,7 +358,8 @@ def run_long_job(
             "sources": prep.sources,
         },
         "augmentation": aug.report["augmenters"],
-        "tokens": {k: aug.report["totals"][k] for k in ("input_tokens", "output_tokens", "llm_requests", "cache_hits")},
+        "tokens": {k: aug.report["totals"][k] for k in (
+            "input_tokens", "prompt_tokens_computed", "output_tokens", "llm_requests", "cache_hits")},
         "encoding": enc.stats(),
     }
     info = publish_snapshot(snapshot_root(cfg), tables, manifest, keep=cfg.publish.keep_snapshots, gate=gate)

@@ -113,3 +113,37 @@ def test_adaptor_outputs_reach_each_backbone(data384, model_name, adaptor):
         probs.sum().backward()
         grads = [p.grad for p in model.adaptor.parameters() if p.grad is not None]
         assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("adaptor", ["hybrid", "mlp", "raw"])
+def test_vectors_looked_up_inside_the_model_equal_the_gathered_ones(data384, adaptor):
+    """The training path (tables attached to the model, adaptor once per distinct entity) gives the
+    inputs, outputs and gradients of the per-sample path (vectors gathered per sample and passed in)."""
+    cfg = CTRConfig(adaptor=adaptor, embedding_dim=8)
+    model = build_model("deepfm", data384.spec, cfg, seed=0)
+    ids = data384.split("train").ids[:64]  # users and items repeat within the batch
+    assert ids[:, data384.spec.id_columns()["user_id"][0]].unique().numel() < 64
+    vectors, missing = data384.gather_vectors(ids)
+    X_passed = model.assemble_inputs(ids, vectors, missing)
+    with pytest.raises(RuntimeError, match="attach_vectors"):
+        model.assemble_inputs(ids)
+    model.attach_vectors(data384.vectors)
+    X_indexed = model.assemble_inputs(ids)
+    torch.testing.assert_close(X_indexed, X_passed)
+    model(ids).sum().backward()
+    grads = [p.grad.clone() for p in model.adaptor.parameters()]
+    model.zero_grad()
+    model(ids, vectors, missing).sum().backward()
+    for g, p in zip(grads, model.adaptor.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    assert not any(k.startswith("vector_") for k in model.state_dict())  # checkpoints hold weights only
+
+
+def test_hybrid_adaptor_takes_vectors_of_different_row_counts():
+    torch.manual_seed(0)
+    adaptor = HybridExpertAdaptor([D, D])
+    users, items = torch.randn(3, D), torch.randn(5, D)
+    out = adaptor([users, items])
+    assert [tuple(o.shape) for o in out] == [(3, 32), (5, 32)]
+    # row by row the same function as a batch of equal counts
+    torch.testing.assert_close(out[0][:2], adaptor([users[:2], items[:2]])[0])

@@ -202,3 +202,39 @@ def test_constrained_decoding_can_be_switched_off_and_enters_the_sampling_key():
     assert on.sampling_key()["json_constrained"] is True and off.sampling_key()["json_constrained"] is False
     # pickled to a Ray/Beam worker, the engine keeps its setting
     assert not pickle.loads(pickle.dumps(off)).supports_json_schema
+
+
+# prompts sharing a long constant start (system text and instructions), then entity data last
+_SYSTEM = {"role": "system", "content": "You are an expert in movies. You state facts concisely."}
+_INSTRUCTIONS = ("Describe the item along these factors: genre, director and actors, era and country, "
+                 "mood and tone, critical acclaim. Answer in one short factual sentence.\n")
+PREFIXED = [
+    GenerationRequest(f"p{i}", (_SYSTEM, {"role": "user", "content": _INSTRUCTIONS + f'Item: "{t}"'}), 10)
+    for i, t in enumerate(["Toy Story (1995)", "GoldenEye (1995)", "Four Rooms (1995)", "Get Shorty (1995)",
+                           "Twelve Monkeys (1995)", "Babe (1995)", "Usual Suspects, The (1995)"])
+]
+
+
+@pytest.mark.slow
+def test_shared_prefix_is_computed_once_and_greedy_outputs_are_unchanged(engine):
+    engine.reuse_prefix = False
+    try:
+        plain = engine.generate(PREFIXED)
+    finally:
+        engine.reuse_prefix = True
+    engine._prefix_ids, engine._prefix_kv = [], []
+    reused = engine.generate(PREFIXED)
+    assert [r.text for r in reused] == [r.text for r in plain]
+    assert [(r.output_tokens, r.finish_reason, r.input_tokens) for r in reused] == [
+        (r.output_tokens, r.finish_reason, r.input_tokens) for r in plain]
+    rendered = sum(r.input_tokens for r in reused)
+    computed = sum(r.extra["prompt_tokens_computed"] for r in reused)
+    assert sum(r.extra["prompt_tokens_computed"] for r in plain) == rendered
+    # two micro-batches of 4 and 3: the prefix is computed once for the call, not once per batch
+    prefix = engine._prefix_ids
+    assert len(prefix) >= 40
+    assert computed == rendered - len(PREFIXED) * len(prefix) + len(prefix)
+    # the next call reuses the kept prefix: no prefix token is computed again
+    again = engine.generate(PREFIXED[:3])
+    assert [r.text for r in again] == [r.text for r in plain[:3]]
+    assert sum(r.extra["prompt_tokens_computed"] for r in again) == sum(r.input_tokens for r in again) - 3 * len(prefix)

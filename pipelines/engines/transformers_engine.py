@@ -11,6 +11,16 @@ to float rounding: a padded batch multiplies matrices of another shape, which ca
 last bits and, very rarely, flip a near-tie. With temperature > 0 the sampler is seeded per micro-batch
 from `seed` and the batch's request keys, so a re-run of the same batch reproduces its text.
 
+Shared prompt prefixes are computed once: when a micro-batch's prompts start with the same tokens
+(system text, constant instructions), their keys and values are computed for one copy of that prefix,
+kept for the next micro-batch (the longest part still shared is reused, the rest computed), and copied
+to every row; each row then computes only its own remainder, padded between the prefix and the
+remainder (positions come from the attention mask, so every token keeps the position it has alone).
+`GenerationResult.extra["prompt_tokens_computed"]` counts the prompt tokens actually run through the
+model (the prefix once, where it was computed, plus each remainder); `input_tokens` stays the rendered
+prompt's length. Greedy outputs are those of the plain path up to the same float rounding as any change
+of batch shape (tested on the packaged model).
+
 transformers has no constrained decoding of its own: with `engine.constrained_decoding` on (the
 default) a request's JSON schema becomes a token mask per step through llguidance
 (json_constraint.py), so JSON augmenters get valid JSON even from a 135M model; the augmenter's parser
@@ -119,6 +129,23 @@ def plan_micro_batches(requests: list[GenerationRequest], prompt_lengths: list[i
     return batches
 
 
+# A shared prefix shorter than this is not worth a separate forward pass and a cache copy
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(prompt_ids: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving at least one token of each prompt to compute
+    (generation needs the last prompt token's logits)."""
+    first = prompt_ids[0]
+    n = min(len(p) for p in prompt_ids) - 1
+    for p in prompt_ids[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
 class LocalModelFolder:
     """Identity of an engine that runs a local model folder (`engine.model`: `smollm2` or a path):
     the transformers and vLLM engines. Needs `cfg`, `_model_dir` and `_model_id` on the engine."""
@@ -141,6 +168,8 @@ class LocalModelFolder:
 
 class TransformersEngine(LocalModelFolder, Engine):
     kind = "transformers"
+    # compute a micro-batch's shared prompt prefix once (see the module doc); False: the plain path
+    reuse_prefix: bool = True
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -151,6 +180,9 @@ class TransformersEngine(LocalModelFolder, Engine):
         self._model = None
         self._stop_ids: list[int] = []
         self._specials: tuple[str, ...] | None = None
+        # the last shared prefix: its token ids and its keys/values per layer (batch of one)
+        self._prefix_ids: list[int] = []
+        self._prefix_kv: list[tuple[Any, Any]] = []
 
     def __repr__(self) -> str:
         return f"TransformersEngine(model={self.cfg.model!r}, device={self.cfg.device!r}, loaded={self._model is not None})"
@@ -190,6 +222,7 @@ class TransformersEngine(LocalModelFolder, Engine):
 
     def close(self) -> None:
         self._model = None
+        self._prefix_ids, self._prefix_kv = [], []
         self._ll_tokenizer = None
         if self.cfg.device.startswith("cuda"):
             import torch
@@ -231,12 +264,27 @@ class TransformersEngine(LocalModelFolder, Engine):
 
         tok, model = self.tokenizer, self._model
         max_new = requests[0].max_new_tokens
-        enc = tok.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(self.cfg.device)
-        kwargs: dict[str, Any] = {
+        shared = shared_prefix_length(prompt_ids) if self.reuse_prefix else 0
+        prefix_computed = 0
+        kwargs: dict[str, Any] = {}
+        if shared >= MIN_SHARED_PREFIX:
+            prefix_computed = self._extend_prefix(prompt_ids[0][:shared])
+            rest = tok.pad({"input_ids": [p[shared:] for p in prompt_ids]}, padding=True, return_tensors="pt")
+            n = len(prompt_ids)
+            head = torch.tensor([prompt_ids[0][:shared]] * n, dtype=rest["input_ids"].dtype)
+            enc = {
+                "input_ids": torch.cat([head, rest["input_ids"]], dim=1).to(self.cfg.device),
+                "attention_mask": torch.cat([torch.ones_like(head), rest["attention_mask"]], dim=1).to(self.cfg.device),
+            }
+            kwargs["past_key_values"] = self._prefix_cache(n)
+        else:
+            shared = 0
+            enc = tok.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(self.cfg.device)
+        kwargs.update({
             "max_new_tokens": max_new,
             "eos_token_id": self._stop_ids,
             "pad_token_id": tok.pad_token_id,
-        }
+        })
         if self.cfg.temperature == 0:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -254,7 +302,7 @@ class TransformersEngine(LocalModelFolder, Engine):
         wall = time.perf_counter() - started
         generated = out[:, enc["input_ids"].shape[1]:].tolist()
         results = []
-        for req, ids, prompt in zip(requests, generated, prompt_ids):
+        for j, (req, ids, prompt) in enumerate(zip(requests, generated, prompt_ids)):
             n, stopped = self._content_length(ids)
             finish = FINISH_STOP if stopped or n < max_new else FINISH_LENGTH
             results.append(GenerationResult(
@@ -266,9 +314,47 @@ class TransformersEngine(LocalModelFolder, Engine):
                 # every request of a micro-batch waited the whole batch: its share is wall / size,
                 # and the batch's own wall time is kept alongside
                 latency_s=wall / len(requests),
-                extra={"batch_latency_s": wall, "batch_size": len(requests)},
+                extra={"batch_latency_s": wall, "batch_size": len(requests),
+                       # the prefix once (counted on the batch's first request), then this prompt's remainder
+                       "prompt_tokens_computed": len(prompt) - shared + (prefix_computed if j == 0 else 0),
+                       "prompt_tokens_reused": shared - (prefix_computed if j == 0 else 0)},
             ))
         return results
+
+    def _extend_prefix(self, ids: list[int]) -> int:
+        """Make the kept prefix cover `ids`: reuse the longest part the kept one shares with them and
+        compute only the rest (batch of one, no padding). Returns how many tokens were computed."""
+        import torch
+        from transformers import DynamicCache
+
+        keep = 0
+        limit = min(len(ids), len(self._prefix_ids))
+        while keep < limit and ids[keep] == self._prefix_ids[keep]:
+            keep += 1
+        if keep == len(ids) and keep == len(self._prefix_ids):
+            return 0
+        if keep == len(ids):  # a shorter prefix of the kept one: a view of its first `keep` positions
+            self._prefix_kv = [(k[:, :, :keep], v[:, :, :keep]) for k, v in self._prefix_kv]
+            self._prefix_ids = list(ids)
+            return 0
+        cache = DynamicCache(config=self._model.config)
+        if keep:
+            for layer, (k, v) in enumerate(self._prefix_kv):
+                cache.update(k[:, :, :keep].clone(), v[:, :, :keep].clone(), layer)
+        with torch.inference_mode():
+            self._model(input_ids=torch.tensor([ids[keep:]], device=self.cfg.device), past_key_values=cache, use_cache=True)
+        self._prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self._prefix_ids = list(ids)
+        return len(ids) - keep
+
+    def _prefix_cache(self, n: int):
+        """A fresh cache holding the kept prefix for `n` rows (generation appends to it in place)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self._model.config)
+        for layer, (k, v) in enumerate(self._prefix_kv):
+            cache.update(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous(), layer)
+        return cache
 
     def _json_constraint(self, requests: list[GenerationRequest]) -> JsonSchemaLogitsProcessor | None:
         if not self.supports_json_schema or all(r.json_schema is None for r in requests):

@@ -1,0 +1,197 @@
+"""Request keys derived from context rows (no rendering) and the reuse of a previous run's rows.
+
+A key must change whenever anything that changes the prompt (or the answer's parse) changes, and two
+entities with the same key must get the same prompt; the reuse path must give exactly the tables the
+render-and-parse path gives.
+"""
+
+import shutil
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from recaug.augmenters.base import AugmentInputs, Parsed, get_augmenter
+from recaug.pipelines.augment import build_pending, context_keys, run_augmenter
+from recaug.pipelines.cache import GenerationCache
+from recaug.core.config import AugmenterConfig, EngineConfig
+from recaug.pipelines.engines.fake import FakeEngine
+from recaug.pipelines.runners.local import LocalRunner
+from recaug.prompts import PromptTemplate
+from recaug.schemas import GENERATED_TEXTS
+
+
+@pytest.fixture
+def inputs():
+    items = pl.DataFrame(
+        {"item_id": [f"i{n}" for n in range(12)],
+         # i10 and i11 are twins of i0 and i1: same context apart from the id
+         "title": [f"Movie {n}" for n in range(10)] + ["Movie 0", "Movie 1"],
+         "year": [1990 + n for n in range(10)] + [1990, 1991],
+         "genres": [["Comedy"], ["Drama", "War"]] * 6, "description": [None] * 11 + ["An epic."]},
+        schema_overrides={"year": pl.Int32, "description": pl.String},
+    )
+    users = pl.DataFrame(
+        {"user_id": [f"u{n}" for n in range(4)], "age": [30, 40, 30, 30], "gender": ["M", "F", "M", "M"],
+         "occupation": ["x"] * 4, "region": [None] * 4},
+        schema_overrides={"age": pl.Int32, "region": pl.String},
+    )
+    history = pl.DataFrame(
+        {"user_id": [f"u{n % 4}" for n in range(24)], "item_id": [f"i{n % 12}" for n in range(24)],
+         "rating": [4.0] * 24, "timestamp": list(range(24))}
+    )
+    return AugmentInputs(users=users, items=items, history=history, domain="movies",
+                         count_tokens=lambda ts: [len(t.split()) for t in ts])
+
+
+class OtherModel(FakeEngine):
+    @property
+    def model_id(self):
+        return "another/model@1"
+
+
+def keys_of(name, inputs, aug_cfg=None, engine_cfg=None, aug=None, engine_type=FakeEngine):
+    aug = aug or get_augmenter(name)
+    aug_cfg = aug_cfg or AugmenterConfig(name=name)
+    engine_cfg = engine_cfg or EngineConfig(kind="fake")
+    engine = engine_type(engine_cfg)
+    ids = aug.select(inputs, {})
+    from recaug.pipelines.augment import augmenter_options
+
+    ctx = aug.build_context(inputs, ids, augmenter_options(aug, aug_cfg))
+    keys = context_keys(aug, aug_cfg, inputs, engine, engine_cfg, ctx)
+    return dict(zip(keys["entity_id"], keys["key"]))
+
+
+@pytest.mark.parametrize("name", ["kar_item_knowledge", "kar_user_preference", "llmrec_user_profile"])
+def test_equal_keys_mean_equal_prompts_and_keys_are_stable(inputs, name):
+    aug = get_augmenter(name)
+    pending, failed, _ = build_pending(aug, AugmenterConfig(name=name), inputs, FakeEngine(), EngineConfig(kind="fake"))
+    assert not failed and pending
+    by_key: dict[str, set] = {}
+    for p in pending:
+        by_key.setdefault(p.key, set()).add(tuple(m["content"] for m in p.messages))
+    assert all(len(prompts) == 1 for prompts in by_key.values())
+    assert keys_of(name, inputs) == {p.entity_id: p.key for p in pending}  # same inputs, same keys
+
+
+def test_twin_items_share_a_key_and_distinct_items_do_not(inputs):
+    keys = keys_of("kar_item_knowledge", inputs)
+    assert keys["i10"] == keys["i0"]  # same context: one answer, as before
+    assert keys["i11"] != keys["i1"]  # the description differs
+    assert len(set(keys.values())) == 11
+
+
+def test_key_changes_with_each_input_of_the_prompt(inputs, tmp_path, monkeypatch):
+    base = keys_of("kar_user_preference", inputs)
+    # a context value: one item's title changes the history line of the users who rated it
+    edited = inputs.items.with_columns(
+        pl.when(pl.col("item_id") == "i3").then(pl.lit("Renamed")).otherwise(pl.col("title")).alias("title"))
+    changed = keys_of("kar_user_preference", AugmentInputs(**{**inputs.__dict__, "items": edited}))
+    raters = set(inputs.history.filter(pl.col("item_id") == "i3")["user_id"])
+    assert {u for u in base if base[u] != changed[u]} == raters
+    # the history budget: a tighter one truncates, any other value is still a different request
+    tight = keys_of("kar_user_preference", inputs, AugmenterConfig(name="kar_user_preference", history_token_budget=16))
+    assert all(tight[u] != base[u] for u in base)
+    # the answer cap, the model's sampling, the model
+    assert keys_of("kar_user_preference", inputs, AugmenterConfig(name="kar_user_preference", max_new_tokens=7))["u0"] != base["u0"]
+    assert keys_of("kar_user_preference", inputs, engine_cfg=EngineConfig(kind="fake", temperature=0.7))["u0"] != base["u0"]
+    assert keys_of("kar_user_preference", inputs, engine_type=OtherModel)["u0"] != base["u0"]
+    # an augmenter option (it is a template variable)
+    other = keys_of("kar_user_preference", inputs, AugmenterConfig(name="kar_user_preference", options={"encode": "answer"}))
+    assert other["u0"] != base["u0"]
+    # the response schema as decoding constrains it
+    aug = get_augmenter("llmrec_user_profile")
+    before = keys_of("llmrec_user_profile", inputs, aug=aug)
+    aug._decoding_hash["movies"] = "another schema"
+    assert keys_of("llmrec_user_profile", inputs, aug=aug)["u0"] != before["u0"]
+    # the template, and a template it includes
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    src = get_augmenter("kar_user_preference").prompt.path
+    text = open(src).read()
+    (prompts / "kar_user_preference.j2").write_text(text.replace("{% block user %}", "{% block user %}{% include 'part.j2' %}"))
+    (prompts / "part.j2").write_text("Part one.\n")
+    monkeypatch.setenv("RECAUG_PROMPTS_PATH", str(prompts))
+    with_include = keys_of("kar_user_preference", inputs)
+    assert with_include["u0"] != base["u0"]
+    (prompts / "part.j2").write_text("Part two.\n")
+    assert keys_of("kar_user_preference", inputs)["u0"] != with_include["u0"]
+
+
+def _run(aug, inputs, engine, cache, runs=None, shard_size=3):
+    return run_augmenter(aug, AugmenterConfig(name=aug.name), inputs, engine, EngineConfig(kind="fake"), cache,
+                         LocalRunner(engine).execute, shard_size=shard_size, reuse_runs=runs, chunk_size=5)
+
+
+def _publish(out, runs, run_id):
+    (runs / run_id / "generated").mkdir(parents=True)
+    pq.write_table(out.generated, runs / run_id / "generated" / f"{out.augmenter.name}.parquet", row_group_size=4)
+
+
+@pytest.mark.parametrize("name", ["kar_item_knowledge", "kar_user_preference"])
+def test_reused_rows_equal_the_rendered_and_parsed_ones(inputs, tmp_path, monkeypatch, name):
+    aug = get_augmenter(name)
+    engine = FakeEngine(EngineConfig(kind="fake"))
+    cache = GenerationCache(tmp_path / "cache")
+    runs = tmp_path / "runs"
+    first = _run(aug, inputs, engine, cache)
+    _publish(first, runs, "20260101T000000Z-aaaaaa")
+    renders = []
+    real_render = PromptTemplate.render
+    monkeypatch.setattr(PromptTemplate, "render", lambda self, v: renders.append(v["entity_id"]) or real_render(self, v))
+    calls = engine.calls
+    reused = _run(aug, inputs, engine, cache, runs)
+    assert engine.calls == calls and reused.stats.llm_requests == 0 and reused.stats.cache_hit_rate == 1.0
+    assert renders == []  # nothing rendered, nothing parsed: every row came from the previous run
+    rendered = _run(aug, inputs, engine, cache)  # no reuse: every prompt rendered, every answer parsed
+    assert len(renders) == first.stats.entities
+    cols = [c for c in GENERATED_TEXTS.names if c != "created_at"]
+    assert reused.generated.select(cols).equals(rendered.generated.select(cols))
+    assert reused.generated.select(cols).equals(first.generated.select(cols))
+
+
+def test_reuse_skips_changed_entities_other_parsers_and_uncached_keys(inputs, tmp_path, monkeypatch):
+    aug = get_augmenter("kar_item_knowledge")
+    engine = FakeEngine(EngineConfig(kind="fake"))
+    cache = GenerationCache(tmp_path / "cache")
+    runs = tmp_path / "runs"
+    _publish(_run(aug, inputs, engine, cache), runs, "20260101T000000Z-aaaaaa")
+    edited = inputs.items.with_columns(
+        pl.when(pl.col("item_id") == "i4").then(pl.lit("Renamed")).otherwise(pl.col("title")).alias("title"))
+    changed_inputs = AugmentInputs(**{**inputs.__dict__, "items": edited})
+    out = _run(aug, changed_inputs, engine, cache, runs)
+    assert out.stats.llm_requests == 1
+    row = pl.from_arrow(out.generated).filter(pl.col("entity_id") == "i4")
+    assert row["text"][0].startswith("Renamed.") and "Renamed" in row["prompt"][0]
+    # a new parser version: rows are re-parsed from the cached raw text, not copied
+    aug2 = get_augmenter("kar_item_knowledge")
+    aug2.parse = lambda raw, ctx: Parsed(record={"k": raw}, text="v2 " + raw)
+    aug2.parser_version = "2"
+    again = _run(aug2, changed_inputs, engine, cache, runs)
+    assert again.stats.llm_requests == 0 and all(t.startswith("v2 ") for t in pl.from_arrow(again.generated)["text"])
+    # a cleared cache: the previous run's rows are not taken for answers the cache no longer holds
+    shutil.rmtree(tmp_path / "cache")
+    fresh = _run(aug, changed_inputs, engine, GenerationCache(tmp_path / "cache"), runs)
+    assert fresh.stats.llm_requests == 12 and fresh.stats.cache_hits == 0
+
+
+def test_cache_membership_index(tmp_path):
+    import hashlib
+
+    from recaug.pipelines.engines.base import GenerationResult
+
+    cache = GenerationCache(tmp_path)
+    stored = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(50)]
+    cache.commit([GenerationResult(k, "t", 1, 1, "stop", 0.1) for k in stored[:30]], "a", "m")
+    absent = [hashlib.sha256(f"x{i}".encode()).hexdigest() for i in range(20)]
+    # a key sharing the first 60 bits of a stored one is not taken for it
+    twin = stored[3][:15] + ("0" if stored[3][15] != "0" else "1") + stored[3][16:]
+    assert cache.contains(stored[:30] + absent + [twin]).to_list() == [True] * 30 + [False] * 21
+    cache.commit([GenerationResult(k, "t", 1, 1, "stop", 0.1) for k in stored[30:]], "a", "m")  # a new shard
+    assert cache.contains(stored).all()
+    cache.commit([GenerationResult(k, "t", 1, 1, "stop", 0.1) for k in ["plain-key", "k2"]], "a", "m")
+    assert cache.contains(["plain-key", "k3", stored[0]]).to_list() == [True, False, True]
+    for shard in cache.shards()[:1]:  # a vanished shard: the index is read again
+        shard.unlink()
+    assert cache.contains(stored[:2] + stored[30:32]).to_list() == [False, False, True, True]
