@@ -32,14 +32,28 @@ def attribute_columns(frame: pl.DataFrame) -> list[str]:
     return [c for c in frame.columns if c.startswith(ATTRIBUTE_PREFIX)]
 
 
+ATTRIBUTE_DTYPE = pl.List(pl.Struct({"name": pl.String, "value": pl.String}))
+
+
 def attribute_dicts(frame: pl.DataFrame) -> pl.Series:
-    """Per row, {name: value} of the non-empty attribute columns, in column order (one line each)."""
+    """Per row, the non-empty attribute columns as [{name, value}, ...] in column order (one line each).
+
+    A list of structs, not Python dicts: the column stays columnar, so request keys can hash it with
+    the rest of the row; templates see it as an ordered {name: value} mapping
+    (augmenters.base.normalise_attributes)."""
     names = attribute_columns(frame)
     if not names:
-        return pl.Series("attributes", [{} for _ in range(frame.height)], dtype=pl.Object)
-    cleaned = frame.select([pl.col(c).cast(pl.String).str.replace_all(_LINE_BREAKS, " ").str.strip_chars() for c in names])
-    keys = [c[len(ATTRIBUTE_PREFIX):] for c in names]
-    return pl.Series("attributes", [{k: v for k, v in zip(keys, row) if v} for row in cleaned.iter_rows()], dtype=pl.Object)
+        return pl.Series("attributes", [[]] * frame.height, dtype=ATTRIBUTE_DTYPE)
+    pairs = [
+        pl.struct(
+            pl.lit(c[len(ATTRIBUTE_PREFIX):]).alias("name"),
+            pl.col(c).cast(pl.String).str.replace_all(_LINE_BREAKS, " ").str.strip_chars().alias("value"),
+        )
+        for c in names
+    ]
+    value = pl.element().struct.field("value")
+    listed = pl.concat_list(pairs).list.eval(pl.element().filter(value.is_not_null() & (value != "")))
+    return frame.select(listed.cast(ATTRIBUTE_DTYPE).alias("attributes")).to_series()
 
 
 def rating_scale(inputs: AugmentInputs) -> tuple[float, float]:

@@ -10,6 +10,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from recaug.augmenters.base import (
+    normalise_attributes,
     Augmenter,
     ParseError,
     Parsed,
@@ -92,7 +93,7 @@ def parse_item_attributes(raw: str, context: dict[str, Any]) -> Parsed:
     from the catalogue, never from the model, and recorded as such."""
     domain = context.get("domain", "movies")  # the config's default domain
     rec = make_json_parser(ITEM_ATTRIBUTE_MODELS[domain])(raw, context).record
-    known = context.get("attributes") or {}
+    known = normalise_attributes(context.get("attributes"))
     from_catalogue = sorted(k for k in rec if known.get(k))
     rec.update({k: known[k] for k in from_catalogue})
     text = "; ".join(f"{k}: {rec[k]}" for k in DOMAINS[domain].item_attributes)

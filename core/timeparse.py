@@ -33,7 +33,11 @@ def to_unix_seconds(value: Any, what: str = "time") -> int:
 
 
 def format_utc(seconds: int | None) -> str:
-    """'2026-11-22 06:00:00 UTC', or '-' for no time."""
+    """'2026-11-22 06:00:00 UTC', or '-' for no time. A value within 30 days of 1970 is shown as a
+    number, not a date: it is a row number (split.mode by_row_order) or a derived timestamp, and a
+    1970 date would mislead."""
     if seconds is None:
         return "-"
+    if 0 <= seconds < 30 * 86_400:
+        return f"{seconds:,} (not a date: within 30 days of 1970, i.e. row numbers or derived timestamps)"
     return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

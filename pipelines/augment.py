@@ -618,13 +618,16 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
     ctx = aug.build_context(inputs, chunk, augmenter_options(aug, aug_cfg))
     keys = all_keys = context_keys(aug, aug_cfg, inputs, engine, engine_cfg, ctx)
     reused = None
+    counted: set[str] = set()  # distinct keys of this chunk already counted as cache hits
     if previous is not None:
         present = cache.contains(keys["key"])
         if present.any():
             reused = previous.rows(keys.filter(present))
             if reused.height:
+                counted = set(reused["cache_key"].unique().to_list())
                 stats.requests += reused.height
-                stats.cache_hits += reused.height
+                stats.cache_hits += len(counted)  # distinct prompts answered by the cache, as below
+                stats.distinct_prompts += len(counted)
                 stats.truncated += int((reused["finish_reason"] == FINISH_LENGTH).sum())
                 rest = ~keys["entity_id"].is_in(reused["entity_id"].implode())
                 ctx, keys = ctx.filter(rest), keys.filter(rest)
@@ -652,7 +655,7 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
         cached = [p.key for p, hit in zip(pending, cache.contains([p.key for p in pending])) if hit]
         hits = cache.lookup(cached) if cached else pl.from_arrow(CACHE_SCHEMA.empty_table())
         hit_keys = set(hits["cache_key"].to_list())
-        stats.cache_hits += len(hit_keys)
+        stats.cache_hits += len(hit_keys - counted)
         # identical prompts (same key) go to the engine once; every entity with that key gets the answer
         sent: set[str] = set(hit_keys)
         todo = []
@@ -664,7 +667,7 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
                     fresh_shard.append(p)
             if fresh_shard:
                 todo.append(fresh_shard)
-        stats.distinct_prompts += len(sent)
+        stats.distinct_prompts += len(sent - counted)
         fresh: dict[str, GenerationResult] = {}
         if todo:
             schema = aug.decoding_schema(inputs.domain)

@@ -79,7 +79,7 @@ def inputs():
 
 def _run(name, inputs, engine, cache, **cfg):
     return run_augmenter(get_augmenter(name), AugmenterConfig(name=name, **cfg), inputs, engine,
-                         EngineConfig(kind="fake", max_attempts=1), cache, LocalRunner(engine).execute, shard_size=4)
+                         EngineConfig(kind="fake", parse_attempts=1), cache, LocalRunner(engine).execute, shard_size=4)
 
 
 @pytest.mark.parametrize("name", USER_AUGMENTERS)
@@ -106,7 +106,7 @@ def test_min_history_is_an_option_and_one_row_is_enough_when_asked(tmp_path, inp
 def test_explicit_entity_ids_are_filtered_too(tmp_path, inputs):
     engine = RecordingEngine(ANSWERS["kar_user_preference"])
     aug = get_augmenter("kar_user_preference")
-    out = run_augmenter(aug, AugmenterConfig(name=aug.name), inputs, engine, EngineConfig(kind="fake", max_attempts=1),
+    out = run_augmenter(aug, AugmenterConfig(name=aug.name), inputs, engine, EngineConfig(kind="fake", parse_attempts=1),
                         GenerationCache(tmp_path), LocalRunner(engine).execute, shard_size=4,
                         entity_ids=["u_full", "u_none"])
     assert out.expected_entities == ["u_full"] and out.stats.no_history == 1 and len(engine.prompts) == 1

@@ -162,18 +162,21 @@ def test_reuse_skips_changed_entities_other_parsers_and_uncached_keys(inputs, tm
     changed_inputs = AugmentInputs(**{**inputs.__dict__, "items": edited})
     out = _run(aug, changed_inputs, engine, cache, runs)
     assert out.stats.llm_requests == 1
+    # the counts add up with reused rows too: distinct prompts = cached + LLM calls
+    assert out.stats.distinct_prompts == out.stats.cache_hits + out.stats.llm_requests
     row = pl.from_arrow(out.generated).filter(pl.col("entity_id") == "i4")
     assert row["text"][0].startswith("Renamed.") and "Renamed" in row["prompt"][0]
     # a new parser version: rows are re-parsed from the cached raw text, not copied
     aug2 = get_augmenter("kar_item_knowledge")
     aug2.parse = lambda raw, ctx: Parsed(record={"k": raw}, text="v2 " + raw)
-    aug2.parser_version = "2"
+    aug2.parser_version = aug.parser_version + ".test"  # any other version
     again = _run(aug2, changed_inputs, engine, cache, runs)
     assert again.stats.llm_requests == 0 and all(t.startswith("v2 ") for t in pl.from_arrow(again.generated)["text"])
     # a cleared cache: the previous run's rows are not taken for answers the cache no longer holds
     shutil.rmtree(tmp_path / "cache")
     fresh = _run(aug, changed_inputs, engine, GenerationCache(tmp_path / "cache"), runs)
-    assert fresh.stats.llm_requests == 12 and fresh.stats.cache_hits == 0
+    # 12 entities, 11 distinct prompts (i10 is a twin of i0): identical prompts go to the engine once
+    assert fresh.stats.llm_requests == 11 and fresh.stats.cache_hits == 0 and fresh.stats.distinct_prompts == 11
 
 
 def test_cache_membership_index(tmp_path):

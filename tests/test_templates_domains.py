@@ -24,11 +24,9 @@ def make_inputs(domain, with_attributes=True):
          "description": [None, "Desert planet.", None, None]},
         schema_overrides={"year": pl.Int32, "description": pl.String},
     )
-    if with_attributes:  # the canonical `attr_<name>` columns the input side adds, as a context list
-        items = items.with_columns(pl.Series("attributes", [
-            [{"name": "author", "value": "Jane Austen"}, {"name": "publisher", "value": "John Murray"}],
-            [{"name": "author", "value": "Frank Herbert"}, {"name": "publisher", "value": None}],
-            [], [{"name": "author", "value": "Toni Morrison"}]]))
+    if with_attributes:  # the canonical `attr_<name>` columns the input side adds (dataset.items.attributes)
+        items = items.with_columns(pl.Series("attr_author", ["Jane Austen", "Frank Herbert", None, "Toni Morrison"]),
+                                   pl.Series("attr_publisher", ["John Murray", None, None, None], dtype=pl.String))
     users = pl.DataFrame({"user_id": ["u1", "u2"], "age": [30, None], "gender": ["F", None], "occupation": ["writer", None],
                           "region": ["Lyon", None]}, schema_overrides={"age": pl.Int32, "region": pl.String,
                                                                         "gender": pl.String, "occupation": pl.String})
@@ -48,9 +46,6 @@ def rendered(name, inputs):
     opts = _options(aug)
     ids = ["u1", "u2"] if aug.entity_kind == "user" else ["i0", "i1", "i2"]
     ctx = aug.build_context(inputs, ids, opts)
-    if aug.entity_kind == "item" and "attributes" in inputs.items.columns and "attributes" not in ctx.columns:
-        # until augmenters/context.py passes the catalogue's attributes through, hand them over here
-        ctx = ctx.join(inputs.items.select(pl.col("item_id").alias("entity_id"), "attributes"), on="entity_id", how="left")
     return [aug.prompt.render(template_variables({**domain_variables(inputs.domain), **opts}, row))
             for row in ctx.to_dicts()]
 
