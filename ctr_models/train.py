@@ -36,13 +36,14 @@ import torch.nn.functional as F
 from recaug.ctr_models.data import CTRData, FeatureSpec, SplitArrays, build_ctr_data
 from recaug.ctr_models.metrics import auc, gauc, logloss
 from recaug.ctr_models.network import KnowledgeCTRModel, build_model
+from recaug.errors import UsageError
 from recaug.pipelines.config import CTRConfig
 
 CHECKPOINT_FORMAT = "recaug.ctr_checkpoint/1"
 EVAL_BATCH_SIZE = 8192
 
 
-class WarmStartError(ValueError):
+class WarmStartError(UsageError, ValueError):
     """The checkpoint cannot seed this run; the message says what differs."""
 
 

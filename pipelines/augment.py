@@ -271,10 +271,13 @@ def run_augmenter(
     carry_over: pa.Table | None = None,
     chunk_size: int = ENTITY_CHUNK,
     spill_dir: Path | None = None,
+    text_bounds: tuple[int, int] | None = None,
 ) -> AugmenterOutput:
     """Generate, parse, retry (bounded) and assemble this augmenter's tables, a chunk of entities at a time.
     With `spill_dir`, each chunk's tables go to disk as they are finished (see pipelines/spill.py) and
-    the output tables are memory-mapped from there."""
+    the output tables are memory-mapped from there. With `text_bounds` (the output gate's
+    (min_text_chars, max_text_chars)), a parsed text to encode outside them is that entity's dead
+    letter, so one oversized entity cannot fail the output gate, and with it the whole publish."""
     stats = AugmenterStats(augmenter=aug.name)
     expected = list(entity_ids) if entity_ids is not None else select_entities(aug, aug_cfg, inputs)
     stats.entities = len(expected)
@@ -305,7 +308,7 @@ def run_augmenter(
     }
     for chunk in _chunks(sorted(e for e in expected if e not in deferred), chunk_size):
         _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk, stats,
-                   common, parts)
+                   common, parts, text_bounds if aug.encodes else None)
         release_memory()  # the chunk's prompts, answers and rows as Python objects
 
     stats.parsed = parts["generated"].rows
@@ -342,8 +345,20 @@ def _over_budget(aug, aug_cfg, inputs, engine, engine_cfg, cache, expected, budg
     return set(over)
 
 
+def text_bound_problem(text: str, bounds: tuple[int, int]) -> str | None:
+    """Why a text to encode cannot pass the output gate's text_length check, or None."""
+    low, high = bounds
+    n = len(text)
+    if n > high:
+        return (f"text to encode is {n:,} characters, above output_gate.max_text_chars = {high:,}; shorten the "
+                "source text (input_gate.max_text_chars) or raise output_gate.max_text_chars")
+    if n < low:
+        return f"text to encode is {n:,} characters, below output_gate.min_text_chars = {low:,}"
+    return None
+
+
 def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk, stats, common,
-               parts) -> None:
+               parts, text_bounds: tuple[int, int] | None = None) -> None:
     """One chunk of entities from requests to finished Arrow tables (appended to `parts`)."""
     pending, render_failed, _ = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, chunk)
     stats.render_errors += len(render_failed)
@@ -436,6 +451,11 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
                     continue
                 if finish_reason == FINISH_LENGTH:
                     stats.truncated += 1
+                out_of_bounds = text_bound_problem(parsed.text, text_bounds) if text_bounds else None
+                if out_of_bounds:
+                    dead_rows.append(dict(entity_id=p.entity_id, prompt=prompt_text, raw_text=raw, reason=out_of_bounds,
+                                          finish_reason=finish_reason, attempts=p.attempt, cache_key=p.key))
+                    continue
                 for name, value in zip(_GENERATED_ROW_COLUMNS, (
                     p.entity_id, p.key, prompt_text, raw, parsed.text,
                     json.dumps(parsed.record, ensure_ascii=False, sort_keys=True),

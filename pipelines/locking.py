@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from recaug.errors import Locked, writing_into
 
-class RunLocked(RuntimeError):
-    pass
+
+class RunLocked(Locked, RuntimeError):
+    """Another run holds the workdir's run lock (exit 6)."""
 
 
 class RunLock:
@@ -22,8 +24,10 @@ class RunLock:
         self.path, self.wait, self.on_wait, self.fh = Path(path), wait, on_wait, None
 
     def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a+")
+        # the lock lives in the workdir: a full or read-only one is reported as such (exit 7)
+        with writing_into(self.path.parent, f"the lock file {self.path}"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.path, "a+")
         deadline = time.monotonic() + self.wait
         told = False
         while True:
@@ -40,16 +44,28 @@ class RunLock:
                     self.on_wait(holder)
                     told = True
                 time.sleep(0.2)
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-        self.fh.flush()
+        try:
+            with writing_into(self.path.parent, f"the lock file {self.path}"):
+                self.fh.seek(0)
+                self.fh.truncate()
+                self.fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+                self.fh.flush()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         if self.fh:
-            self.fh.seek(0)
-            self.fh.truncate()
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
-            self.fh.close()
-            self.fh = None
+            fh, self.fh = self.fh, None
+            try:
+                fh.seek(0)
+                fh.truncate()
+            except OSError:
+                pass  # a full or read-only disk: the holder line stays, the flock is what counts
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                try:
+                    fh.close()
+                except OSError:
+                    pass  # an unwritable buffer; the descriptor is closed all the same

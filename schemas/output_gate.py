@@ -30,12 +30,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recaug.errors import NothingPublished
 from recaug.pipelines.config import OutputGateConfig
 from recaug.pipelines.memory import release_memory
 from recaug.schemas.tables import EMBEDDING_METADATA_KEYS
 
 
-class OutputGateFailed(RuntimeError):
+class OutputGateFailed(NothingPublished, RuntimeError):
     def __init__(self, result: "OutputGateResult"):
         super().__init__(result.summary())
         self.result = result

@@ -11,6 +11,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any
 
+from recaug.errors import UsageError
+
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ERROR = "error"
@@ -66,7 +68,7 @@ def defuse_special_tokens(messages, specials: tuple[str, ...]) -> list[dict[str,
     return out
 
 
-class EngineError(RuntimeError):
+class EngineError(UsageError, RuntimeError):
     """An engine that cannot work at all (model missing, server unreachable after retries)."""
 
 
