@@ -41,6 +41,9 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # no "Loading weights" bars from the model libraries in a cron log: an error is then the one line on stderr
+    # (recaug's own progress bars are separate: --progress)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # spinning OpenMP workers starve each other on a shared 2-core box (10x slower decoding)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
