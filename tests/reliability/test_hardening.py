@@ -362,3 +362,35 @@ def test_schedule_tick_while_a_manual_run_holds_the_lock_does_nothing(tmp_path, 
     state = json.loads((work / "schedule" / "state.json").read_text())
     assert state["long"].get("status") is None and not state["history"], state  # nothing recorded: still due
     assert "DUE" in out  # the long job was due and stays due for the next tick
+
+
+# --- input and output limits agree ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_title_exactly_at_the_input_limit_is_one_dead_letter_not_a_failed_publish(tmp_path, capsys):
+    """A title of exactly input_gate.max_text_chars passes the input gate; kar_item_knowledge encodes
+    "<title>. <answer>", longer than output_gate.max_text_chars (the same default). That item becomes
+    the augmenter's dead letter with the reason, and everything else is published."""
+    from recaug.pipelines.config import InputGateConfig, OutputGateConfig, load_config
+    from recaug.pipelines.snapshots import read_table, snapshot_root
+
+    limit = InputGateConfig().max_text_chars
+    assert limit == OutputGateConfig().max_text_chars  # the defaults agree
+    shop = base_shop()
+    for i in range(12, 40):  # enough items that one dead letter stays above output_gate.min_coverage
+        shop.append("items", {"item_id": f"i{i}", "title": f"Film {i}", "year": "2000", "genres": "Drama",
+                              "description": "A film."})
+    title = ("An extremely long title " * limit)[:limit]
+    shop.set("items", 3, "title", title)
+    cfg_path = shop.write(tmp_path)
+    code = cli.main(["run", str(cfg_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "published snapshot" in out
+    root = snapshot_root(load_config(cfg_path))
+    dead = pl.from_arrow(read_table(root, "latest", "dead_letter/kar_item_knowledge"))
+    assert dead["entity_id"].to_list() == ["i3"], dead.to_dicts()
+    assert f"above output_gate.max_text_chars = {limit:,}" in dead["reason"][0]
+    vectors = pl.from_arrow(read_table(root, "latest", "embeddings/kar_item_knowledge"))
+    assert "i3" not in vectors["entity_id"].to_list() and vectors.height == 39
