@@ -149,8 +149,12 @@ def cmd_run(args) -> int:
     from recaug.pipelines.long_job import run_long_job
 
     cfg = load_config(args.config)
-    workdir = ensure_writable(cfg.workdir_path())
-    cfg, engine, runner = _engine_and_runner(cfg, args.runner)
+    cfg, engine, runner = _engine_and_runner(cfg, args.runner)  # (refuses a bad engine config before any write)
+    try:
+        workdir = ensure_writable(cfg.workdir_path())
+    except BaseException:
+        runner.close()
+        raise
     with RunLock(workdir / "run.lock", wait=args.wait, on_wait=_say_waiting(workdir / "run.lock", args.wait)):
         print(f"recaug run {cfg.name}: workdir {workdir}")
         prep = prepare_inputs(cfg, as_of=args.as_of, quarantine_path=workdir / "quarantine" / "latest.parquet")
