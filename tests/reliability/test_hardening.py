@@ -394,3 +394,21 @@ def test_a_title_exactly_at_the_input_limit_is_one_dead_letter_not_a_failed_publ
     assert f"above output_gate.max_text_chars = {limit:,}" in dead["reason"][0]
     vectors = pl.from_arrow(read_table(root, "latest", "embeddings/kar_item_knowledge"))
     assert "i3" not in vectors["entity_id"].to_list() and vectors.height == 39
+
+
+def test_a_storage_error_outside_any_named_stage_is_still_exit_7(tmp_path, capsys, monkeypatch):
+    """E.g. a CTR checkpoint written to a full disk: the CLI names the workdir of the config and the file."""
+    import errno as errno_mod
+
+    cfg = base_shop().write(tmp_path)
+    target = tmp_path / "work" / "models" / "ckpt.pt"
+
+    def full(args):
+        raise OSError(errno_mod.ENOSPC, "No space left on device", str(target))
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), "train", full))
+    assert cli.main(["train", str(cfg)]) == errors.EXIT_WORKDIR
+    err = capsys.readouterr().err
+    assert err == (f"recaug: workdir {tmp_path / 'work'} is full: recaug train writing {target} failed (No space left "
+                   "on device); nothing was published; free space and re-run\n"), err
