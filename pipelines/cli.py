@@ -16,9 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-# the CTR zoo's names, listed here so `--help` does not import torch (a test keeps them equal)
-MODEL_NAMES = ("deepfm", "dcn", "din", "autoint", "xdeepfm", "wdl")
-
 from recaug.errors import (  # noqa: F401  (the exit codes, re-exported for callers and tests)
     EXIT_INPUT,
     EXIT_INPUT_GATE,
@@ -33,6 +30,9 @@ from recaug.errors import (  # noqa: F401  (the exit codes, re-exported for call
     ensure_writable,
     storage_errno,
 )
+
+# the CTR zoo's names, listed here so `--help` does not import torch (a test keeps them equal)
+MODEL_NAMES = ("deepfm", "dcn", "din", "autoint", "xdeepfm", "wdl")
 
 
 def _quiet_third_party() -> None:
