@@ -23,7 +23,7 @@ VLLM_PIN   := $(VLLM_VENV)/constraints.txt
 VLLM_DEPS  := pyarrow==25.0.1 "polars==2.1.*" "gguf>=0.17" "accelerate>=1.10" "ray[data]==2.60.*" "pytest>=8" "pytest-timeout>=2.3" "pytest-xdist>=3.6,<4" \
               great_expectations==1.24.1 "sentence-transformers>=5,<7" "scikit-learn>=1.5"
 
-.PHONY: install demo test test-fast test-unit test-vllm bench clean-venv
+.PHONY: install demo test test-fast test-unit test-vllm test-http-server bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "recaug needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
@@ -78,9 +78,18 @@ test-unit: $(STAMP)
 test-vllm: $(VLLM_STAMP)
 	RECAUG_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -q -m vllm tests/test_engine_vllm.py
 
+# The HTTP engine against a real OpenAI-compatible server on 127.0.0.1: llama.cpp's (llama-cpp-python[server])
+# serving the packaged SmolLM2 GGUF. PyPI has only its source, so this compiles llama.cpp (~30+ min on
+# 2 cores): not part of `make test`, where the same tests run against a scripted local server.
+LLAMA_VENV ?= .venv-llama
+test-http-server: $(STAMP)
+	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(LLAMA_VENV)/bin/python -m pip install --quiet "llama-cpp-python[server]==0.3.36"
+	RECAUG_LLAMA_SERVER_PYTHON=$(abspath $(LLAMA_VENV))/bin/python $(BIN)/python -m pytest -q tests/test_chat_template_escaping.py
+
 # every benchmark, ~20-30 min on 2 cores; BENCH_ARGS=--quick for a smoke test, or --only NAME
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean-venv:
-	rm -rf $(VENV) $(VLLM_VENV)
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_VENV)

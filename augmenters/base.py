@@ -28,6 +28,7 @@ import polars as pl
 from pydantic import BaseModel, ValidationError
 
 from recaug.prompts import PromptError, PromptTemplate, load_template
+from recaug.core.errors import UsageError
 
 EntityKind = Literal["user", "item"]
 
@@ -166,7 +167,7 @@ class Augmenter:
     def options(self, overrides: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(overrides) - set(self.default_options))
         if unknown:
-            raise ValueError(
+            raise AugmenterError(
                 f"augmenter {self.name!r}: unknown option(s) {unknown}; allowed: {sorted(self.default_options) or 'none'}"
             )
         return {**self.default_options, **overrides}
@@ -409,13 +410,21 @@ def check_contract(aug: "Augmenter", inputs: AugmentInputs, options: dict[str, A
 
 # --- registry -----------------------------------------------------------------------------------
 
+class AugmenterError(UsageError, ValueError):
+    """An augmenter that is misconfigured or misregistered (exit 2)."""
+
+
+class UnknownAugmenter(UsageError, KeyError):
+    """No augmenter of that name is registered (exit 2)."""
+
+
 REGISTRY: dict[str, Callable[[], Augmenter]] = {}
 
 
 def register(factory: Callable[[], Augmenter]) -> Callable[[], Augmenter]:
     name = factory.__name__
     if name in REGISTRY:
-        raise ValueError(f"augmenter {name!r} registered twice")
+        raise AugmenterError(f"augmenter {name!r} registered twice")
     REGISTRY[name] = factory
     return factory
 
@@ -424,10 +433,10 @@ def get_augmenter(name: str) -> Augmenter:
     import recaug.augmenters.families  # noqa: F401  (registers the built-in families)
 
     if name not in REGISTRY:
-        raise KeyError(f"unknown augmenter {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        raise UnknownAugmenter(f"unknown augmenter {name!r}; known: {', '.join(sorted(REGISTRY))}")
     aug = REGISTRY[name]()
     if aug.name != name:
-        raise ValueError(f"augmenter factory {name!r} returned an augmenter named {aug.name!r}")
+        raise AugmenterError(f"augmenter factory {name!r} returned an augmenter named {aug.name!r}")
     return aug
 
 

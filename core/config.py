@@ -2,23 +2,38 @@
 
 Every section forbids unknown keys so that a typo fails loudly (`ConfigError` names the key and,
 for choices, the allowed values) instead of silently falling back to a default.
+
+The YAML is read by a strict safe loader (`_StrictLoader`): no anchors or aliases (a few lines of
+aliases expand to billions of values), no key given twice (the second would silently win), no tags
+beyond YAML's plain types (`!!python/...`), at most `MAX_CONFIG_BYTES` and `MAX_DEPTH` levels of
+nesting; every error names the line. Error messages are bounded in size whatever the input.
 """
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model, field_validator, model_validator
+from yaml.events import AliasEvent, CollectionStartEvent, NodeEvent
+
+from recaug.core.errors import UsageError
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config file that cannot be used; the message is meant for the person who wrote it."""
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_range(section: BaseModel, low: str, high: str, where: str) -> None:
+    lo, hi = getattr(section, low), getattr(section, high)
+    if lo > hi:
+        raise ValueError(f"{where}.{low} ({lo:g}) is above {where}.{high} ({hi:g}): nothing could pass; swap them")
 
 
 class TableSource(_Section):
@@ -116,12 +131,21 @@ class DatasetConfig(_Section):
 class InputGateConfig(_Section):
     # share of rows (per table) that may be quarantined before the run stops
     max_quarantine_share: float = Field(0.01, ge=0.0, le=1.0)
-    rating_min: float = 0.0
-    rating_max: float = 5.0
+    rating_min: float = Field(0.0, allow_inf_nan=False)
+    rating_max: float = Field(5.0, allow_inf_nan=False)
     timestamp_min: int = 0  # 1970
     # rows dated after `as_of` (or now) + this slack are quarantined as future timestamps
-    future_slack_s: int = 86_400
+    future_slack_s: int = Field(86_400, ge=0)
     max_text_chars: int = Field(20_000, gt=0)
+    # users.age outside [age_min, age_max] is quarantined (a negative age must not reach a prompt)
+    age_min: int = Field(0, ge=0)
+    age_max: int = Field(130, ge=0)
+
+    @model_validator(mode="after")
+    def _ranges_are_ranges(self):
+        _check_range(self, "rating_min", "rating_max", "input_gate")
+        _check_range(self, "age_min", "age_max", "input_gate")
+        return self
 
 
 class SplitConfig(_Section):
@@ -447,6 +471,12 @@ class OutputGateConfig(_Section):
     min_text_chars: int = Field(1, ge=0)
     max_text_chars: int = Field(20_000, ge=1)
 
+    @model_validator(mode="after")
+    def _ranges_are_ranges(self):
+        _check_range(self, "min_norm", "max_norm", "output_gate")
+        _check_range(self, "min_text_chars", "max_text_chars", "output_gate")
+        return self
+
 
 class PublishConfig(_Section):
     keep_snapshots: int = Field(5, ge=1)
@@ -498,6 +528,11 @@ class PipelineConfig(_Section):
 
     # set by load_config, not by the file
     source_path: str | None = Field(None, exclude=True)
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir_fields(cls, value: str) -> str:
+        return check_workdir_template(value)
 
     @field_validator("augmenters")
     @classmethod
@@ -565,22 +600,53 @@ class PipelineConfig(_Section):
         return self.model_dump(mode="json")
 
 
+def check_workdir_template(value: str) -> str:
+    """`workdir` may use the one field `{name}` (the pipeline's name); `{{` and `}}` are literal braces."""
+    try:
+        parts = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ValueError(f"{_cut(value)} is not a valid template ({exc}); the only field is {{name}}, "
+                         "write {{ and }} for literal braces") from None
+    for _, field_name, spec, conversion in parts:
+        if field_name is None:
+            continue
+        if field_name != "name" or spec or conversion:
+            shown = "{" + field_name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"{_cut(shown)} is not allowed in workdir; the only field is {{name}} (the pipeline's "
+                             "name), write {{ and }} for literal braces")
+    return value
+
+
+# a config error shows at most this many problems and this many characters of a bad value
+MAX_ERRORS_SHOWN = 20
+MAX_VALUE_CHARS = 120
+
+
+def _cut(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _format_validation_error(exc: ValidationError, origin: str) -> str:
     lines = [f"invalid config {origin}:"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    errors = exc.errors()
+    for err in errors[:MAX_ERRORS_SHOWN]:
+        loc = _cut(".".join(str(p) for p in err["loc"]) or "(top level)")
         kind = err["type"]
         if kind == "extra_forbidden":
             lines.append(f"  - {loc}: unknown key (check the spelling; see docs/config.md for the keys)")
         elif kind == "literal_error":
             allowed = err.get("ctx", {}).get("expected", "")
-            lines.append(f"  - {loc}: {err['input']!r} is not allowed; expected {allowed}")
+            lines.append(f"  - {loc}: {_cut(repr(err['input']))} is not allowed; expected {allowed}")
         elif kind == "value_error":
-            lines.append(f"  - {loc}: {err.get('ctx', {}).get('error', err['msg'])}")
+            lines.append(f"  - {loc}: {_cut(str(err.get('ctx', {}).get('error', err['msg'])), 400)}")
         elif kind == "missing":
             lines.append(f"  - {loc}: required key is missing")
         else:
-            lines.append(f"  - {loc}: {err['msg']} (got {err.get('input')!r})")
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {loc}: {_cut(msg, 400)} (got {_cut(repr(err.get('input')))})")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"  ... and {len(errors) - MAX_ERRORS_SHOWN:,} more")
     return "\n".join(lines)
 
 
@@ -593,15 +659,116 @@ def parse_config(data: Any, origin: str = "<dict>", source_path: str | None = No
         raise ConfigError(_format_validation_error(exc, origin)) from None
     if source_path:
         cfg = cfg.model_copy(update={"source_path": str(Path(source_path).resolve())})
+    _check_workdir_place(cfg, origin)
     return cfg
+
+
+def _check_workdir_place(cfg: PipelineConfig, origin: str) -> None:
+    """A workdir that can never be right: the root of the file system, or an existing file.
+    (Whether it can be written is checked when a command is about to write: `ensure_writable`.)"""
+    path = cfg.workdir_path()
+    if path == Path(path.anchor):
+        raise ConfigError(
+            f"invalid config {origin}: workdir {cfg.workdir!r} is the root of the file system ({path}); recaug "
+            "writes caches, runs and snapshots there and removes its old files: give it a folder of its own"
+        )
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"invalid config {origin}: workdir {path} is an existing file, not a folder; point workdir at a folder "
+            "(it is created when missing)"
+        )
+
+
+# --- the YAML reader ---------------------------------------------------------------------------------
+
+MAX_CONFIG_BYTES = 1 << 20  # a pipeline config is a few KB; this bounds what a bad file can cost
+MAX_DEPTH = 32
+_PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map"))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without anchors, aliases, duplicate keys, exotic tags or deep nesting."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = f"line {event.start_mark.line + 1}"
+        if isinstance(event, AliasEvent):
+            raise ConfigError(f"{line}: YAML aliases (*{_cut(event.anchor, 40)}) are not allowed in a config; "
+                              "write the value out")
+        if isinstance(event, NodeEvent) and event.anchor is not None:
+            raise ConfigError(f"{line}: YAML anchors (&{_cut(event.anchor, 40)}) are not allowed in a config; "
+                              "write the value out where it is used")
+        tag = getattr(event, "tag", None)
+        if tag not in (None, "!") and self.resolve_explicit(tag) not in _PLAIN_TAGS:
+            shown = tag.replace("tag:yaml.org,2002:", "!!", 1)
+            raise ConfigError(f"{line}: the YAML tag {_cut(shown, 60)} is not allowed in a config; "
+                              "only plain values, lists and mappings are")
+        if isinstance(event, CollectionStartEvent):
+            self._depth += 1
+            if self._depth > MAX_DEPTH:
+                raise ConfigError(f"{line}: nested more than {MAX_DEPTH} levels deep; a config is not that deep")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+        return super().compose_node(parent, index)
+
+    @staticmethod
+    def resolve_explicit(tag: str) -> str:
+        return tag.replace("!!", "tag:yaml.org,2002:", 1) if tag.startswith("!!") else tag
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: a mapping key must be a plain value") from None
+            if key in seen:
+                raise ConfigError(
+                    f"line {key_node.start_mark.line + 1}: key {_cut(str(key), 60)!s} is given twice (first on line "
+                    f"{seen[key]}); the second would silently win: keep one"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str, origin: str) -> Any:
+    """Parse a config's text with the strict loader; every problem is a bounded ConfigError."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {origin} is larger than {MAX_CONFIG_BYTES // 1024} KiB; a pipeline config is a few KB")
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    except ConfigError as exc:
+        raise ConfigError(f"config {origin} cannot be used: {exc}") from None
+    except yaml.YAMLError as exc:
+        lines = [_cut(line, 200) for line in str(exc).splitlines()[:12]]
+        raise ConfigError(f"config {origin} is not valid YAML: " + "\n".join(lines)) from None
+    except RecursionError:
+        raise ConfigError(f"config {origin} is nested too deeply to read") from None
+    finally:
+        loader.dispose()
 
 
 def load_config(path: str | Path) -> PipelineConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config {path} is not a file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; a pipeline config is a few KB")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"config {path} cannot be read: {exc.strerror or exc}") from None
+    data = read_yaml(text, str(path))
     return parse_config(data, origin=str(path), source_path=str(path))

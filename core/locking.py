@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from recaug.core.errors import Locked, writing_into
+
 
 class LockBusy(RuntimeError):
     """The lock stayed held for longer than the caller would wait; `holder` says by whom."""
@@ -24,8 +26,8 @@ class LockBusy(RuntimeError):
         self.path, self.holder = path, holder
 
 
-class RunLocked(LockBusy):
-    """Another run holds the workdir's run lock."""
+class RunLocked(Locked, LockBusy):
+    """Another run holds the workdir's run lock (exit 6)."""
 
 
 @contextlib.contextmanager
@@ -35,16 +37,21 @@ def exclusive_lock(
     on_wait: Callable[[str], None] | None = None,
     busy: Callable[[Path, str], Exception] | None = None,
     poll_s: float = 0.05,
+    workdir: Path | None = None,
 ) -> Iterator[None]:
     """Hold an exclusive flock on `path` for the block.
 
     `wait=None` blocks until the lock is free; otherwise the lock is tried for `wait` seconds and then
     `busy(path, holder)` is raised (default: `LockBusy`). `on_wait(holder)` is called once when the lock
-    is found busy and the caller is willing to wait, so it can say why it sits idle.
+    is found busy and the caller is willing to wait, so it can say why it sits idle. A lock that lives
+    in a `workdir` reports a full or read-only one as such (exit 7) when it cannot be written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
+    what = f"the lock file {path}"
+    with writing_into(workdir or path.parent, what):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+    with fh:
         deadline = None if wait is None else time.monotonic() + wait
         told = False
         while True:
@@ -61,15 +68,19 @@ def exclusive_lock(
                     told = True
                 time.sleep(poll_s)
         try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-            fh.flush()
+            with writing_into(workdir or path.parent, what):
+                fh.seek(0)
+                fh.truncate()
+                fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+                fh.flush()
             yield
         finally:
-            fh.seek(0)
-            fh.truncate()
-            fh.flush()
+            try:
+                fh.seek(0)
+                fh.truncate()
+                fh.flush()
+            except OSError:
+                pass  # a full or read-only disk: the holder line stays, the flock is what counts
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 

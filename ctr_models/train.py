@@ -37,12 +37,13 @@ from recaug.ctr_models.data import CTRData, FeatureSpec, SplitArrays, build_ctr_
 from recaug.ctr_models.metrics import auc, gauc, logloss
 from recaug.ctr_models.network import KnowledgeCTRModel, build_model
 from recaug.core.config import CTRConfig
+from recaug.core.errors import UsageError
 
 CHECKPOINT_FORMAT = "recaug.ctr_checkpoint/1"
 EVAL_BATCH_SIZE = 8192
 
 
-class WarmStartError(ValueError):
+class WarmStartError(UsageError, ValueError):
     """The checkpoint cannot seed this run; the message says what differs."""
 
 

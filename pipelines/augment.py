@@ -510,12 +510,16 @@ def run_augmenter(
     spill_dir: Path | None = None,
     text_checks: TextChecks = TextChecks(),
     reuse_runs: Path | None = None,
+    text_bounds: tuple[int, int] | None = None,
 ) -> AugmenterOutput:
     """Generate, parse, retry (bounded) and assemble this augmenter's tables, a chunk of entities at a time.
     With `spill_dir`, each chunk's tables go to disk as they are finished (see core/spill.py) and
     the output tables are memory-mapped from there. With `reuse_runs` (the folder of finished runs),
     entities whose request is unchanged and cached take their rows from the newest run that has this
-    augmenter (`PreviousOutputs`) instead of being rendered and parsed again."""
+    augmenter (`PreviousOutputs`) instead of being rendered and parsed again. With `text_bounds` (the
+    output gate's (min_text_chars, max_text_chars)), a parsed text to encode outside them is that
+    entity's dead letter, so one oversized entity cannot fail the output gate, and with it the whole
+    publish."""
     stats = AugmenterStats(augmenter=aug.name)
     check_contract(aug, inputs, augmenter_options(aug, aug_cfg))  # a template typo fails here, not per entity
     if entity_ids is None:
@@ -552,7 +556,7 @@ def run_augmenter(
     previous = PreviousOutputs.newest(reuse_runs, aug)
     for chunk in _chunks(sorted(e for e in expected if e not in deferred), chunk_size):
         _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk, stats,
-                   common, parts, previous)
+                   common, parts, previous, text_bounds if aug.encodes else None)
         release_memory()  # the chunk's prompts, answers and rows as Python objects
 
     generated = parts["generated"].table()
@@ -610,8 +614,21 @@ def _over_budget(aug, aug_cfg, inputs, engine, engine_cfg, cache, expected, budg
     return set(over)
 
 
+def text_bound_problem(text: str, bounds: tuple[int, int]) -> str | None:
+    """Why a text to encode cannot pass the output gate's text_length check, or None."""
+    low, high = bounds
+    n = len(text)
+    if n > high:
+        return (f"text to encode is {n:,} characters, above output_gate.max_text_chars = {high:,}; shorten the "
+                "source text (input_gate.max_text_chars) or raise output_gate.max_text_chars")
+    if n < low:
+        return f"text to encode is {n:,} characters, below output_gate.min_text_chars = {low:,}"
+    return None
+
+
 def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk, stats, common,
-               parts, previous: PreviousOutputs | None = None) -> None:
+               parts, previous: PreviousOutputs | None = None,
+               text_bounds: tuple[int, int] | None = None) -> None:
     """One chunk of entities from requests to finished Arrow tables (appended to `parts`): keys are
     derived from the context rows, rows of a previous run are reused for unchanged cached keys, and
     only the other entities are rendered (cache hits among them are parsed, misses generated)."""
@@ -740,6 +757,11 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
                     continue
                 if finish_reason == FINISH_LENGTH:
                     stats.truncated += 1
+                out_of_bounds = text_bound_problem(parsed.text, text_bounds) if text_bounds else None
+                if out_of_bounds:
+                    dead_rows.append(dict(entity_id=p.entity_id, prompt=prompt_text, raw_text=raw, reason=out_of_bounds,
+                                          finish_reason=finish_reason, attempts=p.attempt, cache_key=p.key))
+                    continue
                 if aug.response_model is None:  # free text: what a schema cannot check
                     problem = prompt_echo(raw, p.messages, p.context.get("title")) or (
                         contradiction(raw, p.context, p.context.get("vocabulary") or [], p.context.get("noun") or "")

@@ -2,8 +2,10 @@
 
 Exit codes (stable, for schedulers): 0 ok; 2 usage or config error; 3 input unusable (a table
 cannot be read or lacks required columns); 4 input gate stopped the run (too many quarantined rows);
-5 output gate failed (nothing published); 6 another run holds the lock; 1 anything unexpected.
-`snapshots diff` answers like diff(1): 0 same features, 1 they differ.
+5 output gate failed (nothing published); 6 another run holds the lock; 7 the workdir is full or not
+writable (nothing published); 1 anything unexpected. Each comes from the class of the error
+(`recaug.core.errors`), never from its name or message. `snapshots diff` answers like diff(1): 0 same
+features, 1 they differ.
 """
 
 from __future__ import annotations
@@ -14,11 +16,23 @@ from pathlib import Path
 
 from recaug.core.offline import go_offline
 from recaug.core.timeparse import format_utc, to_unix_seconds
+from recaug.core.errors import (  # noqa: F401  (the exit codes, re-exported for callers and tests)
+    EXIT_INPUT,
+    EXIT_INPUT_GATE,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_OUTPUT_GATE,
+    EXIT_UNEXPECTED,
+    EXIT_USAGE,
+    EXIT_WORKDIR,
+    RecaugError,
+    WorkdirUnwritable,
+    ensure_writable,
+    storage_errno,
+)
 
 # the CTR zoo's names, listed here so `--help` does not import torch (a test keeps them equal)
 MODEL_NAMES = ("deepfm", "dcn", "din", "autoint", "xdeepfm", "wdl")
-
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_INPUT, EXIT_INPUT_GATE, EXIT_OUTPUT_GATE, EXIT_LOCKED = 0, 1, 2, 3, 4, 5, 6
 
 
 def _quiet_third_party() -> None:
@@ -57,7 +71,7 @@ def cmd_validate(args) -> int:
     from recaug.pipelines.inputs import prepare_inputs
 
     cfg = load_config(args.config)
-    quarantine_path = cfg.workdir_path() / "validate" / "quarantine.parquet"
+    quarantine_path = ensure_writable(cfg.workdir_path()) / "validate" / "quarantine.parquet"
     prep = prepare_inputs(cfg, as_of=args.as_of, quarantine_path=quarantine_path)
     gate = prep.gate
     print(f"dataset: {cfg.dataset.kind} ({cfg.name})")
@@ -125,8 +139,12 @@ def cmd_run(args) -> int:
     from recaug.pipelines.long_job import run_long_job
 
     cfg = load_config(args.config)
-    cfg, engine, runner = _engine_and_runner(cfg, args.runner)
-    workdir = cfg.workdir_path()
+    cfg, engine, runner = _engine_and_runner(cfg, args.runner)  # (refuses a bad engine config before any write)
+    try:
+        workdir = ensure_writable(cfg.workdir_path())
+    except BaseException:
+        runner.close()
+        raise
     with RunLock(workdir / "run.lock", wait=args.wait, on_wait=_say_waiting(workdir / "run.lock", args.wait)):
         print(f"recaug run {cfg.name}: workdir {workdir}")
         prep = prepare_inputs(cfg, as_of=args.as_of, quarantine_path=workdir / "quarantine" / "latest.parquet")
@@ -288,6 +306,7 @@ def cmd_train(args) -> int:
     from recaug.core.config import load_config
 
     cfg = load_config(args.config)
+    ensure_writable(cfg.workdir_path())
     _, result = train_model(cfg, args.snapshot, args.model, args.seed, adaptor=args.adaptor, warm_start=args.warm_start)
     m = result.metrics
     print(f"best epoch {result.best_epoch} (validation AUC by epoch: {', '.join(f'{x:.4f}' for x in result.history_of_valid_auc)})")
@@ -304,6 +323,7 @@ def cmd_report(args) -> int:
     from recaug.core.config import load_config
 
     cfg = load_config(args.config)
+    ensure_writable(cfg.workdir_path())
     seeds = list(range(args.seeds)) if args.seeds else None
     report = run_report(cfg, args.snapshot, models=args.models, seeds=seeds, variants=args.variants)
     print()
@@ -343,6 +363,7 @@ def cmd_schedule(args) -> int:
     from recaug.pipelines.snapshots import SnapshotNotFound, resolve_snapshot, snapshot_root
 
     cfg = load_config(args.config)
+    ensure_writable(cfg.workdir_path())
 
     def has_snapshot() -> bool:
         try:
@@ -408,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recaug",
         description="Offline LLM feature augmentation for recommender systems.",
-        epilog="Exit codes: 0 ok, 2 usage/config, 3 input unusable, 4 input gate, 5 output gate, 6 locked, 1 unexpected.",
+        epilog="Exit codes: 0 ok, 2 usage/config, 3 input unusable, 4 input gate, 5 output gate, 6 locked, "
+               "7 workdir full or not writable, 1 unexpected.",
     )
     from recaug import __version__
 
@@ -490,34 +512,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_code(exc: BaseException) -> int | None:
-    """Map the product's own errors to exit codes; imported lazily so `--help` stays fast."""
-    from recaug.core.config import ConfigError
-    from recaug.core.locking import RunLocked
+def _workdir_of(args) -> Path | None:
+    """The workdir of the command's config, for a storage error raised outside any stage that named it."""
+    config = getattr(args, "config", None)
+    if not config:
+        return None
+    try:
+        from recaug.core.config import load_config
 
-    if isinstance(exc, ConfigError):
-        return EXIT_USAGE
-    if isinstance(exc, RunLocked):
-        return EXIT_LOCKED
-    name = type(exc).__name__
-    if isinstance(exc, (KeyError, ValueError)) and "augmenter" in str(exc):
-        return EXIT_USAGE
-    if name == "InputSchemaError":
-        return EXIT_INPUT
-    if name == "QuarantineThresholdExceeded":
-        return EXIT_INPUT_GATE
-    if name in ("OutputGateBlocked", "OutputGateFailed"):
-        return EXIT_OUTPUT_GATE
-    if name in ("PackagedAssetMissing", "SnapshotNotFound", "PromptError", "EngineError"):
-        return EXIT_USAGE
-    return None
+        return load_config(config).workdir_path()
+    except Exception:  # the config itself is the problem: the error says where instead
+        return None
 
 
-_PREFIX = {
-    EXIT_INPUT: "input unusable: ",
-    EXIT_INPUT_GATE: "input gate stopped the run: ",
-    EXIT_OUTPUT_GATE: "nothing published: ",
-}
+def _report(exc: RecaugError) -> int:
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    print(f"recaug: {exc.prefix}{msg}", file=sys.stderr)
+    run_dir = getattr(exc, "run_dir", None)
+    if run_dir:
+        print(f"recaug: the gate report is in {run_dir}", file=sys.stderr)
+    return exc.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,16 +547,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("recaug: interrupted; re-run the same command to resume (finished shards are kept)", file=sys.stderr)
         return 130
+    except RecaugError as exc:
+        return _report(exc)
     except Exception as exc:
-        code = _exit_code(exc)
-        if code is None:
+        # a full or read-only disk met where no stage named what it was writing
+        if storage_errno(exc) is None:
             raise
-        msg = str(exc) if not isinstance(exc, KeyError) else str(exc.args[0])
-        print(f"recaug: {_PREFIX.get(code, '')}{msg}", file=sys.stderr)
-        run_dir = getattr(exc, "run_dir", None)
-        if run_dir:
-            print(f"recaug: the gate report is in {run_dir}", file=sys.stderr)
-        return code
+        filename = getattr(exc, "filename", None)
+        workdir = _workdir_of(args)
+        if workdir is None or (filename and not Path(str(filename)).resolve().is_relative_to(workdir)):
+            workdir = Path(str(filename)).resolve().parent if filename else Path.cwd()
+        return _report(WorkdirUnwritable(workdir, f"recaug {args.verb} writing {filename or 'a file'}", exc))
 
 
 if __name__ == "__main__":

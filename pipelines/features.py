@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recaug.schemas.vectors import vector_dim, vectors_numpy  # noqa: F401  (re-exported for modelers)
+from recaug.core.errors import UsageError
 from recaug.pipelines.snapshots import (  # noqa: F401  (re-exported)
     SnapshotInfo,
     SnapshotNotFound,
@@ -35,6 +36,10 @@ from recaug.pipelines.snapshots import (  # noqa: F401  (re-exported)
 )
 
 LONG_COLUMNS = ("snapshot_id", "augmenter", "entity_kind", "entity_id", "vector", "text_hash")
+
+
+class MissingVectors(UsageError, KeyError):
+    """The snapshot has no vectors of the augmenter (or entity kind) asked for (exit 2)."""
 
 
 def resolve_root(root_or_config: Any) -> Path:
@@ -67,7 +72,7 @@ def _embedding_entries(info: SnapshotInfo, augmenter: str | Iterable[str] | None
     if wanted is not None:
         unknown = sorted(wanted - set(available))
         if unknown:
-            raise KeyError(f"snapshot {info.snapshot_id} has no embeddings for augmenter(s) {unknown}; it has {available}")
+            raise MissingVectors(f"snapshot {info.snapshot_id} has no embeddings for augmenter(s) {unknown}; it has {available}")
         entries = [e for e in entries if e["metadata"].get("recaug.augmenter") in wanted]
     if kind is not None:
         if kind not in ("user", "item"):
@@ -75,7 +80,7 @@ def _embedding_entries(info: SnapshotInfo, augmenter: str | Iterable[str] | None
         entries = [e for e in entries if e["metadata"].get("recaug.entity_kind") == kind]
     if not entries:
         what = f"{kind} " if kind else ""
-        raise KeyError(f"snapshot {info.snapshot_id} has no {what}embedding tables matching augmenter={augmenter!r}; it has {available}")
+        raise MissingVectors(f"snapshot {info.snapshot_id} has no {what}embedding tables matching augmenter={augmenter!r}; it has {available}")
     return entries
 
 
@@ -226,7 +231,7 @@ def join_point_in_time(
         part = pl.concat(subs, how="vertical")
         key_col = user_col if ent_kind == "user" else item_col
         if key_col not in samples.columns:
-            raise KeyError(f"augmenter {aug} has {ent_kind} vectors but the samples have no {key_col!r} column")
+            raise MissingVectors(f"augmenter {aug} has {ent_kind} vectors but the samples have no {key_col!r} column")
         dup = part.select(pl.struct("snapshot_id", "entity_id").is_duplicated().sum()).item()
         if dup:
             raise ValueError(f"snapshot tables of {aug} hold {dup} duplicate entity rows; the output gate should have stopped them")

@@ -9,9 +9,10 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from recaug.core.config import PipelineConfig
+from recaug.core.errors import writing_into
+from recaug.core.storage import write_parquet_atomic
 from recaug.pipelines.datasets import load_raw
 from recaug.ctr_models.splits import SplitBoundaries, ctr_samples, split_interactions, split_sizes
 from recaug.schemas.input_gate import InputGateResult, enforce_threshold, run_input_gate
@@ -54,10 +55,8 @@ def prepare_inputs(cfg: PipelineConfig, as_of: int | None = None, quarantine_pat
     raw = load_raw(cfg)
     gate = run_input_gate(raw.tables, cfg.input_gate, as_of=None, list_separator=raw.list_separator)
     if quarantine_path is not None:
-        quarantine_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = quarantine_path.with_suffix(".tmp")
-        pq.write_table(gate.quarantine, tmp)
-        tmp.replace(quarantine_path)
+        with writing_into(cfg.workdir_path(), f"the quarantine table {quarantine_path}"):
+            write_parquet_atomic(gate.quarantine, quarantine_path)  # its temporary file goes on any failure
     enforce_threshold(gate, cfg.input_gate, quarantine_path=quarantine_path)
 
     interactions = gate.tables["interactions"]

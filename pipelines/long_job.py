@@ -33,6 +33,7 @@ from recaug.core.storage import remove_stale_temporaries, write_parquet_atomic
 from recaug.ctr_models.splits import prompt_context
 from recaug.pipelines.augment import AugmenterOutput, augmenter_options, run_augmenter
 from recaug.pipelines.cache import GenerationCache
+from recaug.core.errors import NothingPublished, UsageError, writing_into
 from recaug.pipelines.engines.base import Engine
 from recaug.pipelines.inputs import PreparedInputs
 from recaug.schemas.output_gate import TextChecks
@@ -45,6 +46,10 @@ class AugmentationResult:
     outputs: dict[str, AugmenterOutput]
     seconds: float
     report: dict[str, Any] = field(default_factory=dict)
+
+
+class UnknownAugmenterChoice(UsageError, ValueError):
+    """`--only` names an augmenter the config does not list."""
 
 
 def new_run_id() -> str:
@@ -71,7 +76,7 @@ def enabled_augmenters(cfg: PipelineConfig, only: list[str] | None = None) -> li
         names = {a.name for a in cfg.augmenters}
         unknown = sorted(set(only) - names)
         if unknown:
-            raise ValueError(f"augmenter(s) {unknown} are not in the config; configured: {sorted(names)}")
+            raise UnknownAugmenterChoice(f"augmenter(s) {unknown} are not in the config; configured: {sorted(names)}")
         chosen = [a for a in chosen if a.name in only]
     for a in chosen:
         get_augmenter(a.name)  # fail before any work on a misspelt name
@@ -118,7 +123,8 @@ def run_augmentation(
     carry_over: dict[str, pa.Table] | None = None,
 ) -> AugmentationResult:
     workdir = cfg.workdir_path()
-    cache = GenerationCache(workdir / "cache")
+    with writing_into(workdir, f"the generation cache under {workdir / 'cache'}"):
+        cache = GenerationCache(workdir / "cache")
     inputs = augment_inputs(cfg, prep, engine)
     run_id = new_run_id()
     started = time.perf_counter()
@@ -131,22 +137,27 @@ def run_augmentation(
         aug = get_augmenter(aug_cfg.name)
         bar = _Progress(aug.name, show)
         try:
-            out = run_augmenter(
-                aug, aug_cfg, inputs, engine, cfg.engine, cache, runner.execute, cfg.runner.shard_size, bar,
-                budget=budget, carry_over=(carry_over or {}).get(aug.name), chunk_size=cfg.runner.chunk_entities,
-                spill_dir=spill_folder(workdir), text_checks=TextChecks.from_config(cfg.output_gate),
-                reuse_runs=workdir / "runs",
-            )
+            with writing_into(workdir, f"{aug.name}: the generation cache under {cache.dir} or the temporary tables "
+                                       f"under {spill_folder(workdir)}"):
+                out = run_augmenter(
+                    aug, aug_cfg, inputs, engine, cfg.engine, cache, runner.execute, cfg.runner.shard_size, bar,
+                    budget=budget, carry_over=(carry_over or {}).get(aug.name), chunk_size=cfg.runner.chunk_entities,
+                    spill_dir=spill_folder(workdir), text_checks=TextChecks.from_config(cfg.output_gate),
+                    reuse_runs=workdir / "runs",
+                    text_bounds=(cfg.output_gate.min_text_chars, cfg.output_gate.max_text_chars),
+                )
         finally:
             bar.close()
         outputs[aug.name] = out
         s = out.stats
         log(s.summary_line())
-    cache.compact()
+    with writing_into(workdir, f"the generation cache under {cache.dir} (compaction)"):
+        cache.compact()
     release_memory()
     result = AugmentationResult(run_id, workdir / "runs" / run_id, outputs, time.perf_counter() - started)
     result.report = augmentation_report(cfg, engine, result, getattr(runner, "engine_load_seconds", None))
-    write_run(result)
+    with writing_into(workdir, f"the run folder {result.run_dir}"):
+        write_run(result)
     crash_point("generate.run_written")
     return result
 
@@ -189,21 +200,25 @@ def write_run(result: AugmentationResult) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     remove_stale_temporaries(final.parent)  # the hidden folders of runs killed while writing
-    synth_items, synth_inter = [], []
-    for name, out in result.outputs.items():
-        write_parquet_atomic(out.generated, tmp / "generated" / f"{name}.parquet")
-        write_parquet_atomic(out.dead_letter, tmp / "dead_letter" / f"{name}.parquet")
-        synth_items.append(out.synthetic_items)
-        synth_inter.append(out.synthetic_interactions)
-        exp = pa.table({"entity_id": pa.array(out.expected_entities, pa.string())})
-        write_parquet_atomic(exp, tmp / "expected" / f"{name}.parquet")
-    if result.outputs:
-        write_parquet_atomic(pa.concat_tables(synth_items), tmp / "synthetic_items.parquet")
-        write_parquet_atomic(pa.concat_tables(synth_inter), tmp / "synthetic_interactions.parquet")
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "report.json").write_text(json.dumps(result.report, indent=2, default=str))
-    (tmp / "report.md").write_text(report_markdown(result.report))
-    os.replace(tmp, final)
+    try:
+        synth_items, synth_inter = [], []
+        for name, out in result.outputs.items():
+            write_parquet_atomic(out.generated, tmp / "generated" / f"{name}.parquet")
+            write_parquet_atomic(out.dead_letter, tmp / "dead_letter" / f"{name}.parquet")
+            synth_items.append(out.synthetic_items)
+            synth_inter.append(out.synthetic_interactions)
+            exp = pa.table({"entity_id": pa.array(out.expected_entities, pa.string())})
+            write_parquet_atomic(exp, tmp / "expected" / f"{name}.parquet")
+        if result.outputs:
+            write_parquet_atomic(pa.concat_tables(synth_items), tmp / "synthetic_items.parquet")
+            write_parquet_atomic(pa.concat_tables(synth_inter), tmp / "synthetic_interactions.parquet")
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "report.json").write_text(json.dumps(result.report, indent=2, default=str))
+        (tmp / "report.md").write_text(report_markdown(result.report))
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (full disk) leaves no half run folder
+        raise
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -233,7 +248,7 @@ def report_markdown(report: dict[str, Any]) -> str:
 # --- the whole long job ---------------------------------------------------------------------------
 
 
-class OutputGateBlocked(RuntimeError):
+class OutputGateBlocked(NothingPublished, RuntimeError):
     """The output gate failed: nothing was published. The message is the gate's summary."""
 
     def __init__(self, summary: str, run_dir: Path):
@@ -305,12 +320,14 @@ def run_long_job(
     encoder = TextEncoder(cfg.encoder, progress=progress)
     log(f"encode: {encoder.model_id} ({cfg.encoder.pooling} pooling, {'L2-normalised' if cfg.encoder.normalize else 'raw'}) "
         f"over {sum(t.num_rows for t in encoded.values()):,} texts")
-    enc_dir = cfg.workdir_path() / "cache" / "encodings"
+    workdir = cfg.workdir_path()
+    enc_dir = workdir / "cache" / "encodings"
     # the runner encodes the cache misses (local: in this process; Ray / Beam: on their workers)
     encode = getattr(runner, "encode", None)
-    enc = encode_outputs(encoded, encoder, enc_dir,
-                         encode=None if encode is None else (lambda texts: encode(texts, encoder, str(enc_dir))),
-                         spill_dir=spill_folder(cfg.workdir_path()))
+    with writing_into(workdir, f"the encoding cache under {enc_dir} or the temporary tables under {spill_folder(workdir)}"):
+        enc = encode_outputs(encoded, encoder, enc_dir,
+                             encode=None if encode is None else (lambda texts: encode(texts, encoder, str(enc_dir))),
+                             spill_dir=spill_folder(workdir))
     log(f"  {enc.cache_misses:,} encoded, {enc.cache_hits:,} from the encoding cache, {enc.seconds:.1f} s")
 
     gate_inputs = [
@@ -325,8 +342,15 @@ def run_long_job(
         for name in encoded
     ]
     gate = run_output_gate(gate_inputs, cfg.output_gate)
-    (aug.run_dir / "output_gate.txt").write_text(gate.summary() + "\n")
-    (aug.run_dir / "output_gate.json").write_text(json.dumps(gate.as_dict(), indent=2, default=str))
+    reports = {"output_gate.txt": gate.summary() + "\n", "output_gate.json": json.dumps(gate.as_dict(), indent=2, default=str)}
+    with writing_into(workdir, f"the output gate report in {aug.run_dir}"):
+        try:
+            for name, text in reports.items():
+                (aug.run_dir / name).write_text(text)
+        except BaseException:
+            for name in reports:  # no half-written report
+                (aug.run_dir / name).unlink(missing_ok=True)
+            raise
     if not gate.success:
         raise OutputGateBlocked(gate.summary(), aug.run_dir)
     log(gate.summary().splitlines()[0])
@@ -362,5 +386,7 @@ def run_long_job(
             "input_tokens", "prompt_tokens_computed", "output_tokens", "llm_requests", "cache_hits")},
         "encoding": enc.stats(),
     }
-    info = publish_snapshot(snapshot_root(cfg), tables, manifest, keep=cfg.publish.keep_snapshots, gate=gate)
+    root = snapshot_root(cfg)
+    with writing_into(workdir, f"the new snapshot under {root}"):
+        info = publish_snapshot(root, tables, manifest, keep=cfg.publish.keep_snapshots, gate=gate)
     return LongJobResult(aug, info.snapshot_id, info.path, enc.stats(), gate.summary(), tuple(info.removed_by_retention))

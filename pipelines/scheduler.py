@@ -8,8 +8,9 @@ state and runs what is due:
 - the **short job** (CTR retrain) at its cadence (default daily) on full data and the latest
   published snapshot, warm-started from the previous checkpoint.
 
-A tick while another tick runs does nothing (a lock); a job that crashed is still due at the next
-tick because its success was never recorded. A manual `recaug run` or `recaug train` records its
+A tick while another tick runs, or while a manual `recaug run` holds the workdir's run lock, does
+nothing ("nothing to do: ...", exit 0) and records nothing; a job that crashed is still due at the
+next tick because its success was never recorded. A manual `recaug run` or `recaug train` records its
 success too (`record_manual`, schedule/manual.json), so the next tick counts it as the last run of
 that job instead of saying nothing has run yet.
 """
@@ -71,8 +72,11 @@ class ScheduleState:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no temporary
 
     def job(self, name: str) -> dict[str, Any]:
         return self.data.setdefault(name, {})
@@ -178,7 +182,7 @@ def tick(
     try:
         lock = RunLock(workdir / "schedule.lock").__enter__()
     except RunLocked as exc:
-        log(f"another tick is running ({exc}); nothing to do")
+        log(f"nothing to do: another tick holds the lock ({exc})")
         return TickResult(now, [], skipped_locked=True)
     try:
         state = ScheduleState(workdir / "schedule" / "state.json")
@@ -195,6 +199,7 @@ def tick(
                 log("short job skipped: the long job published no snapshot")
                 continue
             js = state.job(d.job)
+            before = dict(js)
             js.update(status="running", last_start=now, full_refresh=d.full_refresh)
             state.save()
             started = time.perf_counter()
@@ -204,6 +209,14 @@ def tick(
                     js.update(fingerprint=fingerprint(cfg))
                 else:
                     out = short_job(cfg, now, _with_manual(cfg, state)[1].get("checkpoint"))
+            except RunLocked as exc:
+                # a manual run holds the workdir: this tick did nothing, so it records nothing either
+                js.clear()
+                js.update(before)
+                state.save()
+                log(f"nothing to do: another run holds the lock ({exc}); the next tick tries again")
+                result.skipped_locked = True
+                return result
             except BaseException as exc:
                 js.update(status="failed", last_error=f"{type(exc).__name__}: {exc}")
                 state.save()

@@ -44,6 +44,7 @@ from recaug.core.timeparse import to_unix_seconds
 from recaug.core.storage import PARQUET_ROW_GROUP, fsync_dir, fsync_file, write_text_atomic
 from recaug.core.crashpoints import crash_point
 from recaug.core.memory import release_memory
+from recaug.core.errors import Locked, UsageError
 
 FORMAT_VERSION = 1
 LATEST_FILE = "LATEST"
@@ -64,12 +65,12 @@ CRASH_POINTS = ("locked", "first_table", "tables_written", "manifest_written", "
 T = TypeVar("T")
 
 
-class SnapshotNotFound(LookupError):
-    pass
+class SnapshotNotFound(UsageError, LookupError):
+    """No such published snapshot (exit 2)."""
 
 
-class SnapshotLocked(TimeoutError):
-    pass
+class SnapshotLocked(Locked, TimeoutError):
+    """Another publish held the snapshot root's lock for too long (exit 6)."""
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,15 @@ def _clean_leftovers(root: Path) -> list[str]:
     return removed
 
 
+def _discard_uncommitted(root: Path, tmp: Path, snapshot_id: str) -> None:
+    """Remove a publish that failed before its commit point. Call only under the lock."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if _read_latest(root) != snapshot_id:
+        shutil.rmtree(root / snapshot_id, ignore_errors=True)
+    for p in root.glob(f".{LATEST_FILE}.*.tmp"):
+        p.unlink(missing_ok=True)
+
+
 def clean_leftovers(root: Path, lock_timeout: float = 600.0) -> list[str]:
     root = Path(root)
     if not root.is_dir():
@@ -370,35 +380,41 @@ def publish_snapshot(
         _clean_leftovers(root)
         snapshot_id = new_snapshot_id(after=_read_latest(root))
         tmp = root / f"{TMP_PREFIX}{snapshot_id}"
-        tmp.mkdir()
-        entries: dict[str, dict[str, Any]] = {}
-        for name, table in tables.items():
-            rel = f"{name}.parquet"
-            entries[name] = {"path": rel, **_write_table(table, tmp / rel, snapshot_id)}
-            release_memory()  # the Parquet writer's encoding buffers
-            _crash_point("first_table")
-        _crash_point("tables_written")
-        full_manifest = {
-            "format_version": FORMAT_VERSION,
-            "snapshot_id": snapshot_id,
-            "created_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            **manifest,
-            "data_cutoff": cutoff,
-            "data_cutoff_iso": _iso(cutoff),
-            "tables": entries,
-        }
-        text = json.dumps(full_manifest, indent=2, sort_keys=False, default=str)
-        with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        for folder in sorted({(tmp / e["path"]).parent for e in entries.values()} | {tmp}, key=lambda p: -len(p.parts)):
-            fsync_dir(folder)
-        _crash_point("manifest_written")
-        os.rename(tmp, root / snapshot_id)
-        fsync_dir(root)
-        _crash_point("renamed")
-        write_text_atomic(root / LATEST_FILE, snapshot_id + "\n")  # the commit point
+        try:
+            tmp.mkdir()
+            entries: dict[str, dict[str, Any]] = {}
+            for name, table in tables.items():
+                rel = f"{name}.parquet"
+                entries[name] = {"path": rel, **_write_table(table, tmp / rel, snapshot_id)}
+                release_memory()  # the Parquet writer's encoding buffers
+                _crash_point("first_table")
+            _crash_point("tables_written")
+            full_manifest = {
+                "format_version": FORMAT_VERSION,
+                "snapshot_id": snapshot_id,
+                "created_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                **manifest,
+                "data_cutoff": cutoff,
+                "data_cutoff_iso": _iso(cutoff),
+                "tables": entries,
+            }
+            text = json.dumps(full_manifest, indent=2, sort_keys=False, default=str)
+            with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            for folder in sorted({(tmp / e["path"]).parent for e in entries.values()} | {tmp}, key=lambda p: -len(p.parts)):
+                fsync_dir(folder)
+            _crash_point("manifest_written")
+            os.rename(tmp, root / snapshot_id)
+            fsync_dir(root)
+            _crash_point("renamed")
+            write_text_atomic(root / LATEST_FILE, snapshot_id + "\n")  # the commit point
+        except BaseException:
+            # a failed write (a full disk, a read-only remount) leaves nothing behind: neither the hidden
+            # folder nor a renamed one that LATEST never named (a SIGKILL's leftovers go at the next publish)
+            _discard_uncommitted(root, tmp, snapshot_id)
+            raise
         _crash_point("committed")
         removed = _apply_retention(root, keep)
     return dataclasses.replace(resolve_snapshot(root, snapshot_id), removed_by_retention=tuple(removed))

@@ -18,11 +18,13 @@ from typing import Any
 from jinja2 import FileSystemLoader, StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from recaug.core.errors import UsageError
+
 PROMPTS_DIR = Path(__file__).resolve().parent
 
 
-class PromptError(ValueError):
-    pass
+class PromptError(UsageError, ValueError):
+    """A template that cannot be loaded or rendered (exit 2)."""
 
 
 def _search_path() -> list[str]:

@@ -47,6 +47,7 @@ import pyarrow as pa
 
 from recaug.core.config import InputGateConfig
 from recaug.core.memory import release_memory
+from recaug.core.errors import InputGateStopped, InputUnusable
 from recaug.schemas.tables import INTERACTIONS, ITEMS, QUARANTINE, REQUIRED_COLUMNS, USERS, conform
 
 TABLES = ("users", "items", "interactions")  # gate order: interactions are checked against the clean users/items
@@ -74,6 +75,13 @@ def table_schema(table: str, column_names: list[str]) -> pa.Schema:
 CONTROL_CHARS = r"[\x00-\x08\x0B-\x1F\x7F-\x9F]"
 # In ids every control character is a fault, tab and newline included.
 ID_CONTROL_CHARS = r"[\x00-\x1F\x7F-\x9F]"
+# Invisible characters an id may not hold: zero-width characters (U+200B..U+200D, U+2060, U+FEFF, the
+# soft hyphen, the combining grapheme joiner, Hangul and Mongolian fillers), and the bidi controls
+# (U+200E/U+200F, U+202A..U+202E, U+2066..U+2069, U+061C): "u1" and "u1\u200b" look the same to a person.
+INVISIBLE_ID_CHARS = (
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    "\u3164\ufeff\uffa0\ufff9-\ufffb]"
+)
 # U+FFFD: what invalid UTF-8 bytes decode to (here, or in the loader's utf8-lossy CSV read).
 REPLACEMENT_CHAR = "\ufffd"
 BLANK = r"^\s*$"
@@ -83,11 +91,11 @@ MISSING_TOKENS = ("", "na", "n/a", "nan", "null", "none", "\\n")
 _INT_RANGE = {pl.Int32: (-(2**31), 2**31 - 1), pl.Int64: (-(2**63), 2**63 - 1)}
 
 
-class InputSchemaError(ValueError):
+class InputSchemaError(InputUnusable, ValueError):
     """A whole table is unusable (missing, empty, or without a required column)."""
 
 
-class QuarantineThresholdExceeded(RuntimeError):
+class QuarantineThresholdExceeded(InputGateStopped, RuntimeError):
     """Too many rows of a table were quarantined for the run to go on."""
 
     def __init__(self, message: str, result: "InputGateResult", tables: list[str]):
@@ -429,6 +437,9 @@ def _convert(table: str, raw: pa.Table, list_separator: str) -> _Converted:
             s = s.cast(pl.String)
         if name in ids:
             value, problem = _to_id(s)
+            value, hit = _normalise_id(value)
+            if hit:
+                sanitized[f"{name}.nfc_normalised"] = hit
         elif fld.type == pa.int32():
             value, problem = _to_number(s, pl.Int32)
         elif fld.type == pa.int64():  # timestamp
@@ -437,6 +448,7 @@ def _convert(table: str, raw: pa.Table, list_separator: str) -> _Converted:
             )
         elif pa.types.is_floating(fld.type):
             value, problem = _to_number(s, pl.Float64)
+            problem = _nan_is_not_missing(s, problem, name)
         elif pa.types.is_list(fld.type):
             value, problem = _to_list_of_text(s, list_separator)
             value, hit = _strip_controls(value)
@@ -453,6 +465,72 @@ def _convert(table: str, raw: pa.Table, list_separator: str) -> _Converted:
         columns[name] = value.rename(name)
         problems[name] = problem
     return _Converted(frame=pl.DataFrame(columns), schema=schema, present=present, problems=problems, sanitized=sanitized)
+
+
+def _normalise_id(value: pl.Series) -> tuple[pl.Series, int]:
+    """Ids in Unicode NFC, so "Cafe\u0301" and "Caf\u00e9" (the same text to a person) are one key
+    everywhere; returns the ids and how many changed."""
+    if value.dtype != pl.String:
+        return value, 0
+    normal = value.str.normalize("NFC")
+    changed = int((normal != value).fill_null(False).sum())
+    return (normal if changed else value), changed
+
+
+def _nan_is_not_missing(raw: pl.Series, problem: pl.Series, column: str) -> pl.Series:
+    """A NaN rating is a fault, not a missing rating: a missing rating makes the interaction a click
+    (label 1), and NaN is what a failed computation writes, so taking it as "no rating" would turn it
+    into a positive without a word. Other NaNs (ages, years) stay missing values."""
+    if column != "rating":
+        return problem
+    if raw.dtype == pl.String:
+        nan = raw.str.strip_chars().str.to_lowercase().is_in(["nan", "+nan", "-nan"])
+    elif raw.dtype.is_float():
+        nan = raw.is_nan()
+    else:
+        return problem
+    nan = nan.fill_null(False)
+    if not nan.any():
+        return problem
+    why = "is NaN, not a rating (leave the value empty if the interaction has none: it then counts as a click)"
+    return pl.select(pl.when(nan).then(pl.lit(why)).otherwise(problem)).to_series()
+
+
+def _first_invisible(value: str) -> str:
+    import re
+    import unicodedata
+
+    found = re.search(INVISIBLE_ID_CHARS, value)
+    if not found:
+        return "an invisible character"
+    ch = found.group(0)
+    return f"U+{ord(ch):04X} {unicodedata.name(ch, 'FORMAT CHARACTER')}"
+
+
+def _identity_and_range_checks(E, table: str, conv: "_Converted", cfg: InputGateConfig) -> list["_Check"]:
+    """Ids holding invisible (zero-width or bidi-control) characters; users' ages outside
+    [input_gate.age_min, input_gate.age_max]."""
+    frame = conv.frame
+    checks: list[_Check] = []
+    for column in ID_COLUMNS[table]:
+        def invisible_reasons(rows, column=column):
+            return rows, [
+                f"{column} {_show(v)} contains {_first_invisible(v)}, a zero-width or bidi-control character: it "
+                "would look like another id; remove it at the source"
+                for v in _values(frame, column, rows)
+            ]
+
+        checks.append(_Check(f"{column}.invisible_chars", column,
+                             E.ExpectColumnValuesToNotMatchRegex(column=column, regex=INVISIBLE_ID_CHARS), invisible_reasons))
+    if table == "users" and "age" in conv.present:
+        def age_reasons(rows):
+            return rows, [f"age {_show(v)} is outside [{cfg.age_min}, {cfg.age_max}] (input_gate.age_min, age_max)"
+                          for v in _values(frame, "age", rows)]
+
+        checks.append(_Check("age.range", "age",
+                             E.ExpectColumnValuesToBeBetween(column="age", min_value=cfg.age_min, max_value=cfg.age_max),
+                             age_reasons))
+    return checks
 
 
 # --- checks ------------------------------------------------------------------------------------------
@@ -536,6 +614,7 @@ def _build_checks(
         checks.append(
             _Check(f"{column}.control_chars", column, E.ExpectColumnValuesToNotMatchRegex(column=column, regex=ID_CONTROL_CHARS), control_reasons)
         )
+    checks.extend(_identity_and_range_checks(E, table, conv, cfg))
 
     # 4. invalid UTF-8 (decoded to U+FFFD here or by the loader)
     for column in text_columns:

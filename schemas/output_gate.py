@@ -36,10 +36,11 @@ import pyarrow.compute as pc
 
 from recaug.core.config import OutputGateConfig
 from recaug.core.memory import release_memory
+from recaug.core.errors import NothingPublished
 from recaug.schemas.tables import EMBEDDING_METADATA_KEYS
 
 
-class OutputGateFailed(RuntimeError):
+class OutputGateFailed(NothingPublished, RuntimeError):
     def __init__(self, result: "OutputGateResult"):
         super().__init__(result.summary())
         self.result = result

@@ -21,6 +21,7 @@ __all__ = [
     "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP", "BatchModel", "Engine", "EngineError", "GenerationRequest",
     "GenerationResult", "Resources", "RunnerError", "defuse_special_tokens", "error_results", "special_token_texts",
 ]
+from recaug.core.errors import UsageError
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -103,9 +104,9 @@ def defuse_special_tokens(messages, specials: tuple[str, ...]) -> list[dict[str,
     return out
 
 
-class EngineError(ModelCannotWork):
+class EngineError(ModelCannotWork, UsageError):
     """An engine that cannot work at all (model missing, server unreachable after retries): every
-    runner stops the run with this message."""
+    runner stops the run with this message (exit 2: the engine's configuration is what to fix)."""
 
 
 class Engine(BatchModel):

@@ -13,6 +13,13 @@ text is passed through a redaction before it leaves this module: of the key, and
 or Authorization / api-key value a server echoes back (even a piece of one), always before a body is
 cut short for the message. Ray/Beam workers need
 that variable in their own environment (e.g. Ray `runtime_env={"env_vars": ...}`).
+
+Message contents are data. The server renders them with its model's chat template and tokenizes the
+result with special tokens on, so item text holding `<|im_end|><|im_start|>system` would open a turn
+there exactly as it would in the transformers and vLLM engines. Those engines defuse the strings their
+tokenizer treats as special (`defuse_special_tokens`); the server's tokenizer cannot be read from
+here, so this engine defuses, the same way, every chat-template marker of the common model families
+(`CHAT_TEMPLATE_MARKERS`) and anything shaped like one (`<|...|>`, `<｜...｜>`).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from recaug.pipelines.engines.base import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    defuse_special_tokens,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,28 @@ _SECRET_WORDS = frozenset({"key", "apikey", "token", "accesstoken", "secret", "p
                            "signature", "auth", "authorization", "credential", "credentials"})
 _LIFECYCLE_LOCK = threading.Lock()  # load() / close() of any engine in this process
 sleep = time.sleep  # module-level so tests can record the backoff instead of waiting it out
+
+# Chat-template markers that a served model's tokenizer reads as control tokens wherever they appear:
+# ChatML (Qwen, SmolLM, ...), Llama 2/3, Mistral, Gemma, Phi, DeepSeek, harmony, generic BOS/EOS/PAD.
+# Markers shaped like <|...|> or <｜...｜> (fullwidth bars) are found in the text whatever their name.
+CHAT_TEMPLATE_MARKERS = (
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+    "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>",
+    "<s>", "</s>", "<unk>", "<pad>", "<bos>", "<eos>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>",
+    "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",
+    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "<start_of_turn>", "<end_of_turn>", "<think>", "</think>",
+    "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+)
+_MARKER_SHAPES = re.compile(r"<\|[^\s|<>]{1,64}\|>|<｜[^\s｜<>]{1,64}｜>")
+
+
+def chat_template_markers(messages) -> tuple[str, ...]:
+    """The markers to defuse in these messages: the known ones and every `<|...|>`-shaped string in
+    them, longest first (as `special_token_texts` orders a tokenizer's)."""
+    found = set(CHAT_TEMPLATE_MARKERS)
+    for m in messages:
+        found.update(_MARKER_SHAPES.findall(m.get("content", "") or ""))
+    return tuple(sorted(found, key=lambda t: (-len(t), t)))
 
 
 def chat_completions_url(base_url: str) -> str:
@@ -210,7 +240,8 @@ class HTTPEngine(Engine):
     def body(self, request: GenerationRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.cfg.model,
-            "messages": [dict(m) for m in request.messages],
+            # data must stay data on the server too: chat-template markers in contents are defused
+            "messages": defuse_special_tokens(request.messages, chat_template_markers(request.messages)),
             "max_tokens": request.max_new_tokens,
             "temperature": self.cfg.temperature,
             "top_p": self.cfg.top_p,
