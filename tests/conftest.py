@@ -72,10 +72,11 @@ def _xdist_group(item: pytest.Item) -> str | None:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    grouping = config.pluginmanager.hasplugin("xdist")  # not in .venv-vllm
     for item in items:
         if not any(item.get_closest_marker(name) for name in LAYERS):
             item.add_marker(_layer(item))
-        if item.get_closest_marker("xdist_group") is None:
+        if grouping and item.get_closest_marker("xdist_group") is None:
             group = _xdist_group(item)
             if group is not None:
                 item.add_marker(pytest.mark.xdist_group(group))

@@ -7,6 +7,9 @@
   previous one) while reader threads load `latest` through `recaug.features.load`, the snapshot API
   and `list_snapshots`: every read is one whole snapshot, its tables' rows are what its manifest says
   and every value comes from that one publish.
+
+The runs encode with the hash encoder of tests/fake_encoder.py (what is under test is the lock, the
+caches and the snapshots, not the vectors).
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ RUN_TIMEOUT = 600
 # 30 users, 20 items, 10 ratings each, in the shop's own column names
 SHOP = Shop(n_users=30, n_items=20, per_user=10, seed=11, first_age=20, first_year=1990, title="Film {i}",
             genres=("Action", "Drama|Comedy"))
-# not a test of encoding: runs encode with the hash encoder (in-process: the fake_encoder fixture)
-# the two-run tests wait up to RUN_TIMEOUT for each run: longer than the suite's default timeout
+# in-process runs encode with the hash encoder too; the two-run tests wait up to RUN_TIMEOUT per run,
+# longer than the suite's default timeout
 pytestmark = [pytest.mark.usefixtures("fake_encoder"), pytest.mark.timeout(1800)]
 
 

@@ -6,7 +6,8 @@ HTML page, and some with a final 401, and whose error bodies echo the request's 
 back (as some proxies do), long enough that the key straddles the point where error texts are cut.
 The key is a fresh random string given only through the environment. Afterwards every file under the
 test's folder (Parquet read column by column, and every file's raw bytes) and everything the commands
-printed are searched for the key and for any 12-character piece of it.
+printed are searched for the key and for any 12-character piece of it. The CLI runs through
+tests/fake_encoder.py, so the vectors come from the hash encoder instead of MiniLM.
 """
 
 from __future__ import annotations
