@@ -114,16 +114,6 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
-def _engine_and_runner(cfg, runner_kind: str | None):
-    from recaug.pipelines.engines import make_engine
-    from recaug.pipelines.runners import make_runner
-
-    if runner_kind:
-        cfg = cfg.model_copy(update={"runner": cfg.runner.model_copy(update={"kind": runner_kind})})
-    engine = make_engine(cfg.engine)
-    return cfg, engine, make_runner(cfg.runner, engine)
-
-
 def _say_waiting(lock: Path, wait: float):
     def say(holder: str) -> None:
         print(f"recaug: {lock} is held by {holder}; waiting up to {wait:g} s for that run to end", file=sys.stderr,
@@ -134,103 +124,55 @@ def _say_waiting(lock: Path, wait: float):
 
 def cmd_run(args) -> int:
     from recaug.core.config import load_config
-    from recaug.pipelines.inputs import prepare_inputs
-    from recaug.core.locking import RunLock
-    from recaug.pipelines.long_job import run_long_job
+    from recaug.pipelines.jobs import run_long_job_locked
 
     cfg = load_config(args.config)
-    cfg, engine, runner = _engine_and_runner(cfg, args.runner)  # (refuses a bad engine config before any write)
-    try:
-        workdir = ensure_writable(cfg.workdir_path())
-    except BaseException:
-        runner.close()
-        raise
-    with RunLock(workdir / "run.lock", wait=args.wait, on_wait=_say_waiting(workdir / "run.lock", args.wait)):
-        print(f"recaug run {cfg.name}: workdir {workdir}")
-        prep = prepare_inputs(cfg, as_of=args.as_of, quarantine_path=workdir / "quarantine" / "latest.parquet")
-        c = prep.gate.counts
-        print(
-            f"input: {c['users']['rows_ok']:,} users, {c['items']['rows_ok']:,} items, "
-            f"{c['interactions']['rows_ok']:,} interactions ({prep.gate.quarantine.num_rows:,} quarantined); "
-            f"data cutoff {prep.describe_time(prep.data_cutoff, format_utc)}"
-        )
-        for warning in prep.warnings:
-            print(f"recaug: warning: {warning}", file=sys.stderr)
-        print(f"augment: engine {engine.kind} ({engine.model_id}), runner {runner.kind}")
-        try:
-            result = run_long_job(cfg, prep, engine, runner, only=args.only, progress=args.progress)
-        finally:
-            runner.close()
-        t = result.augmentation.report["totals"]
-        print(
-            f"augmentation: {t['llm_requests']:,} LLM calls + {t['cache_hits']:,} cached = "
-            f"{t['distinct_prompts']:,} distinct prompts for {t['entities']:,} entities; "
-            f"{t['no_history']:,} users without prompt history not prompted; "
-            f"parse rate {t['parse_rate']:.1%}, {t['dead_letter']:,} dead-letter rows, "
-            f"{t['truncated']:,} answers cut at max_new_tokens ({t['truncated_share']:.0%}), {t['output_tokens']:,} tokens out; "
-            f"prompt tokens {t['input_tokens']:,} rendered, {t['prompt_tokens_computed']:,} computed"
-        )
-        print(f"run report: {result.augmentation.run_dir / 'report.md'}")
-        print(f"published snapshot {result.snapshot_id}: {result.snapshot_path}")
-        if not args.only:  # a whole run is what the schedule's long job does: the next tick counts it
-            from recaug.pipelines.scheduler import LONG, record_manual
-
-            record_manual(cfg, LONG, snapshot=result.snapshot_id)
-        if result.removed_by_retention:
-            print(f"retention removed: {', '.join(result.removed_by_retention)}")
+    lock = cfg.workdir_path() / "run.lock"
+    result = run_long_job_locked(cfg, args.runner, as_of=args.as_of, wait=args.wait, on_wait=_say_waiting(lock, args.wait),
+                                 only=args.only, progress=args.progress)
+    t = result.augmentation.report["totals"]
+    print(
+        f"augmentation: {t['llm_requests']:,} LLM calls + {t['cache_hits']:,} cached = "
+        f"{t['distinct_prompts']:,} distinct prompts for {t['entities']:,} entities; "
+        f"{t['no_history']:,} users without prompt history not prompted; "
+        f"parse rate {t['parse_rate']:.1%}, {t['dead_letter']:,} dead-letter rows, "
+        f"{t['truncated']:,} answers cut at max_new_tokens ({t['truncated_share']:.0%}), {t['output_tokens']:,} tokens out; "
+        f"prompt tokens {t['input_tokens']:,} rendered, {t['prompt_tokens_computed']:,} computed"
+    )
+    print(f"run report: {result.augmentation.run_dir / 'report.md'}")
+    print(f"published snapshot {result.snapshot_id}: {result.snapshot_path}")
+    if result.removed_by_retention:
+        print(f"retention removed: {', '.join(result.removed_by_retention)}")
     return EXIT_OK
 
 
 def cmd_preview(args) -> int:
     import json
 
-    from recaug.augmenters.base import ParseError, check_contract, get_augmenter
-    from recaug.pipelines.augment import augmenter_options, build_pending
-    from recaug.core.config import AugmenterConfig, load_config
-    from recaug.pipelines.engines.base import GenerationRequest
-    from recaug.pipelines.inputs import prepare_inputs
-    from recaug.pipelines.long_job import augment_inputs
+    from recaug.core.config import load_config
+    from recaug.pipelines.jobs import preview_augmenter
 
-    cfg = load_config(args.config)
-    from recaug.pipelines.engines import make_engine
-
-    engine = make_engine(cfg.engine)
-    cfg.import_augmenter_modules()
-    aug = get_augmenter(args.augmenter)
-    aug_cfg = next((a for a in cfg.augmenters if a.name == args.augmenter), AugmenterConfig(name=args.augmenter))
-    aug_cfg = aug_cfg.model_copy(update={"max_entities": args.n})
-    prep = prepare_inputs(cfg, as_of=args.as_of)
-    inputs = augment_inputs(cfg, prep, engine)
-    check_contract(aug, inputs, augmenter_options(aug, aug_cfg))  # a template typo: one clear error, exit 2
-    pending, failed, _ = build_pending(aug, aug_cfg, inputs, engine, cfg.engine)
-    for f in failed:
+    preview = preview_augmenter(load_config(args.config), args.augmenter, args.n, as_of=args.as_of)
+    aug = preview.augmenter
+    for f in preview.render_failures:
         print(f"== {aug.entity_kind} {f['entity_id']}: cannot render: {f['reason']}")
-    if not pending:
+    if not preview.rows:
         print(f"{aug.name}: no entities selected (check the augmenter's options)")
         return EXIT_OK
-    engine.load()
-    schema = aug.decoding_schema(cfg.dataset.domain)
-    requests = [GenerationRequest(p.key, p.messages, p.max_new_tokens, schema) for p in pending]
-    try:
-        results = engine.generate(requests)
-    except Exception as exc:  # show the prompts and the failure, as a run would dead-letter it
-        from recaug.pipelines.runners import error_results
-
-        results = error_results(requests, f"the engine raised: {type(exc).__name__}: {exc}")
-    for p, r in zip(pending, results):
+    for row in preview.rows:
+        p, r = row.pending, row.result
         print(f"=================== {aug.name} · {aug.entity_kind} {p.entity_id} ===================")
         for m in p.messages:
             print(f"--- prompt [{m['role']}]\n{m['content']}")
         print(f"--- LLM answer ({r.input_tokens} tokens in, {r.output_tokens} out, finish={r.finish_reason}, {r.latency_s:.2f} s)")
         print(r.text if r.finish_reason != "error" else f"ERROR: {r.error}")
-        try:
-            parsed = aug.parse(r.text, p.context)
+        if row.parsed is not None:
             print("--- parsed record")
-            print(json.dumps(parsed.record, indent=2, ensure_ascii=False))
+            print(json.dumps(row.parsed.record, indent=2, ensure_ascii=False))
             print("--- text to encode")
-            print(parsed.text)
-        except ParseError as exc:
-            print(f"--- validation error: {exc}")
+            print(row.parsed.text)
+        else:
+            print(f"--- validation error: {row.parse_error}")
         print()
     return EXIT_OK
 
@@ -302,19 +244,15 @@ def _snapshots_diff(root, args) -> int:
 
 
 def cmd_train(args) -> int:
-    from recaug.pipelines.experiment import train_model
     from recaug.core.config import load_config
+    from recaug.pipelines.jobs import train_manual
 
-    cfg = load_config(args.config)
-    ensure_writable(cfg.workdir_path())
-    _, result = train_model(cfg, args.snapshot, args.model, args.seed, adaptor=args.adaptor, warm_start=args.warm_start)
+    result = train_manual(load_config(args.config), args.snapshot, args.model, args.seed, adaptor=args.adaptor,
+                          warm_start=args.warm_start)
     m = result.metrics
     print(f"best epoch {result.best_epoch} (validation AUC by epoch: {', '.join(f'{x:.4f}' for x in result.history_of_valid_auc)})")
     print(f"test (evaluated once): AUC {m['test_auc']:.4f}, LogLoss {m['test_logloss']:.4f}, GAUC {m['test_gauc']:.4f}")
     print(f"checkpoint: {result.checkpoint_path}")
-    from recaug.pipelines.scheduler import SHORT, record_manual
-
-    record_manual(cfg, SHORT, checkpoint=str(result.checkpoint_path) if result.checkpoint_path else None)
     return EXIT_OK
 
 
@@ -374,19 +312,12 @@ def cmd_schedule(args) -> int:
 
     def long_job(cfg, now: int, full_refresh: bool) -> dict:
         from recaug.pipelines.augment import Budget
-        from recaug.pipelines.inputs import prepare_inputs
-        from recaug.core.locking import RunLock
-        from recaug.pipelines.long_job import run_long_job
+        from recaug.pipelines.jobs import run_long_job_locked
 
-        c, engine, runner = _engine_and_runner(cfg, None)
         budget = None if full_refresh else Budget(cfg.schedule.long_max_entities, cfg.schedule.long_max_tokens)
-        workdir = cfg.workdir_path()
-        with RunLock(workdir / "run.lock", wait=args.wait, on_wait=_say_waiting(workdir / "run.lock", args.wait)):
-            prep = prepare_inputs(cfg, as_of=now, quarantine_path=workdir / "quarantine" / "latest.parquet")
-            try:
-                result = run_long_job(c, prep, engine, runner, progress=args.progress, budget=budget)
-            finally:
-                runner.close()
+        lock = cfg.workdir_path() / "run.lock"
+        result = run_long_job_locked(cfg, as_of=now, wait=args.wait, on_wait=_say_waiting(lock, args.wait),
+                                     progress=args.progress, budget=budget, manual=False, log=lambda line: None)
         return {"snapshot": result.snapshot_id, "llm_requests": result.augmentation.report["totals"]["llm_requests"]}
 
     def short_job(cfg, now: int, warm_start: str | None) -> dict:
