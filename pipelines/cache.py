@@ -54,30 +54,6 @@ class CacheSink:
     augmenter: str
     model: str
 
-    def contains(self, keys: list[str] | pl.Series) -> pl.Series:
-        """A boolean per key: is it in the cache? Reads only the `cache_key` column of shards it has
-        not read before (other processes may add shards at any time; a vanished shard, e.g. after a
-        compaction, makes it re-read all), and answers by binary search over the keys' first 60 bits
-        (sorted integers) confirmed by comparing the whole key, so checking a chunk of keys does not
-        scan the cache again. Keys that are not hex digests are compared as strings."""
-        keys = pl.Series("cache_key", keys, dtype=pl.String)
-        shards = set(self.shards())
-        if not shards >= self._index_files:
-            self._index_files, self._index = set(), []
-        new = sorted(shards - self._index_files)
-        if new:
-            self._index.append(_KeyIndex(pl.scan_parquet(new).select("cache_key").collect()["cache_key"]))
-            self._index_files |= set(new)
-            if len(self._index) > 8:  # keep the number of searches per call small: merge all but the
-                # largest piece (the keys found at the start), which is never rebuilt for a few new shards
-                big = max(self._index, key=lambda piece: len(piece.keys))
-                rest = [piece.keys for piece in self._index if piece is not big]
-                self._index = [big, _KeyIndex(pl.concat(rest))]
-        found = pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
-        for piece in self._index:
-            found = found | piece.contains(keys)
-        return found
-
     def commit(self, results: list[GenerationResult]) -> int:
         return GenerationCache(Path(self.root)).commit(results, self.augmenter, self.model)
 

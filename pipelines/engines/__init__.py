@@ -12,15 +12,7 @@ from __future__ import annotations
 import importlib
 
 from recaug.core.config import ENGINE_CONFIGS, EngineConfig
-from recaug.pipelines.engines.base import (
-    FINISH_ERROR,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    Engine,
-    EngineError,
-    GenerationRequest,
-    GenerationResult,
-)
+from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult
 
 __all__ = [
     "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP", "Engine", "EngineError", "GenerationRequest", "GenerationResult",

@@ -33,14 +33,7 @@ import hashlib
 from collections import Counter
 from typing import Any
 
-from recaug.pipelines.engines.base import (
-    FINISH_ERROR,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    Engine,
-    GenerationRequest,
-    GenerationResult,
-)
+from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Engine, GenerationRequest, GenerationResult
 
 REQUEST_KINDS = ("malformed", "truncated", "empty", "error")
 FAILURE_KINDS = REQUEST_KINDS + ("exception",)

@@ -15,14 +15,7 @@ import json
 from typing import Any, Callable
 
 from recaug.core.config import EngineConfig
-from recaug.pipelines.engines.base import (
-    FINISH_ERROR,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    Engine,
-    GenerationRequest,
-    GenerationResult,
-)
+from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Engine, GenerationRequest, GenerationResult
 
 FAKE_MODEL_ID = "fake/echo"
 

@@ -37,16 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from recaug.core.config import EngineConfig
-from recaug.pipelines.engines.base import (
-    FINISH_ERROR,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    Engine,
-    EngineError,
-    GenerationRequest,
-    GenerationResult,
-    defuse_special_tokens,
-)
+from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult, defuse_special_tokens
 
 log = logging.getLogger(__name__)
 

@@ -37,17 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from recaug.core.config import EngineConfig
-from recaug.pipelines.engines.base import (
-    FINISH_LENGTH,
-    FINISH_STOP,
-    Engine,
-    EngineError,
-    GenerationRequest,
-    GenerationResult,
-    Resources,
-    defuse_special_tokens,
-    special_token_texts,
-)
+from recaug.pipelines.engines.base import FINISH_LENGTH, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult, Resources, defuse_special_tokens, special_token_texts
 from recaug.pipelines.engines.json_constraint import JsonSchemaLogitsProcessor, llguidance_available
 from recaug.core.offline import go_offline
 from recaug.core.packaged import ensure_smollm2_dir, file_content_id, smollm2_model_id

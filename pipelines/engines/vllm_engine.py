@@ -33,18 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from recaug.core.config import EngineConfig
-from recaug.pipelines.engines.base import (
-    FINISH_ERROR,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    Engine,
-    EngineError,
-    GenerationRequest,
-    GenerationResult,
-    Resources,
-    defuse_special_tokens,
-    special_token_texts,
-)
+from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult, Resources, defuse_special_tokens, special_token_texts
 from recaug.core.offline import go_offline
 from recaug.pipelines.engines.transformers_engine import LocalModelFolder
 
