@@ -166,8 +166,13 @@ def test_books_catalogue_as_it_comes(tmp_path):
     snap = list_snapshots(root)[-1]
     generated = pl.from_arrow(read_table(root, snap.snapshot_id, "generated/kar_user_preference"))
     prompts = [json.loads(p)[-1]["content"] for p in generated["prompt"].to_list()]  # the chat messages; the user turn
+    dead = pl.from_arrow(read_table(root, snap.snapshot_id, "dead_letter/kar_user_preference"))
+    prompts += [json.loads(p)[-1]["content"] for p in dead["prompt"].to_list() if p]
     with_history = [p for p in prompts if re.search(r"^- ", p, re.M)]
-    assert with_history, prompts
+    # most users of this catalogue rated nothing: none of them is prompted, and the run says how many
+    assert prompts and with_history == prompts, [p for p in prompts if p not in with_history]
+    skipped = re.search(r"([\d,]+) users without prompt history not prompted", proc.stdout)
+    assert skipped and int(skipped.group(1).replace(",", "")) > 0, proc.stdout[-2000:]
     for p in with_history:
         history = [line for line in p.splitlines() if line.startswith("- ")]
         assert all("/5" not in line for line in history), p
@@ -175,6 +180,9 @@ def test_books_catalogue_as_it_comes(tmp_path):
         assert all(re.search(r", rated (10|[1-9])/10$", line) for line in rated), p
         assert all("; author: " in line for line in history), p  # every book line names its author
     assert any(a in p for p in with_history for a in AUTHORS)
+    items = pl.from_arrow(read_table(root, snap.snapshot_id, "generated/kar_item_knowledge"))
+    item_prompts = [json.loads(p)[-1]["content"] for p in items["prompt"].to_list()]
+    assert item_prompts and all(re.search(r"^Author: \S", p, re.M) for p in item_prompts), item_prompts
 
     proc = _timed(["train", str(cfg_path), "--model", "deepfm"], figures, "train")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
