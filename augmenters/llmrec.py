@@ -109,7 +109,9 @@ class UserProfile(BaseModel):
     model_config = ConfigDict(extra="ignore")
     age: int | None = Field(default=None, ge=0, le=120)
     gender: str = Field("unknown", json_schema_extra={"x-decoding": {"enum": ["male", "female", "unknown"]}})
-    liked_genres: list[Genre] = Field(default_factory=list, max_length=10, json_schema_extra=_FEW)
+    # required, at least one: a profile without a liked genre is no profile (constrained decoding then
+    # cannot leave it out; an answer without it is retried, then dead-lettered)
+    liked_genres: list[Genre] = Field(..., min_length=1, max_length=10, json_schema_extra=_FEW)
     disliked_genres: list[Genre] = Field(default_factory=list, max_length=10, json_schema_extra=_FEW)
     liked_directors: list[Annotated[str, Field(json_schema_extra={"x-decoding": {"maxLength": 40}})]] = Field(
         default_factory=list, max_length=10, json_schema_extra=_FEW)
