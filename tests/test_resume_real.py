@@ -96,9 +96,12 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, write_config):
     assert clean.returncode == 0, out
 
     a, b = _generated(load_config(killed_cfg)), _generated(load_config(clean_cfg))
-    assert a.height == 24 and a["entity_id"].n_unique() == 24
+    # every item is published or a dead letter with its reason (a prompt echo), once, in both workdirs
+    dead_a, dead_b = (_table(load_config(c), "dead_letter/kar_item_knowledge") for c in (killed_cfg, clean_cfg))
+    assert a.height + dead_a.height == 24 and a["entity_id"].n_unique() == a.height and a.height >= 12
     cols = ["entity_id", "cache_key", "prompt", "raw_text", "text", "input_tokens", "output_tokens", "finish_reason"]
     assert a.select(cols).equals(b.select(cols))
+    assert dead_a.select("entity_id", "cache_key", "reason").equals(dead_b.select("entity_id", "cache_key", "reason"))
     ea, eb = (_table(load_config(c), "embeddings/kar_item_knowledge") for c in (killed_cfg, clean_cfg))
     assert ea.select("entity_id", "text_hash").equals(eb.select("entity_id", "text_hash"))
     np.testing.assert_allclose(vectors_numpy(ea.select("vector").to_arrow()), vectors_numpy(eb.select("vector").to_arrow()),
