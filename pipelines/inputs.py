@@ -53,7 +53,9 @@ def prepare_inputs(cfg: PipelineConfig, as_of: int | None = None, quarantine_pat
     """Raises InputSchemaError (table unusable) or QuarantineThresholdExceeded (too many bad rows);
     the quarantine table is written first either way so that the reasons can be read."""
     raw = load_raw(cfg)
-    gate = run_input_gate(raw.tables, cfg.input_gate, as_of=None, list_separator=raw.list_separator)
+    interactions = cfg.dataset.interactions
+    gate = run_input_gate(raw.tables, cfg.input_gate, as_of=None, list_separator=raw.list_separator,
+                          timestamp_format=interactions.timestamp_format if interactions is not None else None)
     if quarantine_path is not None:
         with writing_into(cfg.workdir_path(), f"the quarantine table {quarantine_path}"):
             write_parquet_atomic(gate.quarantine, quarantine_path)  # its temporary file goes on any failure

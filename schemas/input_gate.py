@@ -412,7 +412,7 @@ class _Converted:
     sanitized: dict[str, int] = field(default_factory=dict)
 
 
-def _convert(table: str, raw: pa.Table, list_separator: str) -> _Converted:
+def _convert(table: str, raw: pa.Table, list_separator: str, timestamp_format: str | None = None) -> _Converted:
     schema = table_schema(table, raw.column_names)
     columns: dict[str, pl.Series] = {}
     problems: dict[str, pl.Series] = {}
@@ -443,9 +443,10 @@ def _convert(table: str, raw: pa.Table, list_separator: str) -> _Converted:
         elif fld.type == pa.int32():
             value, problem = _to_number(s, pl.Int32)
         elif fld.type == pa.int64():  # timestamp
-            value, problem = _to_number(
-                s, pl.Int64, truncate=True, hint=" (timestamps are unix seconds; set dataset.interactions.timestamp_format to parse dates)"
-            )
+            hint = (f" (it does not match dataset.interactions.timestamp_format {timestamp_format!r}; fix the format or the value)"
+                    if timestamp_format else
+                    " (timestamps are unix seconds; set dataset.interactions.timestamp_format to parse dates)")
+            value, problem = _to_number(s, pl.Int64, truncate=True, hint=hint)
         elif pa.types.is_floating(fld.type):
             value, problem = _to_number(s, pl.Float64)
             problem = _nan_is_not_missing(s, problem, name)
@@ -892,6 +893,7 @@ def run_input_gate(
     as_of: int | None = None,
     *,
     list_separator: str = "|",
+    timestamp_format: str | None = None,
 ) -> InputGateResult:
     """Check raw users / items / interactions; return the clean conformed tables and the quarantine.
 
@@ -911,7 +913,7 @@ def run_input_gate(
 
     for table in TABLES:
         raw_t = tables[table]
-        conv = _convert(table, raw_t, list_separator)
+        conv = _convert(table, raw_t, list_separator, timestamp_format if table == "interactions" else None)
         extra: dict[str, np.ndarray] = {}
         checks = _build_checks(gx, table, raw_t, conv, cfg, timestamp_max, extra, clean_ids, quarantined_ids)
         results = _validate(gx, ctx, table, _gx_frame(conv), extra, checks)

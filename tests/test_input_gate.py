@@ -372,3 +372,20 @@ def test_full_movielens_100k():
     assert inter.schema.equals(INTERACTIONS, check_metadata=True)
     assert conform(inter, INTERACTIONS).equals(inter)
     assert pl.from_arrow(inter).select(pl.col("timestamp").min().alias("first"), pl.col("timestamp").max().alias("last")).row(0) == (874724710, 893286638)
+
+
+@pytest.mark.parametrize("timestamp_format, advice", [
+    (None, "set dataset.interactions.timestamp_format"),
+    ("%Y-%m-%d", "does not match dataset.interactions.timestamp_format '%Y-%m-%d'"),
+])
+def test_a_bad_timestamp_gets_advice_that_fits_the_config(timestamp_format, advice):
+    """Without a format the advice is to set one; with a format that a value does not match, the advice
+    is about that mismatch, never 'set timestamp_format' when it is set."""
+    users = pa.table({"user_id": ["1"]})
+    items = pa.table({"item_id": ["7"], "title": ["A"]})
+    inter = pa.table({"user_id": ["1", "1"], "item_id": ["7", "7"], "timestamp": ["881250949", "last tuesday"]})
+    result = run_input_gate({"users": users, "items": items, "interactions": inter}, CFG, as_of=AS_OF,
+                            timestamp_format=timestamp_format)
+    reasons = [r["reason"] for r in result.quarantine.to_pylist() if r["check"] == "timestamp.type"]
+    assert len(reasons) == 1 and advice in reasons[0], reasons
+    assert ("set dataset.interactions.timestamp_format" in reasons[0]) == (timestamp_format is None)
