@@ -640,6 +640,10 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
         present = cache.contains(keys["key"])
         if present.any():
             reused = previous.rows(keys.filter(present))
+            if text_bounds and reused.height:
+                # the bounds are config: a row the previous run published may be out of them now, and
+                # takes the normal path to become that entity's dead letter
+                reused = reused.filter(pl.col("text").str.len_chars().is_between(*text_bounds))
             if reused.height:
                 counted = set(reused["cache_key"].unique().to_list())
                 stats.requests += reused.height

@@ -198,3 +198,22 @@ def test_cache_membership_index(tmp_path):
     for shard in cache.shards()[:1]:  # a vanished shard: the index is read again
         shard.unlink()
     assert cache.contains(stored[:2] + stored[30:32]).to_list() == [False, False, True, True]
+
+
+def test_a_reused_row_outside_the_text_bounds_becomes_a_dead_letter(inputs, tmp_path):
+    """The output gate's text bounds are config: a row the previous run published but that is out of
+    today's bounds is not copied; it takes the normal path and is that entity's dead letter."""
+    aug = get_augmenter("kar_item_knowledge")
+    engine = FakeEngine(EngineConfig(kind="fake"))
+    cache = GenerationCache(tmp_path / "cache")
+    runs = tmp_path / "runs"
+    first = _run(aug, inputs, engine, cache)
+    _publish(first, runs, "20260101T000000Z-aaaaaa")
+    lengths = pl.from_arrow(first.generated)["text"].str.len_chars()
+    bounds = (0, int(lengths.min()))  # only the shortest text(s) still fit
+    out = run_augmenter(aug, AugmenterConfig(name=aug.name), inputs, engine, EngineConfig(kind="fake"), cache,
+                        LocalRunner(engine).execute, shard_size=3, reuse_runs=runs, chunk_size=5, text_bounds=bounds)
+    gen, dead = pl.from_arrow(out.generated), pl.from_arrow(out.dead_letter)
+    assert out.stats.llm_requests == 0  # everything was cached
+    assert gen.height == int((lengths <= bounds[1]).sum()) and gen["text"].str.len_chars().max() <= bounds[1]
+    assert dead.height == 12 - gen.height and dead["reason"].str.contains("output_gate.max_text_chars").all()
