@@ -36,7 +36,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # files that change what a folder's model computes (weights, architecture, tokenisation)
 _IDENTITY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 # below this many batches a progress bar is noise
-_PROGRESS_MIN_BATCHES = 4
+PROGRESS_MIN_BATCHES = 4
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -213,7 +213,7 @@ class TextEncoder:
         batches = self._plan(ids, batch_size)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         n_batches = len(batches)
-        show = progress_wanted(progress if progress is not None else self.progress) and n_batches >= _PROGRESS_MIN_BATCHES
+        show = progress_wanted(progress if progress is not None else self.progress) and n_batches >= PROGRESS_MIN_BATCHES
         bar = None
         if show:
             from tqdm import tqdm
@@ -292,15 +292,3 @@ class TextEncoderHandler(BatchModel):
 
     def load_results(self, data: bytes) -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-class InProcessEncoderHandler(TextEncoderHandler):
-    """The same handler around an encoder that already lives in this process (the local runner): its
-    model object is that encoder, loaded on first use as in a plain `encode` call. Not for shipping."""
-
-    def __init__(self, encoder: TextEncoder):
-        super().__init__(encoder.cfg, encoder.encoder_id)
-        self.encoder = encoder
-
-    def load_model(self) -> TextEncoder:
-        return self.encoder

@@ -1,4 +1,4 @@
-"""LLM engines behind one seam: load_model() and generate(batch).
+"""LLM engines behind one seam: load_model() and run_batch(model, batch).
 
 `make_engine(cfg)` builds the engine its config class names (`engine_class`; each config class is
 one engine kind, recaug.core.config). An engine module is imported only when chosen, so a run on
@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import importlib
 
-from recaug.core.config import ENGINE_CONFIGS, EngineConfig
+from recaug.core.config import EngineConfig
 from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult
 
 __all__ = [
     "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP", "Engine", "EngineError", "GenerationRequest", "GenerationResult",
-    "engine_kinds", "make_engine",
+    "make_engine",
 ]
-
-
-def engine_kinds() -> tuple[str, ...]:
-    """Every registered engine kind (the built-in four plus any config class defined since)."""
-    return tuple(ENGINE_CONFIGS)
 
 
 def make_engine(cfg: EngineConfig) -> Engine:

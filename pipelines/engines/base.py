@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from recaug.core.batch_model import BatchModel, ModelCannotWork, Resources, RunnerError
+from recaug.core.errors import UsageError
 
 __all__ = [
     "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP", "BatchModel", "Engine", "EngineError", "GenerationRequest",
     "GenerationResult", "Resources", "RunnerError", "defuse_special_tokens", "error_results", "special_token_texts",
 ]
-from recaug.core.errors import UsageError
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"

@@ -28,29 +28,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
-from recaug.core.batch_model import BatchModel, OnShard, Resources, RunnerError
+from recaug.core.batch_model import BatchModel, OnShard, RunnerError
 from recaug.core.config import RunnerConfig
-from recaug.pipelines.engines.base import Engine, GenerationRequest, error_results
+from recaug.pipelines.engines.base import Engine, GenerationRequest
 
 if TYPE_CHECKING:
     from recaug.encoders.text_encoder import TextEncoder
     from recaug.pipelines.cache import CacheSink
 
-__all__ = [
-    "BaseRunner", "RunnerError", "assemble_vectors", "encode_batches", "error_results", "make_runner",
-    "worker_resources",
-]
-
-# below this many encoder batches a progress bar is noise
-_PROGRESS_MIN_BATCHES = 4
-
-
-def worker_resources(cfg: RunnerConfig, needs: Resources) -> dict[str, float]:
-    """What one worker asks Ray for: the handler's needs under the runner's shares. CPUs may be
-    fractional (0.5 by default) so a 2-core machine never deadlocks between the workers and Ray Data's
-    own tasks; a GPU model with `gpus_per_actor: 0` gets one whole GPU per worker; a CPU-only model
-    (an encoder on the CPU) gets no GPU share."""
-    return needs.for_worker(cfg.cpus_per_actor, cfg.gpus_per_actor)
+__all__ = ["BaseRunner", "RunnerError", "assemble_vectors", "encode_batches", "make_runner"]
 
 
 # --- the encode stage ------------------------------------------------------------------------------
@@ -118,6 +104,7 @@ class BaseRunner(abc.ABC):
     def encode(self, texts: list[str], encoder: "TextEncoder", scratch: str | None = None) -> np.ndarray:
         """Vectors of `texts` (rows in order): the planned batches through `run`, put back in order."""
         from recaug.core.progress import progress_wanted
+        from recaug.encoders.text_encoder import PROGRESS_MIN_BATCHES
 
         texts = list(texts)
         if not texts:
@@ -126,7 +113,7 @@ class BaseRunner(abc.ABC):
         shards = [list(zip(positions, batch_texts)) for positions, batch_texts in batches]
         pieces: list[tuple[list[int], np.ndarray]] = []
         bar = None
-        if progress_wanted(encoder.progress) and len(batches) >= _PROGRESS_MIN_BATCHES:
+        if progress_wanted(encoder.progress) and len(batches) >= PROGRESS_MIN_BATCHES:
             from tqdm import tqdm
 
             bar = tqdm(total=len(texts), desc="encode", unit="text", file=sys.stderr, dynamic_ncols=True)

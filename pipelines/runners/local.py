@@ -45,10 +45,10 @@ class LocalRunner(BaseRunner):
             if handler is not self.engine:
                 handler.close_model(model)
 
-    def encoder_handler(self, encoder) -> BatchModel:
-        from recaug.encoders.text_encoder import InProcessEncoderHandler
-
-        return InProcessEncoderHandler(encoder)  # the caller's encoder: loaded here, as a plain encode() call
+    def encode(self, texts: list[str], encoder, scratch: str | None = None):
+        # in this process the planned batches are the encoder's own: one call plans (tokenises) once,
+        # where the shard path would plan here and again inside each batch's encode
+        return encoder.encode(list(texts))
 
     def close(self) -> None:
         if self._engine_model is not None:

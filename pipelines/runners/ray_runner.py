@@ -32,7 +32,7 @@ from recaug.core.batch_model import (
 )
 from recaug.core.config import RunnerConfig
 from recaug.pipelines.engines.base import Engine
-from recaug.pipelines.runners import BaseRunner, worker_resources
+from recaug.pipelines.runners import BaseRunner
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,11 @@ OUTCOME_SCHEMA = pa.schema([pa.field("shard", pa.int64(), nullable=False),
 
 
 def actor_resources(cfg: RunnerConfig, needs: Resources | None = None) -> dict[str, float]:
-    """What each worker actor asks Ray for (see runners.worker_resources)."""
-    return worker_resources(cfg, needs or Resources())
+    """What one worker actor asks Ray for: the handler's needs under the runner's shares. CPUs may be
+    fractional (0.5 by default) so a 2-core machine never deadlocks between the workers and Ray Data's
+    own tasks; a GPU model with `gpus_per_actor: 0` gets one whole GPU per worker; a CPU-only model
+    (an encoder on the CPU) gets no GPU share."""
+    return (needs or Resources()).for_worker(cfg.cpus_per_actor, cfg.gpus_per_actor)
 
 
 def pool_size(cfg: RunnerConfig, resources: dict[str, float], cluster: dict[str, float], num_shards: int) -> int:
