@@ -21,9 +21,9 @@ from __future__ import annotations
 import polars as pl
 
 from recaug.augmenters.base import AugmentInputs
+from recaug.schemas.tables import ATTRIBUTE_PREFIX
 
 GENDER_WORDS = {"M": "male", "F": "female"}
-ATTRIBUTE_PREFIX = "attr_"
 DEFAULT_RATING_SCALE = (0.0, 5.0)  # input_gate.rating_min / rating_max defaults
 _LINE_BREAKS = r"[ \t]*[\r\n]+[ \t]*"
 

@@ -103,8 +103,7 @@ def write_atomic(path: Path, write: Callable[[Path], None], crash_at: str | None
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(tmp)
         if crash_at:
             crash_point(crash_at)
         os.replace(tmp, path)

@@ -24,6 +24,7 @@ from recaug.core.config import DatasetConfig, PipelineConfig, TableSource
 from recaug.core.packaged import ml100k_dir
 from recaug.schemas import ITEMS, REQUIRED_COLUMNS, USERS, INTERACTIONS
 from recaug.schemas.input_gate import InputSchemaError, _decode_binary, _is_binary
+from recaug.schemas.tables import ATTRIBUTE_PREFIX
 
 TABLES = ("users", "items", "interactions")
 _KNOWN_COLUMNS = {"users": USERS.names, "items": ITEMS.names, "interactions": INTERACTIONS.names}
@@ -173,7 +174,7 @@ def _read_source(table: str, src: TableSource, cfg: PipelineConfig) -> tuple[pa.
     # ours <- theirs; unmapped columns that already carry one of our names are taken as they are
     select = [pl.col(theirs).alias(ours) for ours, theirs in wanted.items()]
     select += [pl.col(ours) for ours in taken]
-    select += [pl.col(theirs).cast(pl.String, strict=False).alias(f"attr_{name}") for name, theirs in attributes.items()]
+    select += [pl.col(theirs).cast(pl.String, strict=False).alias(f"{ATTRIBUTE_PREFIX}{name}") for name, theirs in attributes.items()]
     out = df.select(select)
     counts: dict[str, int] = {}
     if table == "interactions":

@@ -130,11 +130,10 @@ def run_augmentation(
     started = time.perf_counter()
     show = progress_wanted(progress)
     outputs: dict[str, AugmenterOutput] = {}
-    for aug_cfg in enabled_augmenters(cfg, only):  # every template against its context before any entity runs
-        aug = get_augmenter(aug_cfg.name)
+    chosen = [(aug_cfg, get_augmenter(aug_cfg.name)) for aug_cfg in enabled_augmenters(cfg, only)]
+    for aug_cfg, aug in chosen:  # every template against its context before any entity runs
         check_contract(aug, inputs, augmenter_options(aug, aug_cfg))
-    for aug_cfg in enabled_augmenters(cfg, only):
-        aug = get_augmenter(aug_cfg.name)
+    for aug_cfg, aug in chosen:
         bar = _Progress(aug.name, show)
         try:
             with writing_into(workdir, f"{aug.name}: the generation cache under {cache.dir} or the temporary tables "
@@ -174,7 +173,7 @@ def augmentation_report(
     tot["cache_hit_rate"] = tot["cache_hits"] / tot["distinct_prompts"] if tot["distinct_prompts"] else 1.0
     answered = tot["parsed"] + tot["dead_letter"]
     tot["truncated_share"] = tot["truncated"] / answered if answered else 0.0
-    tot["parse_rate"] = tot["parsed"] / (tot["parsed"] + tot["dead_letter"]) if tot["parsed"] + tot["dead_letter"] else 1.0
+    tot["parse_rate"] = tot["parsed"] / answered if answered else 1.0
     tot["tokens_per_s"] = tot["output_tokens"] / tot["generate_seconds"] if tot["generate_seconds"] else 0.0
     return {
         "run_id": result.run_id,

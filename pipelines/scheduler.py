@@ -20,13 +20,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from recaug.core.storage import write_text_atomic
 from recaug.core.config import PipelineConfig
 from recaug.core.locking import RunLock, RunLocked
 
@@ -70,13 +69,7 @@ class ScheduleState:
             self.data = json.loads(self.path.read_text())
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no temporary
+        write_text_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True))
 
     def job(self, name: str) -> dict[str, Any]:
         return self.data.setdefault(name, {})
@@ -103,10 +96,7 @@ def record_manual(cfg: PipelineConfig, job: str, now: int | None = None, **out: 
     if job == LONG:
         entry["fingerprint"] = fingerprint(cfg)
     data[job] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def _with_manual(cfg: PipelineConfig, state: ScheduleState) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -48,7 +48,7 @@ import pyarrow as pa
 from recaug.core.config import InputGateConfig
 from recaug.core.memory import release_memory
 from recaug.core.errors import InputGateStopped, InputUnusable
-from recaug.schemas.tables import INTERACTIONS, ITEMS, QUARANTINE, REQUIRED_COLUMNS, USERS, conform
+from recaug.schemas.tables import ATTRIBUTE_PREFIX, INTERACTIONS, ITEMS, QUARANTINE, REQUIRED_COLUMNS, USERS, conform
 
 TABLES = ("users", "items", "interactions")  # gate order: interactions are checked against the clean users/items
 SCHEMAS = {"users": USERS, "items": ITEMS, "interactions": INTERACTIONS}
@@ -57,7 +57,6 @@ TEXT_LIMITED = {"items": ("title", "description")}  # columns held to max_text_c
 INTERACTION_KEY = ("user_id", "item_id", "timestamp")
 # users/items may carry extra text columns `attr_<name>` (dataset.<table>.attributes): nullable text,
 # checked like other free text (control characters, encoding, max_text_chars)
-ATTRIBUTE_PREFIX = "attr_"
 
 
 def table_schema(table: str, column_names: list[str]) -> pa.Schema:

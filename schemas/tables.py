@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# users and items may carry extra text columns (dataset.<table>.attributes), named with this prefix in
+# the canonical tables: `attr_author`, `attr_publisher`
+ATTRIBUTE_PREFIX = "attr_"
+
 ID = pa.string()
 TS = pa.int64()  # unix seconds, UTC
 
