@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from recaug.prompts import PromptError, PromptTemplate, load_template
 from recaug.core.errors import UsageError
+from recaug.core.sentences import split_sentences
 
 EntityKind = Literal["user", "item"]
 
@@ -112,6 +113,10 @@ class Augmenter:
     encodes: bool = True  # False: the output is synthetic rows only, not a text worth a vector
     description: str = ""
     default_options: dict[str, Any] = field(default_factory=dict)
+    # free-text answers the prompt asks to keep to N sentences: the engine stops generating after the
+    # N-th complete sentence (core/sentences.py) instead of running on to max_new_tokens; None: no limit.
+    # `augmenters[].max_sentences` in the config overrides it.
+    max_sentences: int | None = None
     _decoding: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
     _decoding_hash: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -212,22 +217,19 @@ def _sha(text: str) -> str:
 # --- parsers ------------------------------------------------------------------------------------
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+")
-
-
 def free_text_answer(raw: str, whole_sentences: bool = False) -> str:
     """The one helper every free-text parser starts with: the answer with its white space collapsed
     (line breaks and runs of spaces become one space), or ParseError when nothing is left.
 
     With `whole_sentences`, an answer cut off mid-sentence (at max_new_tokens) keeps its complete
-    sentences only, and a sentence the model repeated word for word is kept once: a small model that
-    loops ("... a romantic undertones and a romantic undertones") must not publish the loop."""
+    sentences (or lines) only (core/sentences.py says where a sentence ends), and a sentence the model repeated
+    word for word is kept once: a small model that loops ("... a romantic undertones and a romantic
+    undertones") must not publish the loop. An answer without one complete sentence is kept whole."""
     text = " ".join(raw.split())
     if whole_sentences and text:
-        sentences = [x for x in _SENTENCE_END.split(text) if x]
-        complete = sentences if text.endswith((".", "!", "?", '."', ".'", ".)")) else sentences[:-1]
+        complete, _ = split_sentences(raw)  # on the raw text: a line break can end a sentence
         kept: list[str] = []
-        for sentence in complete or sentences:
+        for sentence in complete or [text]:
             if sentence not in kept:
                 kept.append(sentence)
         text = " ".join(kept)

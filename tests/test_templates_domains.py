@@ -160,7 +160,10 @@ def test_kar_answers_keep_whole_sentences_and_drop_repeats():
     assert parsed.record["knowledge"] == "It is a romantic comedy with a warm tone. The director is British."
     assert parsed.text == "Emma. It is a romantic comedy with a warm tone. The director is British."
     # an answer without any sentence end is kept as it is rather than emptied
-    assert aug.parse("a comedy about\na family", {"title": "X"}).record["knowledge"] == "a comedy about a family"
+    assert aug.parse("a comedy   about a family", {"title": "X"}).record["knowledge"] == "a comedy about a family"
+    # a list answer's lines are its units: the unfinished last line goes, like a cut sentence
+    listed = aug.parse("Genre: Comedy\nDirector: Douglas McGrath\nSoundtrack: Rachel", {"title": "Emma"})
+    assert listed.record["knowledge"] == "Genre: Comedy Director: Douglas McGrath"
     user = get_augmenter("kar_user_preference")
     out = user.parse("They like dramas. They dislike horror. They like drama", {"history": ["- A"], "encode": "answer"})
     assert out.record["reasoning"] == "They like dramas. They dislike horror."
