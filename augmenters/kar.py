@@ -31,7 +31,10 @@ def kar_user_preference() -> Augmenter:
         template="kar_user_preference.j2",
         build_context=user_context,
         parse=parse_user_reasoning,
-        parser_version="2",  # 2: shared free-text helper: white space collapsed, whole sentences, no repeats
+        # 2: shared free-text helper: white space collapsed, whole sentences, no repeats;
+        # 3: sentence ends from core/sentences.py (an initial or "Dr." does not end a sentence)
+        parser_version="3",
+        max_sentences=2,  # the prompt asks for one or two sentences
         default_options={"encode": "history+answer", "min_history": 2},
         description="user preference reasoning along the domain's factors (free text)",
     )
@@ -46,6 +49,9 @@ def kar_item_knowledge() -> Augmenter:
         template="kar_item_knowledge.j2",
         build_context=item_context,
         parse=parse_item_knowledge,
-        parser_version="2",  # 2: shared free-text helper: white space collapsed, whole sentences, no repeats
+        # 2: shared free-text helper: white space collapsed, whole sentences, no repeats;
+        # 3: sentence ends from core/sentences.py (an initial or "Dr." does not end a sentence)
+        parser_version="3",
+        max_sentences=2,  # the prompt asks for one or two sentences
         description="item factual knowledge along the domain's factors (free text)",
     )

@@ -411,6 +411,8 @@ class AugmenterConfig(_Section):
     # token budget of the history part of the prompt (oldest items dropped first)
     history_token_budget: int = Field(600, ge=16)
     max_new_tokens: int | None = Field(None, ge=1)
+    # stop a free-text answer after this many complete sentences (None: the augmenter's own limit)
+    max_sentences: int | None = Field(None, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
 
 

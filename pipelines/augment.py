@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recaug.augmenters.base import AugmentInputs, Augmenter, ParseError, check_contract, template_variables, template_variables_used
+from recaug.augmenters.base import AugmentInputs, Augmenter, AugmenterError, ParseError, check_contract, template_variables, template_variables_used
 from recaug.augmenters.domains import domain_hash, domain_variables
 from recaug.core.config import AugmenterConfig, EngineConfig
 from recaug.pipelines.cache import CACHE_SCHEMA, CacheSink, GenerationCache, request_key
@@ -273,6 +273,8 @@ def context_keys(
         "sampling": _sampling_key(aug, engine),
         "schema": aug.decoding_schema_hash(inputs.domain),
         "max_new_tokens": max_new,
+        # only when set, so augmenters without a limit keep their keys
+        **({"max_sentences": limit} if (limit := sentence_limit(aug, aug_cfg)) else {}),
         "shared": shared,
     }, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
     columns = [c for c in ctx.columns if c != "entity_id" or "entity_id" in template_variables_used(aug.prompt)]
@@ -306,6 +308,16 @@ def _gc_paused():
     finally:
         if was_enabled:
             gc.enable()
+
+
+def sentence_limit(aug: Augmenter, aug_cfg: AugmenterConfig) -> int | None:
+    """After how many complete sentences the engine stops this augmenter's answers (None: no limit)."""
+    if aug_cfg.max_sentences is not None and aug.response_model is not None:
+        raise AugmenterError(
+            f"augmenters[{aug.name}].max_sentences: {aug.name} answers in JSON, which a sentence limit would cut "
+            "mid-object; max_sentences applies to free-text augmenters only"
+        )
+    return aug_cfg.max_sentences or aug.max_sentences
 
 
 def augmenter_options(aug: Augmenter, aug_cfg: AugmenterConfig) -> dict[str, Any]:
@@ -692,8 +704,10 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
         fresh: dict[str, GenerationResult] = {}
         if todo:
             schema = aug.decoding_schema(inputs.domain)
+            max_sentences = sentence_limit(aug, aug_cfg)
             requests = [
-                [GenerationRequest(p.key, p.messages, p.max_new_tokens, schema) for p in shard] for shard in todo
+                [GenerationRequest(p.key, p.messages, p.max_new_tokens, schema, max_sentences) for p in shard]
+                for shard in todo
             ]
             total = sum(len(s) for s in requests)
             started = time.perf_counter()

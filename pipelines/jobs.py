@@ -13,7 +13,7 @@ from recaug.core.config import AugmenterConfig, PipelineConfig
 from recaug.core.errors import ensure_writable
 from recaug.core.locking import RunLock
 from recaug.core.timeparse import format_utc
-from recaug.pipelines.augment import Budget, Pending, augmenter_options, build_pending
+from recaug.pipelines.augment import Budget, Pending, augmenter_options, build_pending, sentence_limit
 from recaug.pipelines.engines import make_engine
 from recaug.pipelines.engines.base import GenerationRequest, GenerationResult, error_results
 from recaug.pipelines.inputs import prepare_inputs
@@ -101,7 +101,8 @@ def preview_augmenter(cfg: PipelineConfig, name: str, n: int, as_of: int | None 
     if not pending:
         return Preview(aug, [], failed)
     schema = aug.decoding_schema(cfg.dataset.domain)
-    requests = [GenerationRequest(p.key, p.messages, p.max_new_tokens, schema) for p in pending]
+    max_sentences = sentence_limit(aug, aug_cfg)
+    requests = [GenerationRequest(p.key, p.messages, p.max_new_tokens, schema, max_sentences) for p in pending]
     model = engine.load_model()
     try:
         results = engine.run_batch(model, requests)

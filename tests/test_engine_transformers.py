@@ -14,6 +14,7 @@ import pytest
 
 from recaug.core import packaged
 from recaug.core.config import EngineConfig
+from recaug.core.sentences import cut_after_sentences
 from recaug.pipelines.engines import make_engine
 from recaug.pipelines.engines.base import GenerationRequest
 from recaug.pipelines.engines.transformers_engine import TransformersEngine
@@ -238,3 +239,16 @@ def test_shared_prefix_is_computed_once_and_greedy_outputs_are_unchanged(engine)
     again = engine.generate(PREFIXED[:3])
     assert [r.text for r in again] == [r.text for r in plain[:3]]
     assert sum(r.extra["prompt_tokens_computed"] for r in again) == sum(r.input_tokens for r in again) - 3 * len(prefix)
+
+
+@pytest.mark.slow
+def test_a_sentence_limit_stops_generation_at_the_sentence_the_full_answer_has_there(engine):
+    """Greedy decoding: the answer stopped after two sentences is the unlimited answer cut after its
+    second sentence, and the tokens after it were never generated."""
+    prompt = "Describe the movie Toy Story (1995): its story, director, cast and music, in five sentences."
+    full = engine.generate([req("full", prompt, 96)])[0]
+    assert cut_after_sentences(full.text, 2) is not None, full.text  # the model wrote at least two sentences
+    limited = engine.generate([GenerationRequest("two", ({"role": "user", "content": prompt},), 96, None, 2)])[0]
+    assert limited.text == cut_after_sentences(full.text, 2)
+    assert limited.finish_reason == "stop" and limited.extra["sentence_limit"] == 2
+    assert limited.output_tokens < full.output_tokens

@@ -17,10 +17,12 @@ from typing import Any
 
 from recaug.core.batch_model import BatchModel, ModelCannotWork, Resources, RunnerError
 from recaug.core.errors import UsageError
+from recaug.core.sentences import cut_after_sentences
 
 __all__ = [
     "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP", "BatchModel", "Engine", "EngineError", "GenerationRequest",
-    "GenerationResult", "Resources", "RunnerError", "defuse_special_tokens", "error_results", "special_token_texts",
+    "GenerationResult", "Resources", "RunnerError", "defuse_special_tokens", "error_results", "finish_at_sentences",
+    "special_token_texts",
 ]
 
 FINISH_STOP = "stop"
@@ -36,15 +38,18 @@ class GenerationRequest:
     # JSON schema for constrained decoding; engines that cannot constrain ignore it and the
     # parser validates instead.
     json_schema: dict[str, Any] | None = None
+    # free text: the answer ends after this many complete sentences (core/sentences.py); an engine that
+    # can stop generating there does, every engine returns the text cut there (`finish_at_sentences`)
+    max_sentences: int | None = None
 
     def to_record(self) -> dict[str, Any]:
         """JSON-ready form (how a request crosses a process boundary)."""
         return {"key": self.key, "messages": list(self.messages), "max_new_tokens": self.max_new_tokens,
-                "json_schema": self.json_schema}
+                "json_schema": self.json_schema, "max_sentences": self.max_sentences}
 
     @classmethod
     def from_record(cls, d: dict[str, Any]) -> "GenerationRequest":
-        return cls(d["key"], tuple(d["messages"]), int(d["max_new_tokens"]), d["json_schema"])
+        return cls(d["key"], tuple(d["messages"]), int(d["max_new_tokens"]), d["json_schema"], d.get("max_sentences"))
 
 
 @dataclass
@@ -69,6 +74,22 @@ class GenerationResult:
     def from_record(cls, d: dict[str, Any]) -> "GenerationResult":
         return cls(d["key"], d["text"], int(d["input_tokens"]), int(d["output_tokens"]), d["finish_reason"],
                    float(d["latency_s"]), error=d["error"], extra=d["extra"])
+
+
+def finish_at_sentences(requests: list[GenerationRequest], results: list[GenerationResult]) -> list[GenerationResult]:
+    """Each answer of a request with `max_sentences` cut after that many complete sentences; an answer
+    cut there finished where it should (`stop`, even if the engine ran on to its token cap), and
+    `extra["sentence_limit"]` says so. Engines that cannot stop generating at a sentence (vLLM, HTTP)
+    call it on their results; output_tokens keeps what was generated."""
+    for req, res in zip(requests, results):
+        if req.max_sentences and res.finish_reason != FINISH_ERROR:
+            # the answer's end is a boundary too: a cap reached right after a full stop cut nothing
+            cut = cut_after_sentences(res.text + " ", req.max_sentences)
+            if cut is not None:
+                res.text = cut
+                res.finish_reason = FINISH_STOP
+                res.extra["sentence_limit"] = req.max_sentences
+    return results
 
 
 def error_results(requests: list[GenerationRequest], reason: str) -> list[GenerationResult]:

@@ -15,7 +15,7 @@ import json
 from typing import Any, Callable
 
 from recaug.core.config import EngineConfig
-from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Engine, GenerationRequest, GenerationResult
+from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Engine, GenerationRequest, GenerationResult, finish_at_sentences
 
 FAKE_MODEL_ID = "fake/echo"
 
@@ -72,7 +72,7 @@ class FakeEngine(Engine):
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         self.calls += 1
         self.requests_seen += len(requests)
-        return [self._one(r) for r in requests]
+        return finish_at_sentences(requests, [self._one(r) for r in requests])
 
     def _one(self, request: GenerationRequest) -> GenerationResult:
         input_tokens = sum(_word_count(m.get("content", "")) for m in request.messages)

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from recaug.core.config import EngineConfig
-from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult, defuse_special_tokens
+from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult, defuse_special_tokens, finish_at_sentences
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class HTTPEngine(Engine):
                 f"cannot reach {self.url} after {self.cfg.http_retries + 1} attempts per request: {results[0].error}; "
                 "check engine.base_url and that the server is running"
             )
-        return results
+        return finish_at_sentences(requests, results)
 
     def body(self, request: GenerationRequest) -> dict[str, Any]:
         body: dict[str, Any] = {

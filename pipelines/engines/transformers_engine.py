@@ -21,6 +21,11 @@ model (the prefix once, where it was computed, plus each remainder); `input_toke
 prompt's length. Greedy outputs are those of the plain path up to the same float rounding as any change
 of batch shape (tested on the packaged model).
 
+A request with `max_sentences` stops once its answer holds that many complete sentences (a stopping
+criterion checks each unfinished row's text as it grows; core/sentences.py says where a sentence
+ends): the prompt asked for them, and a small model that would loop on to `max_new_tokens` costs the
+decode steps it no longer takes. The text is cut at that sentence's end.
+
 transformers has no constrained decoding of its own: with `engine.constrained_decoding` on (the
 default) a request's JSON schema becomes a token mask per step through llguidance
 (json_constraint.py), so JSON augmenters get valid JSON even from a 135M model; the augmenter's parser
@@ -37,9 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from recaug.core.config import EngineConfig
-from recaug.pipelines.engines.base import FINISH_LENGTH, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult, Resources, defuse_special_tokens, special_token_texts
+from recaug.pipelines.engines.base import FINISH_LENGTH, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult, Resources, defuse_special_tokens, finish_at_sentences, special_token_texts
 from recaug.pipelines.engines.json_constraint import JsonSchemaLogitsProcessor, llguidance_available
 from recaug.core.offline import go_offline
+from recaug.core.sentences import cut_after_sentences
 from recaug.core.packaged import ensure_smollm2_dir, file_content_id, smollm2_model_id
 
 # OpenMP threads that spin while waiting for work starve each other when the cores are shared (other
@@ -117,6 +123,32 @@ def plan_micro_batches(requests: list[GenerationRequest], prompt_lengths: list[i
         else:
             batches.append([i])
     return batches
+
+
+class SentenceStop:
+    """A transformers stopping criterion: row i is done once its generated text holds `limits[i]`
+    complete sentences; `stopped_at[i]` keeps how many tokens it had generated then."""
+
+    def __init__(self, tokenizer, prompt_width: int, limits: list[int | None]):
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+        self.limits = limits
+        self.stopped_at: list[int | None] = [None] * len(limits)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        generated = input_ids[:, self.prompt_width:]
+        done = torch.zeros(len(self.limits), dtype=torch.bool, device=input_ids.device)
+        for row, limit in enumerate(self.limits):
+            if self.stopped_at[row] is not None:
+                done[row] = True
+            elif limit:
+                text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
+                if cut_after_sentences(text, limit) is not None:
+                    self.stopped_at[row] = generated.shape[1]
+                    done[row] = True
+        return done
 
 
 # A shared prefix shorter than this is not worth a separate forward pass and a cache copy
@@ -279,6 +311,12 @@ class TransformersEngine(LocalModelFolder, Engine):
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=None)
+        sentence_stop = None
+        if any(r.max_sentences for r in requests):
+            from transformers import StoppingCriteriaList
+
+            sentence_stop = SentenceStop(tok, enc["input_ids"].shape[1], [r.max_sentences for r in requests])
+            kwargs["stopping_criteria"] = StoppingCriteriaList([sentence_stop])
         constraint = self._json_constraint(requests)
         if constraint is not None:
             from transformers import LogitsProcessorList
@@ -294,6 +332,8 @@ class TransformersEngine(LocalModelFolder, Engine):
         results = []
         for j, (req, ids, prompt) in enumerate(zip(requests, generated, prompt_ids)):
             n, stopped = self._content_length(ids)
+            if sentence_stop is not None and sentence_stop.stopped_at[j] is not None:
+                n, stopped = min(n, sentence_stop.stopped_at[j]), True
             finish = FINISH_STOP if stopped or n < max_new else FINISH_LENGTH
             results.append(GenerationResult(
                 key=req.key,
@@ -309,7 +349,7 @@ class TransformersEngine(LocalModelFolder, Engine):
                        "prompt_tokens_computed": len(prompt) - shared + (prefix_computed if j == 0 else 0),
                        "prompt_tokens_reused": shared - (prefix_computed if j == 0 else 0)},
             ))
-        return results
+        return finish_at_sentences(requests, results)
 
     def _extend_prefix(self, ids: list[int]) -> int:
         """Make the kept prefix cover `ids`: reuse the longest part the kept one shares with them and

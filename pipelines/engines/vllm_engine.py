@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from recaug.core.config import EngineConfig
-from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult, Resources, defuse_special_tokens, special_token_texts
+from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult, Resources, defuse_special_tokens, finish_at_sentences, special_token_texts
 from recaug.core.offline import go_offline
 from recaug.pipelines.engines.transformers_engine import LocalModelFolder
 
@@ -475,7 +475,7 @@ class VLLMEngine(LocalModelFolder, Engine):
             raise EngineError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
         # vLLM schedules the whole call as one continuous batch: each request's share is wall / n
         share = wall / len(requests)
-        return [self._result(r, o, share, wall) for r, o in zip(requests, outputs)]
+        return finish_at_sentences(requests, [self._result(r, o, share, wall) for r, o in zip(requests, outputs)])
 
     def _result(self, request: GenerationRequest, output, share: float, wall: float) -> GenerationResult:
         input_tokens = len(output.prompt_token_ids or [])
