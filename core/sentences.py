@@ -7,13 +7,17 @@ sentences" that answers with a list ("Title: ...\nGenre: ...") has written its u
 common title or abbreviation ("Mr.", "Dr.", "vs.", "e.g."), a decimal point ("1.5") or an ellipsis. The
 white space is required, so while an answer is being written its last "sentence" only counts once the
 next word has started: "directed by John C." is not yet known to be complete.
+
+A small model also loops inside one sentence ("Horror, Horror, Horror, ..."): `repeated_run` finds a
+phrase of up to six words said four times in a row, so the engine can stop there and the answer
+becomes a dead letter instead of running to its token cap and being published.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["cut_after_sentences", "sentence_end_offsets", "split_sentences"]
+__all__ = ["LOOP_REPEATS", "cut_after_sentences", "repeated_run", "sentence_end_offsets", "split_sentences"]
 
 _CANDIDATE = re.compile(r"[.!?][\"'\u2019\u201d)\]]*(?=\s)|[^\S\n]*\n")
 # lower-cased words before a "." that do not end a sentence
@@ -61,3 +65,16 @@ def cut_after_sentences(text: str, limit: int) -> str | None:
     """The text up to the end of its `limit`-th complete sentence, or None while it has fewer."""
     ends = sentence_end_offsets(text)
     return text[:ends[limit - 1]] if len(ends) >= limit else None
+
+
+# A phrase of 1-6 words said this many times in a row, separated by nothing but white space or
+# punctuation, is a loop: "very, very good" is language, the fourth "Horror," is not.
+LOOP_REPEATS = 4
+_LOOP = re.compile(r"(?<!\w)(\w[\w'-]*(?:\W+\w[\w'-]*){0,5}?)(?:[\s,;:/&+-]+\1(?!\w)){%d,}" % (LOOP_REPEATS - 1),
+                   re.IGNORECASE)
+
+
+def repeated_run(text: str) -> str | None:
+    """The phrase a text says LOOP_REPEATS or more times in a row, or None."""
+    m = _LOOP.search(text)
+    return m.group(1) if m else None

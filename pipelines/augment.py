@@ -36,7 +36,7 @@ from recaug.core.memory import release_memory
 from recaug.core.spill import TableParts, frame_to_table
 from recaug.prompts import PromptError
 from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS, SYNTHETIC_INTERACTIONS, SYNTHETIC_ITEMS
-from recaug.schemas.output_gate import TEXT_REASON_PREFIX, TextChecks, contradiction, identical_answer_rows, prompt_echo
+from recaug.schemas.output_gate import TEXT_REASON_PREFIX, TextChecks, contradiction, identical_answer_rows, looping, prompt_echo
 
 RETRY_INSTRUCTION = (
     "Your previous answer could not be used: {reason}. Reply again with only the JSON object, nothing else."
@@ -76,7 +76,7 @@ class AugmenterStats:
     truncated: int = 0  # finish_reason == length among the final answers, parsed or dead-lettered
     retries: int = 0
     render_errors: int = 0
-    text_rejected: int = 0  # answers a text check turned into dead letters (echo, contradiction, identical)
+    text_rejected: int = 0  # answers a text check turned into dead letters (echo, loop, contradiction, identical)
     deferred: int = 0  # over this run's budget: left for a later run
     carried_over: int = 0  # deferred entities whose previous answer was kept
 
@@ -781,7 +781,7 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
                                           finish_reason=finish_reason, attempts=p.attempt, cache_key=p.key))
                     continue
                 if aug.response_model is None:  # free text: what a schema cannot check
-                    problem = prompt_echo(raw, p.messages, p.context.get("title")) or (
+                    problem = prompt_echo(raw, p.messages, p.context.get("title")) or looping(parsed.text) or (
                         contradiction(raw, p.context, p.context.get("vocabulary") or [], p.context.get("noun") or "")
                         if aug.entity_kind == "item" else None)
                     if problem:

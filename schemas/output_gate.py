@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 from recaug.core.config import OutputGateConfig
 from recaug.core.memory import release_memory
 from recaug.core.errors import NothingPublished
+from recaug.core.sentences import LOOP_REPEATS, repeated_run
 from recaug.schemas.tables import EMBEDDING_METADATA_KEYS
 
 
@@ -516,6 +517,15 @@ def prompt_echo(answer: str, messages: Sequence[dict[str, str]], title: str | No
         if m.get("role") == "user" and start in _normalised(m.get("content", "")):
             return f"{TEXT_REASON_PREFIX}prompt echo: the answer begins by repeating the prompt ({start[:30]!r}...)"
     return None
+
+
+def looping(answer: str) -> str | None:
+    """The reason when an answer says the same phrase over and over ("Horror, Horror, Horror, Horror"):
+    a small model's loop, not knowledge (core/sentences.py `repeated_run`)."""
+    phrase = repeated_run(answer)
+    if phrase is None:
+        return None
+    return f"{TEXT_REASON_PREFIX}loops: says {phrase[:30]!r} {LOOP_REPEATS} or more times in a row"
 
 
 def contradiction(answer: str, context: dict[str, Any], vocabulary: Sequence[str], noun: str) -> str | None:

@@ -16,7 +16,7 @@ from recaug.core.config import AugmenterConfig, EngineConfig, OutputGateConfig
 from recaug.pipelines.engines.fake import FakeEngine
 from recaug.pipelines.runners.local import LocalRunner
 from recaug.schemas.output_gate import (
-    TEXT_REASON_PREFIX, GateInput, TextChecks, contradiction, identical_answer_rows, prompt_echo, run_output_gate,
+    TEXT_REASON_PREFIX, GateInput, TextChecks, contradiction, identical_answer_rows, looping, prompt_echo, run_output_gate,
 )
 from recaug.schemas.tables import DEAD_LETTER
 from tests.test_output_gate import embeddings, generated
@@ -33,6 +33,14 @@ def test_prompt_echo_is_recognised_and_a_real_answer_is_not():
     # a heading that is only the title is not an echo; what follows it is judged
     assert prompt_echo("**Heat**\nHeat is a 1995 crime film.", PROMPT, title="Heat") is None
     assert "prompt echo" in prompt_echo("Heat\nTitle: Heat\nYear: 1995", PROMPT, title="Heat")
+
+
+def test_a_loop_is_recognised_and_repetition_in_language_is_not():
+    assert "loops: says 'Horror'" in looping("Heat is a crime film. Horror, Horror, Horror, Horror, Hor")
+    assert "'Drama, Thriller'" in looping("Genres: Drama, Thriller, Drama, Thriller, Drama, Thriller, Drama, Thriller")
+    for fine in ("Heat is a very, very, very good film.", "New York, New York is set in New York.",
+                 "It is rated 5/5, and it is rated 4/5 by critics."):
+        assert looping(fine) is None, fine
 
 
 def test_contradictions_with_the_record():
@@ -80,8 +88,8 @@ def answer(request):
         return f"{title} was released in 1950 and is a comedy."  # the record says 1992
     if k == 3:
         return f"{title} is a Western film about cowboys."  # the record says Comedy
-    if k in (4, 5, 6, 7) and False:
-        return ""
+    if k == 4:
+        return f"{title} is a comedy about Horror, Horror, Horror, Horror, Horror."  # a small model's loop
     return f"{title} is a comedy from {1990 + k} with a warm tone."
 
 
@@ -91,11 +99,12 @@ def test_the_stage_turns_rejected_answers_into_dead_letters_with_the_reason(tmp_
     out = run_augmenter(aug, AugmenterConfig(name=aug.name), _inputs(), engine, EngineConfig(kind="fake"),
                         GenerationCache(tmp_path), LocalRunner(engine).execute, shard_size=4)
     dead = {r["entity_id"]: r["reason"] for r in out.dead_letter.to_pylist()}
-    assert set(dead) == {"i0", "i1", "i2", "i3"}
+    assert set(dead) == {"i0", "i1", "i2", "i3", "i4"}
     assert all(r.startswith(TEXT_REASON_PREFIX) for r in dead.values())
     assert "prompt echo" in dead["i0"] and "1950" in dead["i2"] and "Western" in dead["i3"]
-    assert out.stats.text_rejected == 4 and out.stats.parsed == 4
-    assert "(4 by text checks)" in out.stats.summary_line()
+    assert "loops: says 'Horror'" in dead["i4"]
+    assert out.stats.text_rejected == 5 and out.stats.parsed == 3
+    assert "(5 by text checks)" in out.stats.summary_line()
 
 
 def test_one_answer_for_many_entities_is_rejected_in_the_stage(tmp_path):
