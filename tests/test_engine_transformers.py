@@ -252,3 +252,24 @@ def test_a_sentence_limit_stops_generation_at_the_sentence_the_full_answer_has_t
     assert limited.text == cut_after_sentences(full.text, 2)
     assert limited.finish_reason == "stop" and limited.extra["sentence_limit"] == 2
     assert limited.output_tokens < full.output_tokens
+
+
+def test_the_sentence_stop_ends_a_row_at_its_limit_or_at_a_loop_and_leaves_the_others_running():
+    """The stopping criterion alone, over a word-per-token stand-in for the tokenizer."""
+    import torch
+
+    from recaug.pipelines.engines.transformers_engine import SentenceStop
+
+    words = ["<p>", "Heat", "is", "good.", "Fine.", "Horror,", "More"]
+
+    class Words:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(words[i] for i in ids.tolist())
+
+    stop = SentenceStop(Words(), prompt_width=1, limits=[1, 2, 2, None])
+    rows = [[0, 1, 2, 3, 6], [0, 1, 2, 3, 6], [0, 5, 5, 5, 5, 6], [0, 5, 5, 5, 5, 6]]
+    width = max(len(r) for r in rows)
+    done = stop(torch.tensor([r + [6] * (width - len(r)) for r in rows]), None)
+    # row 0: one sentence complete; row 1 needs two; row 2 loops; row 3 has no limit, so no loop stop either
+    assert done.tolist() == [True, False, True, False]
+    assert stop.looped == [False, False, True, False] and stop.stopped_at[0] == width - 1

@@ -24,7 +24,8 @@ of batch shape (tested on the packaged model).
 A request with `max_sentences` stops once its answer holds that many complete sentences (a stopping
 criterion checks each unfinished row's text as it grows; core/sentences.py says where a sentence
 ends): the prompt asked for them, and a small model that would loop on to `max_new_tokens` costs the
-decode steps it no longer takes. The text is cut at that sentence's end.
+decode steps it no longer takes. The text is cut at that sentence's end. A row that loops ("Horror,
+Horror, Horror, Horror") stops there too (`extra["loop"]`): its answer is a dead letter anyway.
 
 transformers has no constrained decoding of its own: with `engine.constrained_decoding` on (the
 default) a request's JSON schema becomes a token mask per step through llguidance
@@ -45,7 +46,7 @@ from recaug.core.config import EngineConfig
 from recaug.pipelines.engines.base import FINISH_LENGTH, FINISH_STOP, Engine, EngineError, GenerationRequest, GenerationResult, Resources, defuse_special_tokens, finish_at_sentences, special_token_texts
 from recaug.pipelines.engines.json_constraint import JsonSchemaLogitsProcessor, llguidance_available
 from recaug.core.offline import go_offline
-from recaug.core.sentences import cut_after_sentences
+from recaug.core.sentences import cut_after_sentences, repeated_run
 from recaug.core.packaged import ensure_smollm2_dir, file_content_id, smollm2_model_id
 
 # OpenMP threads that spin while waiting for work starve each other when the cores are shared (other
@@ -127,28 +128,37 @@ def plan_micro_batches(requests: list[GenerationRequest], prompt_lengths: list[i
 
 class SentenceStop:
     """A transformers stopping criterion: row i is done once its generated text holds `limits[i]`
-    complete sentences; `stopped_at[i]` keeps how many tokens it had generated then."""
+    complete sentences, or once it loops (core/sentences.py `repeated_run`: the rest would be the same
+    phrase until max_new_tokens, and the answer is a dead letter either way); `stopped_at[i]` keeps how
+    many tokens it had generated then, `looped[i]` whether it looped."""
 
     def __init__(self, tokenizer, prompt_width: int, limits: list[int | None]):
         self.tokenizer = tokenizer
         self.prompt_width = prompt_width
         self.limits = limits
         self.stopped_at: list[int | None] = [None] * len(limits)
+        self.looped = [False] * len(limits)
+
+    def row_done(self, row: int, generated) -> bool:
+        """Whether row `row`, having generated `generated` (ids), is done; remembers where it stopped."""
+        if self.stopped_at[row] is not None:
+            return True
+        if not self.limits[row]:
+            return False
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        looped = repeated_run(text) is not None
+        if looped or cut_after_sentences(text, self.limits[row]) is not None:
+            self.stopped_at[row] = len(generated)
+            self.looped[row] = looped
+            return True
+        return False
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         generated = input_ids[:, self.prompt_width:]
-        done = torch.zeros(len(self.limits), dtype=torch.bool, device=input_ids.device)
-        for row, limit in enumerate(self.limits):
-            if self.stopped_at[row] is not None:
-                done[row] = True
-            elif limit:
-                text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
-                if cut_after_sentences(text, limit) is not None:
-                    self.stopped_at[row] = generated.shape[1]
-                    done[row] = True
-        return done
+        return torch.tensor([self.row_done(row, generated[row]) for row in range(len(self.limits))],
+                            dtype=torch.bool, device=input_ids.device)
 
 
 # A shared prefix shorter than this is not worth a separate forward pass and a cache copy
@@ -323,12 +333,15 @@ class TransformersEngine(LocalModelFolder, Engine):
 
             kwargs["logits_processor"] = LogitsProcessorList([constraint])
         started = time.perf_counter()
-        with torch.inference_mode(), torch.random.fork_rng(devices=self._cuda_devices()):
-            if self.cfg.temperature > 0:
-                torch.manual_seed(self._batch_seed(requests))
-            out = model.generate(**enc, **kwargs)
+        if self.cfg.temperature == 0 and constraint is None and self._plain_greedy():
+            generated = self._greedy_compacting(enc, kwargs.get("past_key_values"), max_new, sentence_stop)
+        else:
+            with torch.inference_mode(), torch.random.fork_rng(devices=self._cuda_devices()):
+                if self.cfg.temperature > 0:
+                    torch.manual_seed(self._batch_seed(requests))
+                out = model.generate(**enc, **kwargs)
+            generated = out[:, enc["input_ids"].shape[1]:].tolist()
         wall = time.perf_counter() - started
-        generated = out[:, enc["input_ids"].shape[1]:].tolist()
         results = []
         for j, (req, ids, prompt) in enumerate(zip(requests, generated, prompt_ids)):
             n, stopped = self._content_length(ids)
@@ -347,9 +360,56 @@ class TransformersEngine(LocalModelFolder, Engine):
                 extra={"batch_latency_s": wall, "batch_size": len(requests),
                        # the prefix once (counted on the batch's first request), then this prompt's remainder
                        "prompt_tokens_computed": len(prompt) - shared + (prefix_computed if j == 0 else 0),
-                       "prompt_tokens_reused": shared - (prefix_computed if j == 0 else 0)},
+                       "prompt_tokens_reused": shared - (prefix_computed if j == 0 else 0),
+                       **({"loop": True} if sentence_stop is not None and sentence_stop.looped[j] else {})},
             ))
         return finish_at_sentences(requests, results)
+
+    def _plain_greedy(self) -> bool:
+        """Whether greedy decoding is an argmax per step for this model: a generation config that
+        asks for a repetition penalty, banned words or a minimum length needs `generate`."""
+        g = self._model.generation_config
+        return ((g.repetition_penalty in (None, 1.0)) and not g.no_repeat_ngram_size and not g.bad_words_ids
+                and not g.min_length and not g.min_new_tokens and not g.suppress_tokens
+                and not g.begin_suppress_tokens and not g.forced_bos_token_id and not g.forced_eos_token_id)
+
+    def _greedy_compacting(self, enc, past, max_new: int, sentence_stop: SentenceStop | None) -> list[list[int]]:
+        """Greedy decoding that drops a row from the batch once it is done (a stop token, its sentence
+        limit, a loop): `generate` keeps every finished row in the batch until the longest one ends,
+        and with answers of 10-64 tokens about half of its decode work was padding. Returns each
+        row's generated ids (ending with its stop token, if any)."""
+        import torch
+        from transformers import DynamicCache
+
+        model, stop_ids = self._model, torch.tensor(self._stop_ids, device=self.cfg.device)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        cache = past if past is not None else DynamicCache(config=model.config)
+        cached = cache.get_seq_length()
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        rows = torch.arange(ids.shape[0], device=ids.device)  # which original row each batch row is
+        out: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        with torch.inference_mode():
+            logits = model(input_ids=ids[:, cached:], attention_mask=mask, position_ids=positions[:, cached:],
+                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            for step in range(max_new):
+                nxt = logits[:, -1].argmax(-1)
+                done = torch.isin(nxt, stop_ids)
+                for row, token in zip(rows.tolist(), nxt.tolist()):
+                    out[row].append(token)
+                if sentence_stop is not None:
+                    done |= torch.tensor([sentence_stop.row_done(row, out[row]) for row in rows.tolist()],
+                                         dtype=torch.bool, device=done.device)
+                if step == max_new - 1 or bool(done.all()):
+                    break
+                if bool(done.any()):
+                    keep = (~done).nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    rows, nxt, mask = rows[keep], nxt[keep], mask[keep]
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                logits = model(input_ids=nxt[:, None], attention_mask=mask,
+                               position_ids=(mask.long().sum(-1, keepdim=True) - 1), past_key_values=cache,
+                               use_cache=True).logits
+        return out
 
     def _extend_prefix(self, ids: list[int]) -> int:
         """Make the kept prefix cover `ids`: reuse the longest part the kept one shares with them and
