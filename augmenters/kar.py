@@ -34,7 +34,7 @@ def kar_user_preference() -> Augmenter:
         # 2: shared free-text helper: white space collapsed, whole sentences, no repeats;
         # 3: sentence ends from core/sentences.py (an initial or "Dr." does not end a sentence)
         parser_version="3",
-        max_sentences=2,  # the prompt asks for one or two sentences
+        max_sentences=1,  # the prompt asks for one sentence
         default_options={"encode": "history+answer", "min_history": 2},
         description="user preference reasoning along the domain's factors (free text)",
     )
