@@ -2,11 +2,13 @@
 
 * `hybrid` — KAR's hybrid-expert adaptor (Xi et al. 2023). For T vectors (e.g. the user preference
   vector and the item knowledge vector): `n_shared` experts shared by all vectors plus `n_dedicated`
-  experts per vector, each expert an MLP d -> 128 -> 32 (ReLU after each layer, as in KAR's code).
+  experts per vector, each expert an MLP d -> hidden -> 32 (ReLU after each layer, as in KAR's code).
   Vector t's output is a softmax-gated mix of the shared experts and its own dedicated experts,
   the gate computed from vector t alone: out_t = sum_k softmax(W_t x_t)_k * expert_k(x_t).
-  Shared experts see every vector, so all vectors must have the same width d.
-* `mlp` — one MLP d -> 128 -> 32 per vector (no experts, no gate).
+  Shared experts see every vector, so all vectors must have the same width d. `hidden` is KAR's 128
+  by default (`ctr.adaptor_hidden_dim`); 32 trains faster but reached a lower AUC once trained to
+  convergence (docs/ctr-models.md).
+* `mlp` — one MLP d -> hidden -> 32 per vector (no experts, no gate).
 * `raw` — the vectors themselves (d-dim each).
 * `none` — no vectors at all; the backbone alone (the baseline).
 
