@@ -505,6 +505,9 @@ class CTRConfig(_Section):
     # KAR hybrid-expert adaptor: experts shared by all vectors, and dedicated to each vector
     adaptor_shared_experts: int = Field(2, ge=2, le=5)
     adaptor_dedicated_experts: int = Field(2, ge=2, le=6)
+    # width of each expert's hidden layer (d -> hidden -> 32; KAR's 128). Narrower trains faster but
+    # reached a lower AUC once trained to convergence (docs/ctr-models.md)
+    adaptor_hidden_dim: int = Field(128, ge=4, le=1024)
     # which published embedding tables the CTR models take (KAR's two by default)
     vector_augmenters: list[str] = Field(default_factory=lambda: ["kar_user_preference", "kar_item_knowledge"])
 

@@ -2,11 +2,13 @@
 
 * `hybrid` — KAR's hybrid-expert adaptor (Xi et al. 2023). For T vectors (e.g. the user preference
   vector and the item knowledge vector): `n_shared` experts shared by all vectors plus `n_dedicated`
-  experts per vector, each expert an MLP d -> 128 -> 32 (ReLU after each layer, as in KAR's code).
+  experts per vector, each expert an MLP d -> hidden -> 32 (ReLU after each layer, as in KAR's code).
   Vector t's output is a softmax-gated mix of the shared experts and its own dedicated experts,
   the gate computed from vector t alone: out_t = sum_k softmax(W_t x_t)_k * expert_k(x_t).
-  Shared experts see every vector, so all vectors must have the same width d.
-* `mlp` — one MLP d -> 128 -> 32 per vector (no experts, no gate).
+  Shared experts see every vector, so all vectors must have the same width d. `hidden` is KAR's 128
+  by default (`ctr.adaptor_hidden_dim`); 32 trains faster but reached a lower AUC once trained to
+  convergence (docs/ctr-models.md).
+* `mlp` — one MLP d -> hidden -> 32 per vector (no experts, no gate).
 * `raw` — the vectors themselves (d-dim each).
 * `none` — no vectors at all; the backbone alone (the baseline).
 
@@ -89,23 +91,25 @@ class HybridExpertAdaptor(KnowledgeAdaptor):
         matrix product, the second layers as one batched product: the same function as one expert
         module at a time, in a few large operations instead of many small ones."""
         self._check(vectors)
-        experts_of = [list(self.shared) + list(own) for own in self.dedicated]
         outputs = []
         for t, x in enumerate(vectors):
-            experts = experts_of[t]
-            k = len(experts)
+            experts = [*self.shared, *self.dedicated[t]]
+            k, h = len(experts), experts[0][0].out_features
             w1 = torch.cat([e[0].weight for e in experts] + [self.gates[t].weight])  # [k*h + k, d]
             b1 = torch.cat([e[0].bias for e in experts] + [self.gates[t].bias])
-            first = torch.addmm(b1, x, w1.t())  # [N, k*h + k]
-            hidden_width = experts[0][0].out_features
-            hidden = torch.relu(first[:, : k * hidden_width]).reshape(-1, k, hidden_width).transpose(0, 1)  # [k, N, h]
-            hidden = F.dropout(hidden, experts[0][2].p, self.training)
+            # split, not slicing: its backward is one concatenation, not a zero-filled tensor per slice
+            first, logits = torch.addmm(b1, x, w1.t()).split([k * h, k], dim=1)
+            hidden = self._dropout(torch.relu(first).reshape(-1, k, h).transpose(0, 1), experts[0][2].p)  # [k, N, h]
             w2 = torch.stack([e[3].weight.t() for e in experts])  # [k, h, out]
             b2 = torch.stack([e[3].bias for e in experts]).unsqueeze(1)  # [k, 1, out]
-            out = F.dropout(torch.relu(torch.baddbmm(b2, hidden, w2)), experts[0][5].p, self.training)  # [k, N, out]
-            gate = torch.softmax(first[:, k * hidden_width :], dim=-1)  # [N, k]
-            outputs.append(torch.einsum("nk,kno->no", gate, out))
+            out = self._dropout(torch.relu(torch.baddbmm(b2, hidden, w2)), experts[0][5].p)  # [k, N, out]
+            gate = torch.softmax(logits, dim=-1).t().unsqueeze(-1)  # [k, N, 1]
+            # an elementwise weighted sum: einsum("nk,kno->no") ran as N one-row matrix products
+            outputs.append((out * gate).sum(0))
         return outputs
+
+    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return F.dropout(x, p, True) if self.training and p > 0 else x
 
 
 class MLPAdaptor(KnowledgeAdaptor):
@@ -154,16 +158,21 @@ class NoAdaptor(KnowledgeAdaptor):
 
 
 def build_adaptor(
-    kind: str, input_dims: Sequence[int], n_shared: int = 2, n_dedicated: int = 2, dropout: float = 0.0
+    kind: str,
+    input_dims: Sequence[int],
+    n_shared: int = 2,
+    n_dedicated: int = 2,
+    dropout: float = 0.0,
+    hidden: int = HIDDEN_DIM,
 ) -> KnowledgeAdaptor:
     if kind not in ADAPTOR_KINDS:
         raise ValueError(f"unknown adaptor {kind!r}; expected one of {ADAPTOR_KINDS}")
     if kind != "none" and not input_dims:
         raise ValueError(f"adaptor {kind!r} needs at least one vector table; pass vectors or use adaptor 'none'")
     if kind == "hybrid":
-        return HybridExpertAdaptor(input_dims, n_shared=n_shared, n_dedicated=n_dedicated, dropout=dropout)
+        return HybridExpertAdaptor(input_dims, n_shared=n_shared, n_dedicated=n_dedicated, hidden=hidden, dropout=dropout)
     if kind == "mlp":
-        return MLPAdaptor(input_dims, dropout=dropout)
+        return MLPAdaptor(input_dims, hidden=hidden, dropout=dropout)
     if kind == "raw":
         return RawAdaptor(input_dims)
     return NoAdaptor()

@@ -168,7 +168,11 @@ def build_model(model_name: str, spec: FeatureSpec, cfg: CTRConfig, seed: int) -
         raise ValueError("a vocabulary has >= 2**24 values; deepctr's float input cannot index it exactly")
     torch.manual_seed(seed)
     adaptor = build_adaptor(
-        cfg.adaptor, dims, n_shared=cfg.adaptor_shared_experts, n_dedicated=cfg.adaptor_dedicated_experts
+        cfg.adaptor,
+        dims,
+        n_shared=cfg.adaptor_shared_experts,
+        n_dedicated=cfg.adaptor_dedicated_experts,
+        hidden=cfg.adaptor_hidden_dim,
     )
     linear, dnn, fields = feature_columns(spec, adaptor.output_dims, cfg.embedding_dim, backbone_def)
     backbone = backbone_def.build(linear, dnn, seed=seed, knowledge_fields=fields)

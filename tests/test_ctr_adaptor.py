@@ -24,7 +24,7 @@ def data384():
 
 def test_hybrid_adaptor_structure_and_shapes():
     torch.manual_seed(0)
-    adaptor = HybridExpertAdaptor([D, D], n_shared=3, n_dedicated=4)
+    adaptor = HybridExpertAdaptor([D, D], n_shared=3, n_dedicated=4, hidden=128)
     assert len(adaptor.shared) == 3
     assert [len(d) for d in adaptor.dedicated] == [4, 4]
     assert [g.out_features for g in adaptor.gates] == [7, 7]  # one gate per vector over shared + its own
@@ -45,6 +45,14 @@ def test_hybrid_adaptor_structure_and_shapes():
     # changing the user vector does not change the item output (gates and dedicated experts are per vector)
     out2 = adaptor([torch.randn(5, D), x_item])
     torch.testing.assert_close(out2[1], out[1])
+
+
+def test_hidden_width_comes_from_the_config(data384):
+    for hidden in (32, 128):
+        model = build_model("deepfm", data384.spec, CTRConfig(adaptor="hybrid", adaptor_hidden_dim=hidden), seed=0)
+        experts = [*model.adaptor.shared, *model.adaptor.dedicated[0]]
+        assert {(e[0].in_features, e[0].out_features, e[3].out_features) for e in experts} == {(D, hidden, 32)}
+    assert CTRConfig().adaptor_hidden_dim == 128  # KAR's width
 
 
 def test_adaptor_options_and_errors():

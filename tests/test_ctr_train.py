@@ -25,6 +25,7 @@ from recaug.ctr_models.train import (
     load_model,
     load_warm_weights,
     predict,
+    save_checkpoint,
     train_ctr,
     train_on_data,
 )
@@ -173,6 +174,26 @@ def _decode(data, rows) -> list[list[str]]:
     a, b = cols["hist_item_id"]
     lengths = rows.ids[:, cols["hist_len"][0]].tolist()
     return [[items[int(i) - 2] for i in row[:n]] for row, n in zip(rows.ids[:, a:b].tolist(), lengths)]
+
+
+def test_checkpoints_from_before_the_hidden_width_setting_load_with_kars_width(data, tmp_path):
+    """Checkpoints written before `adaptor_hidden_dim` existed were trained with experts of width 128."""
+    old = build_model("deepfm", data.spec, CTRConfig(adaptor="hybrid", adaptor_hidden_dim=128), seed=0)
+    ctr_config = CTRConfig(adaptor="hybrid", adaptor_hidden_dim=32).model_dump(mode="json")
+    del ctr_config["adaptor_hidden_dim"]
+    path = save_checkpoint(tmp_path / "old.pt", {
+        "format": "recaug.ctr_checkpoint/1", "model_name": "deepfm", "adaptor": "hybrid", "ctr_config": ctr_config,
+        "feature_spec": data.spec.to_dict(), "state_dict": old.state_dict(), "lineage": {"seed": 0},
+    })
+    model, _, _ = load_model(path)
+    assert model.adaptor.shared[0][0].out_features == 128
+    ids = data.split("valid").ids[:32]
+    vectors, missing = data.gather_vectors(ids)
+    old.eval()
+    torch.testing.assert_close(model(ids, vectors, missing), old(ids, vectors, missing))
+    with pytest.raises(WarmStartError, match="adaptor_hidden_dim 128 vs 32"):
+        cfg = CTRConfig(adaptor="hybrid", adaptor_hidden_dim=32, **FAST)
+        train_on_data(data, cfg, "deepfm", seed=0, warm_start=path, num_threads=THREADS)
 
 
 def test_history_is_prompt_then_earlier_train_positives():
