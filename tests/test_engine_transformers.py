@@ -273,3 +273,39 @@ def test_the_sentence_stop_ends_a_row_at_its_limit_or_at_a_loop_and_leaves_the_o
     # row 0: one sentence complete; row 1 needs two; row 2 loops; row 3 has no limit, so no loop stop either
     assert done.tolist() == [True, False, True, False]
     assert stop.looped == [False, False, True, False] and stop.stopped_at[0] == width - 1
+
+
+@pytest.mark.slow
+def test_int8_weights_are_another_model_id_and_stay_close_to_fp32(smollm2_dir, engine, batched):
+    import torch
+
+    int8 = make_engine(EngineConfig(kind="transformers", batch_size=4, quantize="int8"))
+    assert int8.model_id == engine.model_id + "+int8-dynamic"  # never the fp32 answers' cache entries
+    int8.load()
+    try:
+        assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in int8._model.modules())
+        out = int8.generate(REQUESTS)
+        assert [r.key for r in out] == [r.key for r in REQUESTS]
+        assert all(r.text.strip() and r.output_tokens <= q.max_new_tokens for r, q in zip(out, REQUESTS))
+        # teacher-forced on fp32's answers, int8 mostly predicts the same next token: close, not equal
+        tok, same, total = engine.tokenizer, 0, 0
+        for request, answer in zip(REQUESTS, batched):
+            prompt = engine.render(request.messages)
+            ids = tok(prompt + answer.text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            start = len(tok(prompt, add_special_tokens=False)["input_ids"])
+            with torch.inference_mode():
+                preds = [m(input_ids=ids).logits[0, start - 1:-1].argmax(-1) for m in (engine._model, int8._model)]
+            same += int((preds[0] == preds[1]).sum())
+            total += len(preds[0])
+    finally:
+        int8.close()
+    print(f"int8 agrees with fp32 on {same} of {total} next tokens")
+    assert same / total >= 0.6, (same, total)
+
+
+def test_int8_on_a_gpu_device_is_refused_with_what_to_do():
+    from recaug.pipelines.engines.base import EngineError
+
+    eng = make_engine(EngineConfig(kind="transformers", device="cuda", quantize="int8"))
+    with pytest.raises(EngineError, match="quantize"):
+        eng.load()

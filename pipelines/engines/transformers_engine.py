@@ -198,6 +198,28 @@ class LocalModelFolder:
         return self._model_id
 
 
+def quantize_int8(model):
+    """The model with most linear layers as dynamic int8 (weights int8 per output channel, activations
+    quantised per batch): on a CPU without bf16 units the fp32 matrix products are what prefill and
+    decode spend their time on, and fbgemm's int8 kernels do them about twice as fast."""
+    import warnings
+
+    import torch
+
+    # Two kinds of layer stay fp32: the output head (it picks the token) and the MLP's down projection,
+    # whose input carries the few large activations that per-tensor int8 activations flatten. With
+    # every layer int8, SmolLM2-135M kept fp32's next token 40% of the time; with these two fp32, 73%,
+    # at 2.1x fp32's prefill speed.
+    head = model.get_output_embeddings()
+    layers = {name: torch.ao.quantization.per_channel_dynamic_qconfig for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and module is not head and not name.endswith("down_proj")}
+    with warnings.catch_warnings():
+        # torch marks its eager quantisation API as moving to torchao; it is what runs on this torch
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8)
+
+
 class TransformersEngine(LocalModelFolder, Engine):
     kind = "transformers"
     # compute a micro-batch's shared prompt prefix once (see the module doc); False: the plain path
@@ -218,6 +240,12 @@ class TransformersEngine(LocalModelFolder, Engine):
 
     def __repr__(self) -> str:
         return f"TransformersEngine(model={self.cfg.model!r}, device={self.cfg.device!r}, loaded={self._model is not None})"
+
+    @property
+    def model_id(self) -> str:
+        # int8 weights answer differently from fp32: another model as far as the cache is concerned
+        base = LocalModelFolder.model_id.fget(self)
+        return base if self.cfg.quantize == "none" else f"{base}+{self.cfg.quantize}-dynamic"
 
     # --- loading ----------------------------------------------------------------------------------
 
@@ -240,12 +268,17 @@ class TransformersEngine(LocalModelFolder, Engine):
         import torch
         from transformers import AutoModelForCausalLM
 
+        if self.cfg.quantize != "none" and self.cfg.device != "cpu":
+            raise EngineError(f"engine.quantize: {self.cfg.quantize} runs on the CPU only (torch's dynamic int8 kernels); "
+                              f"engine.device is {self.cfg.device!r}: set engine.quantize: none on a GPU")
         if self.cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError(f"engine.device is {self.cfg.device!r} but torch sees no CUDA device; set engine.device: cpu")
         tok = self.tokenizer
         model = AutoModelForCausalLM.from_pretrained(self.model_dir)
         model.to(self.cfg.device)
         model.eval()
+        if self.cfg.quantize == "int8":
+            model = quantize_int8(model)
         gen_eos = model.generation_config.eos_token_id
         gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         # generation stops on any of these, and counting uses the same set
