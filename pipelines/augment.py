@@ -277,7 +277,7 @@ def context_keys(
         **({"max_sentences": limit} if (limit := sentence_limit(aug, aug_cfg)) else {}),
         "shared": shared,
     }, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    columns = [c for c in ctx.columns if c != "entity_id" or "entity_id" in template_variables_used(aug.prompt)]
+    columns = [c for c in ctx.columns if c != "entity_id" or "entity_id" in _variables_used(aug.prompt)]
     rows = ctx.select(
         pl.col("entity_id"),
         pl.struct(columns).struct.json_encode().alias("_row") if columns else pl.lit("{}").alias("_row"),
@@ -294,6 +294,12 @@ def context_keys(
         "key": pl.Series("key", keys, dtype=pl.String),
         "size": rows["_row"].str.len_bytes().cast(pl.Int64),
     })
+
+
+@functools.lru_cache(maxsize=64)
+def _variables_used(prompt) -> frozenset[str]:
+    """The template's variables, parsed once per template and not once per chunk."""
+    return frozenset(template_variables_used(prompt))
 
 
 @contextlib.contextmanager
@@ -461,6 +467,20 @@ class PreviousOutputs:
                     return None  # unreadable: nothing is reused, everything takes the normal path
         return None
 
+    def _group(self, i: int) -> pl.DataFrame:
+        """Row group `i`'s reusable rows, sorted by entity id; decoded and filtered once, not per chunk."""
+        frame = self._decoded.get(i)
+        if frame is None:
+            frame = pl.from_arrow(self.file.read_row_group(i, columns=list(_REUSED_COLUMNS))).filter(
+                (pl.col("attempts") == 1)
+                & (pl.col("parser_version") == self.aug.parser_id)
+                & ~pl.col("cache_key").is_in(self.excluded.implode())
+            )
+            if not frame["entity_id"].is_sorted():  # runs write it sorted; a stable sort keeps ties' order
+                frame = frame.sort("entity_id", maintain_order=True)
+            self._decoded[i] = frame
+        return frame
+
     def rows(self, keys: pl.DataFrame) -> pl.DataFrame:
         """The reusable generated rows for `keys` (entity_id, key), with an `entity_id` per row."""
         if not keys.height:
@@ -469,19 +489,17 @@ class PreviousOutputs:
         wanted = [i for i, (a, b) in enumerate(self.ranges) if a is None or not (b < lo or a > hi)]
         for i in [i for i in self._decoded if i not in wanted]:
             del self._decoded[i]  # chunks come in ascending order: a passed row group is not needed again
-        for i in wanted:
-            if i not in self._decoded:
-                self._decoded[i] = pl.from_arrow(self.file.read_row_group(i, columns=list(_REUSED_COLUMNS)))
         if not wanted:
             return pl.DataFrame()
-        frame = pl.concat([self._decoded[i] for i in wanted]).filter(
-            pl.col("entity_id").is_between(pl.lit(lo), pl.lit(hi))
-            & (pl.col("attempts") == 1)
-            & (pl.col("parser_version") == self.aug.parser_id)
-            & ~pl.col("cache_key").is_in(self.excluded.implode())
-        )
-        return frame.join(keys.select("entity_id", pl.col("key").alias("cache_key")), on=["entity_id", "cache_key"],
-                          how="inner").unique("entity_id", keep="first", maintain_order=True)
+        pieces = []
+        for i in wanted:  # the chunk's id range by binary search, not a filter over the whole group
+            group = self._group(i)
+            start = group["entity_id"].search_sorted(lo, side="left")
+            pieces.append(group.slice(start, group["entity_id"].search_sorted(hi, side="right") - start))
+        return pl.concat(pieces).join(
+            keys.select("entity_id", pl.col("key").alias("cache_key")), on=["entity_id", "cache_key"], how="inner",
+            maintain_order="left",
+        ).unique("entity_id", keep="first", maintain_order=True)
 
 
 _REUSED_COLUMNS = (
@@ -669,7 +687,7 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
     pending, render_failed, _ = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, ctx=ctx, keys=keys) \
         if ctx.height else ([], [], [])
     del ctx
-    first = first_shards(all_keys, pending, shard_size)
+    first = first_shards(all_keys, pending, shard_size) if pending else None
     stats.render_errors += len(render_failed)
     # the generated rows, column by column (one dict per row cost ~2 KB per entity at 1M entities)
     gen_cols: dict[str, list[Any]] = {name: [] for name in _GENERATED_ROW_COLUMNS}
