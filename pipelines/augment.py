@@ -173,7 +173,8 @@ ExecuteFn = Callable[[list[list[GenerationRequest]], OnShard, CacheSink], None]
 
 def sample_entities(ids: list[str], limit: int | None, seed: int) -> list[str]:
     """A deterministic sample that is stable as the catalogue grows (hash order, not position)."""
-    ids = sorted(set(ids))
+    # polars' byte order is Python's code point order for UTF-8; sorted(set()) cost 1.5 s CPU at 1M ids
+    ids = pl.Series("id", ids, dtype=pl.String).unique().sort().to_list()
     if limit is None or len(ids) <= limit:
         return ids
     ranked = sorted(ids, key=lambda e: hashlib.sha256(f"{seed}:{e}".encode()).hexdigest())
@@ -584,7 +585,8 @@ def run_augmenter(
         "created_at": now,
     }
     previous = PreviousOutputs.newest(reuse_runs, aug)
-    for chunk in _chunks(sorted(e for e in expected if e not in deferred), chunk_size):
+    todo = sorted(e for e in expected if e not in deferred) if deferred else sorted(expected)
+    for chunk in _chunks(todo, chunk_size):
         _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk, stats,
                    common, parts, previous, text_bounds if aug.encodes else None)
         release_memory()  # the chunk's prompts, answers and rows as Python objects
