@@ -453,7 +453,7 @@ class PreviousOutputs:
                 t = pq.read_table(path)
                 who = "augmenter" if "augmenter" in t.column_names else "source"
                 excluded.append(pl.from_arrow(t.select([who, "cache_key"])).filter(pl.col(who) == aug.name)["cache_key"])
-        self.excluded = pl.concat(excluded).unique() if excluded else pl.Series("cache_key", [], pl.String)
+        self.excluded = (pl.concat(excluded).unique() if excluded else pl.Series("cache_key", [], pl.String)).to_arrow().cast(pa.string())
 
     @classmethod
     def newest(cls, runs_dir: Path | None, aug: Augmenter) -> "PreviousOutputs | None":
@@ -468,39 +468,57 @@ class PreviousOutputs:
                     return None  # unreadable: nothing is reused, everything takes the normal path
         return None
 
-    def _group(self, i: int) -> pl.DataFrame:
-        """Row group `i`'s reusable rows, sorted by entity id; decoded and filtered once, not per chunk."""
-        frame = self._decoded.get(i)
-        if frame is None:
-            frame = pl.from_arrow(self.file.read_row_group(i, columns=list(_REUSED_COLUMNS))).filter(
-                (pl.col("attempts") == 1)
-                & (pl.col("parser_version") == self.aug.parser_id)
-                & ~pl.col("cache_key").is_in(self.excluded.implode())
+    def _group(self, i: int) -> tuple[pa.Table, pl.Series]:
+        """Row group `i`'s reusable rows as Arrow (decoded and filtered once, not per chunk), sorted by
+        entity id, with that column as a polars Series for binary search."""
+        group = self._decoded.get(i)
+        if group is None:
+            table = self.file.read_row_group(i, columns=list(_REUSED_COLUMNS))
+            keep = pc.and_(
+                pc.and_(pc.equal(table.column("attempts"), 1), pc.equal(table.column("parser_version"), self.aug.parser_id)),
+                pc.invert(pc.is_in(table.column("cache_key"), value_set=self.excluded)),
             )
-            if not frame["entity_id"].is_sorted():  # runs write it sorted; a stable sort keeps ties' order
-                frame = frame.sort("entity_id", maintain_order=True)
-            self._decoded[i] = frame
-        return frame
+            if not pc.all(keep).as_py():  # copying every column only when some row is left out
+                table = table.filter(keep)
+            ids = pl.Series("entity_id", table.column("entity_id"))
+            if not ids.is_sorted():  # runs write it sorted; a stable sort keeps ties' order
+                order = pc.sort_indices(table, sort_keys=[("entity_id", "ascending")])
+                table = table.take(order)
+                ids = pl.Series("entity_id", table.column("entity_id"))
+            group = self._decoded[i] = (table, ids)
+        return group
 
-    def rows(self, keys: pl.DataFrame) -> pl.DataFrame:
-        """The reusable generated rows for `keys` (entity_id, key), with an `entity_id` per row."""
+    def rows(self, keys: pl.DataFrame) -> pa.Table | None:
+        """The reusable generated rows for `keys` (entity_id, key), at most one per entity, in the
+        previous run's columns (`_REUSED_COLUMNS`), or None. Only entity_id and cache_key go through
+        polars (to match the keys); the text columns stay Arrow and are copied once, by `take`."""
         if not keys.height:
-            return pl.DataFrame()
+            return None
         lo, hi = keys["entity_id"].min(), keys["entity_id"].max()
         wanted = [i for i, (a, b) in enumerate(self.ranges) if a is None or not (b < lo or a > hi)]
         for i in [i for i in self._decoded if i not in wanted]:
             del self._decoded[i]  # chunks come in ascending order: a passed row group is not needed again
-        if not wanted:
-            return pl.DataFrame()
         pieces = []
         for i in wanted:  # the chunk's id range by binary search, not a filter over the whole group
-            group = self._group(i)
-            start = group["entity_id"].search_sorted(lo, side="left")
-            pieces.append(group.slice(start, group["entity_id"].search_sorted(hi, side="right") - start))
-        return pl.concat(pieces).join(
-            keys.select("entity_id", pl.col("key").alias("cache_key")), on=["entity_id", "cache_key"], how="inner",
-            maintain_order="left",
-        ).unique("entity_id", keep="first", maintain_order=True)
+            table, ids = self._group(i)
+            start = ids.search_sorted(lo, side="left")
+            end = ids.search_sorted(hi, side="right")
+            if end > start:
+                pieces.append(table.slice(start, end - start))
+        if not pieces:
+            return None
+        table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+        found = (
+            pl.from_arrow(table.select(["entity_id", "cache_key"])).with_row_index("_row")
+            .join(keys.select("entity_id", pl.col("key").alias("cache_key")), on=["entity_id", "cache_key"],
+                  how="inner", maintain_order="left")
+            .unique("entity_id", keep="first", maintain_order=True)
+        )
+        if not found.height:
+            return None
+        if found.height == table.num_rows:  # every row, in order (`_row` ascends): no copy
+            return table
+        return table.take(found["_row"].to_arrow())
 
 
 _REUSED_COLUMNS = (
@@ -672,18 +690,25 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
         present = cache.contains(keys["key"])
         if present.any():
             reused = previous.rows(keys.filter(present))
-            if text_bounds and reused.height:
+            if text_bounds and reused is not None:
                 # the bounds are config: a row the previous run published may be out of them now, and
                 # takes the normal path to become that entity's dead letter
-                reused = reused.filter(pl.col("text").str.len_chars().is_between(*text_bounds))
-            if reused.height:
-                counted = set(reused["cache_key"].unique().to_list())
-                stats.requests += reused.height
+                length = pc.utf8_length(reused.column("text"))
+                inside = pc.and_(pc.greater_equal(length, text_bounds[0]), pc.less_equal(length, text_bounds[1]))
+                if not pc.all(inside).as_py():
+                    reused = reused.filter(inside)
+            if reused is not None and reused.num_rows:
+                reused_keys = pl.from_arrow(reused.select(["entity_id", "cache_key"]))
+                counted = set(reused_keys["cache_key"].unique().to_list())
+                stats.requests += reused.num_rows
                 stats.cache_hits += len(counted)  # distinct prompts answered by the cache, as below
                 stats.distinct_prompts += len(counted)
-                stats.truncated += int((reused["finish_reason"] == FINISH_LENGTH).sum())
-                rest = ~keys["entity_id"].is_in(reused["entity_id"].implode())
-                ctx, keys = ctx.filter(rest), keys.filter(rest)
+                stats.truncated += pc.sum(pc.equal(reused.column("finish_reason"), FINISH_LENGTH)).as_py() or 0
+                if reused.num_rows < keys.height:
+                    rest = ~keys["entity_id"].is_in(reused_keys["entity_id"].implode())
+                    ctx, keys = ctx.filter(rest), keys.filter(rest)
+                else:  # one row per entity: every entity of the chunk is reused
+                    ctx, keys = ctx.clear(), keys.clear()
             else:
                 reused = None
     pending, render_failed, _ = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, ctx=ctx, keys=keys) \
@@ -823,21 +848,41 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
         stats.retries += len(retry)
         pending = retry
 
-    if gen_cols["entity_id"] or reused is not None:
-        gen = pl.DataFrame(gen_cols, schema_overrides=_GENERATED_ROW_TYPES)
-        if reused is not None:
-            gen = pl.concat([gen, reused.select(
-                *(pl.col(c).cast(t) for c, t in _GENERATED_ROW_TYPES.items()))])
-        gen = gen.with_columns(
-            *(pl.lit(v).alias(k) for k, v in common.items()), pl.lit(aug.parser_id).alias("parser_version")
-        )
-        parts["generated"].append(frame_to_table(gen, GENERATED_TEXTS, "entity_id"))
+    pieces = []
+    if gen_cols["entity_id"]:
+        gen = pl.DataFrame(gen_cols, schema_overrides=_GENERATED_ROW_TYPES).with_columns(
+            *(pl.lit(v).alias(k) for k, v in common.items()), pl.lit(aug.parser_id).alias("parser_version"))
+        pieces.append(frame_to_table(gen, GENERATED_TEXTS, "entity_id"))
+    if reused is not None:
+        pieces.append(_reused_table(reused, common, aug.parser_id))
+    if len(pieces) == 1 and gen_cols["entity_id"]:
+        parts["generated"].append(pieces[0])
+    elif pieces:
+        # one row per entity, reused and new entities apart: ordered by entity id as `frame_to_table` orders
+        table = pa.concat_tables(pieces)
+        if len(pieces) > 1 or not pl.Series(table.column("entity_id")).is_sorted():
+            table = table.take(pc.sort_indices(table, sort_keys=[("entity_id", "ascending"), ("cache_key", "ascending")]))
+        parts["generated"].append(table)
     if dead_rows:
         parts["dead"].append(frame_to_table(pl.DataFrame([{**common, **r} for r in dead_rows]), DEAD_LETTER, "entity_id"))
     if synth_items:
         parts["items"].append(frame_to_table(pl.DataFrame(synth_items), SYNTHETIC_ITEMS, "item_id"))
     if synth_inter:
         parts["inter"].append(frame_to_table(pl.DataFrame(synth_inter), SYNTHETIC_INTERACTIONS, "user_id"))
+
+
+def _reused_table(reused: pa.Table, common: dict[str, Any], parser_id: str) -> pa.Table:
+    """Rows of a previous run as this run's generated rows: copied columns as they are, the run's
+    own columns (`common`, parser version) as constants, without a round trip through polars."""
+    n = reused.num_rows
+    own = {**common, "parser_version": parser_id}
+    columns = []
+    for field in GENERATED_TEXTS:
+        if field.name in own:
+            columns.append(pa.repeat(pa.scalar(own[field.name], field.type), n))
+        else:
+            columns.append(reused.column(field.name).cast(field.type))
+    return pa.Table.from_arrays(columns, schema=GENERATED_TEXTS)
 
 
 _GENERATED_ROW_COLUMNS = (
