@@ -473,7 +473,7 @@ class PreviousOutputs:
         entity id, with that column as a polars Series for binary search."""
         group = self._decoded.get(i)
         if group is None:
-            table = self.file.read_row_group(i, columns=list(_REUSED_COLUMNS))
+            table = self.file.read_row_group(i, columns=list(_REUSED_COLUMNS), use_threads=False)
             keep = pc.and_(
                 pc.and_(pc.equal(table.column("attempts"), 1), pc.equal(table.column("parser_version"), self.aug.parser_id)),
                 pc.invert(pc.is_in(table.column("cache_key"), value_set=self.excluded)),
@@ -605,9 +605,12 @@ def run_augmenter(
     previous = PreviousOutputs.newest(reuse_runs, aug)
     todo = sorted(e for e in expected if e not in deferred) if deferred else sorted(expected)
     for chunk in _chunks(todo, chunk_size):
-        _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk, stats,
-                   common, parts, previous, text_bounds if aug.encodes else None)
-        release_memory()  # the chunk's prompts, answers and rows as Python objects
+        rendered = _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk,
+                              stats, common, parts, previous, text_bounds if aug.encodes else None)
+        if rendered:  # the chunk's prompts, answers and rows as Python objects. A chunk of reused rows
+            # made none; handing its pages back would only make the next row group's decode fault
+            # them in again (that was a third of an unchanged re-run's CPU, as kernel time)
+            release_memory()
 
     generated = parts["generated"].table()
     if aug.response_model is None and generated.num_rows:
@@ -678,10 +681,11 @@ def text_bound_problem(text: str, bounds: tuple[int, int]) -> str | None:
 
 def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk, stats, common,
                parts, previous: PreviousOutputs | None = None,
-               text_bounds: tuple[int, int] | None = None) -> None:
+               text_bounds: tuple[int, int] | None = None) -> bool:
     """One chunk of entities from requests to finished Arrow tables (appended to `parts`): keys are
     derived from the context rows, rows of a previous run are reused for unchanged cached keys, and
-    only the other entities are rendered (cache hits among them are parsed, misses generated)."""
+    only the other entities are rendered (cache hits among them are parsed, misses generated).
+    Returns whether any entity was rendered."""
     ctx = aug.build_context(inputs, chunk, augmenter_options(aug, aug_cfg))
     keys = all_keys = context_keys(aug, aug_cfg, inputs, engine, engine_cfg, ctx)
     reused = None
@@ -714,6 +718,7 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
     pending, render_failed, _ = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, ctx=ctx, keys=keys) \
         if ctx.height else ([], [], [])
     del ctx
+    rendered = bool(pending or render_failed)
     first = first_shards(all_keys, pending, shard_size) if pending else None
     stats.render_errors += len(render_failed)
     # the generated rows, column by column (one dict per row cost ~2 KB per entity at 1M entities)
@@ -869,6 +874,7 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
         parts["items"].append(frame_to_table(pl.DataFrame(synth_items), SYNTHETIC_ITEMS, "item_id"))
     if synth_inter:
         parts["inter"].append(frame_to_table(pl.DataFrame(synth_inter), SYNTHETIC_INTERACTIONS, "user_id"))
+    return rendered
 
 
 def _reused_table(reused: pa.Table, common: dict[str, Any], parser_id: str) -> pa.Table:
