@@ -145,7 +145,7 @@ def run(quick: bool = False, items: int | None = None, changed_share: float = 0.
         f"unchanged re-run of {n:,} entities: {same['engine_requests']} engine requests, "
         f"{same['hit_rate']:.0%} cache hits, {same['wall_s']:.1f} s wall / {same['cpu_s']:.1f} s CPU = "
         f"{same['entities_per_s']:,.0f} entities per wall second, {same['entities_per_cpu_s']:,.0f} per CPU second "
-        f"(goal {GOAL_PER_S:,}: {_goal(same)})",
+        f"(goal: {GOAL_PER_S:,} at 1,000,000 entities; {_goal(same)})",
         f"{changed_share:.0%} changed: engine requests {incr['engine_requests']:,} == changed entities {n_changed:,}; "
         f"{incr['wall_s']:.1f} s = {incr['wall_s'] / fill['wall_s']:.2f}x the fake-engine fill "
         f"(unchanged run + changed rows at fill speed would be {predicted:.1f} s): the engine work is proportional "
