@@ -42,8 +42,8 @@ def attribute_dicts(frame: pl.DataFrame) -> pl.Series:
     the rest of the row; templates see it as an ordered {name: value} mapping
     (augmenters.base.normalise_attributes)."""
     names = attribute_columns(frame)
-    if not names:
-        return pl.Series("attributes", [[]] * frame.height, dtype=ATTRIBUTE_DTYPE)
+    if not names:  # built in polars: a Python list of empty lists cost ~40 µs per row
+        return pl.select(pl.repeat(pl.lit([], dtype=ATTRIBUTE_DTYPE), frame.height).alias("attributes")).to_series()
     pairs = [
         pl.struct(
             pl.lit(c[len(ATTRIBUTE_PREFIX):]).alias("name"),

@@ -59,12 +59,13 @@ class CacheSink:
 
 
 class _KeyIndex:
-    """Cache keys, unique and sorted by their first 60 bits (15 hex digits) as int64, for numpy's
-    binary search; the whole key confirms a match. Two keys sharing 60 bits (about one pair in 10^6
-    at 10^9 keys) can make one of them look absent: it is then generated again, never mistaken."""
+    """Cache keys sorted by their first 60 bits (15 hex digits) as int64, for numpy's binary search;
+    the whole key confirms a match. Two keys sharing 60 bits (about one pair in 10^6 at 10^9 keys) can
+    make one of them look absent: it is then generated again, never mistaken. A key held twice (shards
+    overlapping after a crash) is harmless, so keys are not de-duplicated (that was 3/4 of the build)."""
 
     def __init__(self, keys: pl.Series):
-        frame = pl.DataFrame({"key": keys.unique()}).with_columns(_prefix(pl.col("key")).alias("p"))
+        frame = pl.DataFrame({"key": keys}).with_columns(_prefix(pl.col("key")).alias("p"))
         self.hex = frame["p"].null_count() == 0
         frame = frame.sort("p" if self.hex else "key")
         self.keys = frame["key"]

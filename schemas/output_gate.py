@@ -561,8 +561,8 @@ def identical_answer_rows(generated: pa.Table, limit: int) -> pa.Array:
 
     if generated.num_rows == 0:
         return pa.array([], pa.bool_())
-    frame = pl.from_arrow(generated.select(["cache_key", "raw_text"])).with_columns(
-        pl.col("raw_text").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars().alias("_norm"))
-    counts = frame.group_by("_norm").agg(pl.col("cache_key").n_unique().alias("_prompts"))
-    joined = frame.join(counts, on="_norm", how="left", maintain_order="left")
-    return pa.array((joined["_prompts"] > limit).to_list(), pa.bool_())
+    # every white-space run becomes one space, as r"\s+" would, but a lone space is not a match:
+    # replacing each single space by itself was 3/4 of this check's time
+    norm = pl.col("raw_text").str.to_lowercase().str.replace_all(r"[\s--[ ]]\s*|\s\s+", " ").str.strip_chars()
+    frame = pl.from_arrow(generated.select(["cache_key", "raw_text"]))
+    return frame.select(pl.col("cache_key").n_unique().over(norm) > limit).to_series().to_arrow()
