@@ -194,8 +194,8 @@ def wait_peers(handles: dict, status: dict[str, str], max_new: int) -> dict:
                 ready = handle.wait_ready()
                 version = peers.python_version_of(handle.peer.python, "llama_cpp")
                 engine = peers.http_engine(handle.url, max_new)
-                fns["llama"] = lambda e=engine, c=handle: peers.run_http(e, c.conversations, max_new)
-                fns["llama_prefill"] = lambda e=engine, c=handle: peers.run_http(e, c.conversations, 1)
+                fns["llama"] = lambda e=engine, h=handle: peers.run_http(e, h, max_new)
+                fns["llama_prefill"] = lambda e=engine, h=handle: peers.run_http(e, h, 1)
                 handle.engine = engine
                 status[key] = (f"llama-cpp-python {version} server, {handle.threads} threads, n_ctx {peers.LLAMA_CTX}, "
                                f"ready after {ready} s")
@@ -389,7 +389,7 @@ def _run(args, engine, pipeline, conversations, handles, status, naive_repeats, 
         ["prompt tok/s: the prompt tokens over the wall time of a run with max_new_tokens=1 (prefill plus one "
          "token); generated tok/s and wall s: the run with the full budget. Computed = rendered minus prefix reuse "
          "(ours: the shared prefix once per run; vLLM: its prefix-cache hits, cache emptied before each run; "
-         "llama.cpp reuses the prefix its context shares with the previous prompt but does not report it)."]
+         "llama.cpp: the prefix its context shares with the previous prompt, from its log)."]
         + list(status.values()),
     )
     bound_rows = []
@@ -411,8 +411,7 @@ def _run(args, engine, pipeline, conversations, handles, status, naive_repeats, 
          f"x {flops['mean_prompt_tokens']} x {flops['d_attn']}; GEMM GFLOP/s per (M x K x N) shape, best of "
          f"{len(gemm_runs)} rounds x 3: {gemm_best['per_shape_gflops']}.",
          "The prefill wall time includes one generated token and, for the peers, a process or HTTP hop. llama.cpp "
-         "runs Q4_1 weights with integer dot products, so the fp32 bound does not bound it; its row counts rendered "
-         "tokens (its prefix reuse is not reported)."],
+         "runs Q4_1 weights with integer dot products, so the fp32 bound does not bound it."],
     )
     summary = [
         f"our pipeline end to end: {ratios['pipeline_vs_naive']:.2f}x the naive loop's tokens/s and "

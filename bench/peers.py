@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -137,6 +138,9 @@ class VllmWorker:
     def start(self) -> None:
         # this process's recaug first (PYTHONPATH is inherited): the worker runs the engine of this tree
         env = {**os.environ, **OFFLINE_ENV}
+        # vLLM's CPU default ("auto") pins one OpenMP thread per core and keeps a core for its scheduler:
+        # 1 compute thread on 2 cores. Unpinned, torch's default threads, as our engine runs
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         self.proc = subprocess.Popen([str(self.peer.python), str(Path(__file__).with_name("peer_vllm.py"))],
                                      cwd=str(REPO), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
                                      text=True, env=env)
@@ -196,7 +200,8 @@ class LlamaServer:
     """`python -m llama_cpp.server` of the llama venv on 127.0.0.1, a free port, the packaged SmolLM2
     GGUF, `threads` threads for prompt and generation. llama-cpp-python's server holds one model context
     and answers one request at a time (the HTTP engine keeps a second queued so it never idles); its
-    context reuses the KV of the longest prefix it shares with the previous prompt."""
+    context reuses the KV of the longest prefix it shares with the previous prompt, and its log (verbose,
+    the default) says how many tokens that was."""
 
     def __init__(self, peer: Peer, gguf: Path, threads: int):
         self.peer, self.gguf, self.threads = peer, gguf, threads
@@ -228,6 +233,17 @@ class LlamaServer:
                                        f"{self.log.read()[-1500:]}") from None
                 time.sleep(0.5)
 
+    def log_size(self) -> int:
+        self.log.flush()
+        return os.path.getsize(self.log.name)
+
+    def prefix_hits_since(self, offset: int) -> int:
+        """Prompt tokens the server's context reused since `offset` of its log: llama-cpp-python logs
+        "Llama.generate: N prefix-match hit, remaining M prompt tokens to eval" per request that reuses any."""
+        with open(self.log.name, errors="replace") as fh:
+            fh.seek(offset)
+            return sum(int(m.group(1)) for m in re.finditer(r"Llama\.generate: (\d+) prefix-match hit", fh.read()))
+
     def close(self) -> None:
         if self.proc is None:
             return
@@ -249,10 +265,11 @@ def http_engine(url: str, max_new_tokens: int):
                                    concurrency=2, timeout_s=600, max_retries=0, api_key_env=""))
 
 
-def run_http(engine, conversations, max_new_tokens: int) -> dict[str, Any]:
+def run_http(engine, server: LlamaServer, max_new_tokens: int) -> dict[str, Any]:
     from recaug.pipelines.engines.base import GenerationRequest
 
-    requests = [GenerationRequest(f"p{i}", tuple(c), max_new_tokens) for i, c in enumerate(conversations)]
+    requests = [GenerationRequest(f"p{i}", tuple(c), max_new_tokens) for i, c in enumerate(server.conversations)]
+    offset = server.log_size()
     started = time.perf_counter()
     results = engine.generate(requests)
     wall = time.perf_counter() - started
@@ -261,7 +278,8 @@ def run_http(engine, conversations, max_new_tokens: int) -> dict[str, Any]:
         raise RuntimeError(f"{len(bad)} of {len(results)} requests to the llama.cpp server failed: {bad[0]}")
     if any(r.extra.get("usage_estimated") for r in results):
         raise RuntimeError("the llama.cpp server returned no token usage: its counts would be estimates")
-    return {"wall_s": wall, "prompt_tokens": sum(r.input_tokens for r in results),
+    prompt = sum(r.input_tokens for r in results)
+    return {"wall_s": wall, "prompt_tokens": prompt, "prompt_tokens_computed": prompt - server.prefix_hits_since(offset),
             "generated_tokens": sum(r.output_tokens for r in results), "texts": [r.text for r in results]}
 
 
