@@ -273,7 +273,7 @@ def _run(args, engine, pipeline, conversations, handles, status, naive_repeats, 
     for repeat in range(args.repeats):  # interleaved, so a busy spell on a shared machine hits every path
         gemm = peers.gemm_gflops(shapes)
         gemm_runs.append(gemm)
-        log(f"[{repeat + 1}/{args.repeats}] fp32 GEMM, {gemm['threads']} threads: {gemm['per_shape_gflops']} GFLOP/s")
+        log(f"[{repeat + 1}/{args.repeats}] fp32 GEMM GFLOP/s, {gemm['threads']} threads: {gemm['per_shape_gflops']}")
         for name, fn in list(paths.items()):
             if name == "naive" and repeat >= naive_repeats:
                 continue
@@ -401,15 +401,17 @@ def _run(args, engine, pipeline, conversations, handles, status, naive_repeats, 
         per_s = computed if computed is not None else pre["prompt_tokens_per_s"]
         bound_rows.append([PEER_LABELS[key], pre.get("prompt_tokens_computed", pre["prompt_tokens_rendered"]),
                            pre["wall_s"], per_s, per_s / bound])
+    backends = ", ".join(f"{k} {v:.1f}" for k, v in gemm_best["per_backend_gflops"].items())
     t3 = table(
-        f"Prefill vs the machine's fp32 FLOP bound: {gemm_best['best_gflops']:.1f} GFLOP/s (torch fp32 GEMM, "
+        f"Prefill vs the machine's fp32 FLOP bound: {gemm_best['best_gflops']:.1f} GFLOP/s (best fp32 GEMM: {backends}; "
         f"{gemm_best['threads']} threads) / {flops['flops_per_token'] / 1e6:.1f} MFLOP per prompt token = "
         f"{bound:,.0f} prompt tok/s",
         ["engine", "prompt tokens computed", "prefill wall s", "computed prompt tok/s", "share of the FLOP bound"],
         bound_rows,
         [f"FLOPs per prompt token = {flops['formula']} = 2 x {flops['non_embedding_params']:,} + 2 x {flops['n_layer']} "
          f"x {flops['mean_prompt_tokens']} x {flops['d_attn']}; GEMM GFLOP/s per (M x K x N) shape, best of "
-         f"{len(gemm_runs)} rounds x 3: {gemm_best['per_shape_gflops']}.",
+         f"{len(gemm_runs)} rounds x 3: {gemm_best['per_shape_gflops']}. Our engine's nn.Linear layers run "
+         "torch.matmul's kernel (MKL); vLLM's CPU backend runs oneDNN's.",
          "The prefill wall time includes one generated token and, for the peers, a process or HTTP hop. llama.cpp "
          "runs Q4_1 weights with integer dot products, so the fp32 bound does not bound it."],
     )
@@ -424,7 +426,8 @@ def _run(args, engine, pipeline, conversations, handles, status, naive_repeats, 
         f"{ratios['engine_prefix_reuse_vs_plain']:.2f}x the generated tok/s of the engine without",
         f"prefill: our engine computes {rows['engine_prefill']['prompt_tokens_computed_per_s']:,.0f} prompt tok/s, "
         f"{ratios['engine_prefill_vs_flop_bound']:.1%} of the fp32 FLOP bound ({bound:,.0f} tok/s = "
-        f"{gemm_best['best_gflops']:.1f} GFLOP/s / {flops['flops_per_token'] / 1e6:.1f} MFLOP per token)",
+        f"{gemm_best['best_gflops']:.1f} GFLOP/s / {flops['flops_per_token'] / 1e6:.1f} MFLOP per token; "
+        f"GEMM GFLOP/s by backend: {backends})",
     ]
     for key, name in (("vllm", "vLLM"), ("llama", "llama.cpp")):
         if f"{key}_generated_vs_engine" in ratios:
