@@ -23,7 +23,13 @@ VLLM_PIN   := $(VLLM_VENV)/constraints.txt
 VLLM_DEPS  := pyarrow==25.0.1 "polars==2.1.*" "gguf>=0.17" "accelerate>=1.10" "ray[data]==2.60.*" "pytest>=8" "pytest-timeout>=2.3" "pytest-xdist>=3.6,<4" \
               great_expectations==1.24.1 "sentence-transformers>=5,<7" "scikit-learn>=1.5"
 
-.PHONY: install demo test test-fast test-unit test-vllm test-http-server bench clean-venv
+# llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) in a venv of its own: the HTTP engine's
+# real-server test and the generation benchmark's llama.cpp peer. PyPI has only its source, so this compiles
+# llama.cpp (~30+ min on 2 cores, once); GGML_NATIVE=OFF builds for any x86-64, not only this CPU.
+LLAMA_VENV  ?= .venv-llama
+LLAMA_STAMP := $(LLAMA_VENV)/.recaug-installed
+
+.PHONY: install demo test test-fast test-unit test-vllm test-http-server peers bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "recaug needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
@@ -52,6 +58,15 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(VLLM_PIP) install --quiet --no-deps $(ASSETS)
 	@touch $(VLLM_STAMP)
 
+# no Makefile prerequisite: an edit here must not start a 30-minute compile
+$(LLAMA_STAMP):
+	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(LLAMA_VENV)/bin/python -m pip install --quiet "llama-cpp-python[server]==0.3.36"
+	@touch $(LLAMA_STAMP)
+
+# the generation benchmark's peers: vLLM (~6 min to build) and llama.cpp's server (~30 min), once
+peers: $(VLLM_STAMP) $(LLAMA_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -79,17 +94,18 @@ test-vllm: $(VLLM_STAMP)
 	RECAUG_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -q -m vllm tests/test_engine_vllm.py
 
 # The HTTP engine against a real OpenAI-compatible server on 127.0.0.1: llama.cpp's (llama-cpp-python[server])
-# serving the packaged SmolLM2 GGUF. PyPI has only its source, so this compiles llama.cpp (~30+ min on
-# 2 cores): not part of `make test`, where the same tests run against a scripted local server.
-LLAMA_VENV ?= .venv-llama
-test-http-server: $(STAMP)
-	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(LLAMA_VENV)/bin/python -m pip install --quiet "llama-cpp-python[server]==0.3.36"
+# serving the packaged SmolLM2 GGUF. Not part of `make test` (the llama venv compiles llama.cpp, see LLAMA_VENV),
+# where the same tests run against a scripted local server.
+test-http-server: $(STAMP) $(LLAMA_STAMP)
 	RECAUG_LLAMA_SERVER_PYTHON=$(abspath $(LLAMA_VENV))/bin/python $(BIN)/python -m pytest -q tests/test_chat_template_escaping.py
 
-# every benchmark, ~20-30 min on 2 cores; BENCH_ARGS=--quick for a smoke test, or --only NAME
-bench: $(STAMP)
-	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+# every benchmark, ~30-40 min on 2 cores; BENCH_ARGS=--quick for a smoke test, or --only NAME.
+# The generation benchmark runs vLLM and llama.cpp beside our engine: their venvs are built first (once,
+# ~35 min; order-only, so an edit of this file does not rebuild them). VLLM_VENV / LLAMA_VENV name
+# venvs built elsewhere.
+bench: $(STAMP) | $(VLLM_STAMP) $(LLAMA_STAMP)
+	RECAUG_VLLM_VENV=$(abspath $(VLLM_VENV)) RECAUG_LLAMACPP_VENV=$(abspath $(LLAMA_VENV)) \
+		$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_VENV)

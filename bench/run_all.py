@@ -27,7 +27,7 @@ from common import RESULTS_DIR, log, machine, markdown  # noqa: E402
 
 # name -> module; the order the issue lists them in
 BENCHMARKS = {
-    "generation": "bench_generation",  # 1. our pipeline vs naive loop vs bare batched generate
+    "generation": "bench_generation",  # 1. our pipeline vs naive loop vs bare batched generate; peers; FLOP bound
     "cache": "bench_cache",  # 2. unchanged re-run and 1% incremental over a large catalogue
     "encoding": "bench_encoding",  # 3. ours vs SentenceTransformer.encode
     "ctr": "bench_ctr",  # 4a. feature join + DeepFM with and without the adaptor

@@ -165,7 +165,7 @@ def test_http_engine_against_a_real_server_keeps_data_as_text(llama_server, toke
     from recaug.pipelines.engines import make_engine
 
     engine = make_engine(EngineConfig(kind="http", model="smollm2", base_url=llama_server, max_new_tokens=8,
-                                      timeout_s=300, max_retries=0, api_key_env=""))
+                                      timeout_s=300, http_retries=0, api_key_env=""))
     (result,) = engine.generate([GenerationRequest("k", MESSAGES, 8)])
     assert result.error is None, result.error
     assert not result.extra.get("usage_estimated")

@@ -101,10 +101,14 @@ def test_greedy_generation_fills_every_field_and_repeats_exactly(engine):
         else:  # stopped on <|im_end|>, which is not counted
             assert 0 < result.output_tokens < request.max_new_tokens
         assert result.latency_s > 0 and result.extra["batch_latency_s"] >= result.latency_s
+        # vLLM's prefix-cache hits taken off: never more than the prompt, at least the token it samples from
+        assert 1 <= result.extra["prompt_tokens_computed"] <= result.input_tokens
     short = first[-1]
     assert short.finish_reason == FINISH_LENGTH and short.output_tokens == 3
 
     again = engine.generate(requests)
+    # the same prompts again: whatever of them the prefix cache holds is not computed a second time
+    assert all(a.extra["prompt_tokens_computed"] <= b.extra["prompt_tokens_computed"] for a, b in zip(again, first))
     assert [(r.text, r.input_tokens, r.output_tokens, r.finish_reason) for r in again] == [
         (r.text, r.input_tokens, r.output_tokens, r.finish_reason) for r in first
     ]

@@ -479,7 +479,10 @@ class VLLMEngine(LocalModelFolder, Engine):
 
     def _result(self, request: GenerationRequest, output, share: float, wall: float) -> GenerationResult:
         input_tokens = len(output.prompt_token_ids or [])
-        extra = {"batch_latency_s": wall}
+        extra: dict[str, Any] = {"batch_latency_s": wall}
+        cached = getattr(output, "num_cached_tokens", None)
+        if isinstance(cached, int):  # prefix-cache hits: as TransformersEngine, the prompt tokens actually computed
+            extra["prompt_tokens_computed"] = input_tokens - cached
         if not output.outputs:
             return GenerationResult(request.key, "", input_tokens, 0, FINISH_ERROR, share,
                                     error="vLLM returned no completion for this request", extra=extra)
