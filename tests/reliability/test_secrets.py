@@ -89,7 +89,8 @@ class Stub(BaseHTTPRequestHandler):
             self._send(200, self.straddling("<html><body>gateway", auth, 80), content_type="text/html")
         else:
             kind = "ok"
-            words = " ".join(random.Random(d).choice(["warm", "quiet", "bold", "classic", "crime", "space"]) for _ in range(8))
+            # six different words: one word eight times over is a loop, which the text checks reject
+            words = " ".join(random.Random(d).sample(["warm", "quiet", "bold", "classic", "crime", "space"], 6))
             self._send(200, json.dumps({
                 "id": digest[:12], "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": f"Stub answer {digest[:6]}: {words}."},
