@@ -368,7 +368,7 @@ def ensure_model_dir(name: str) -> Path:
             return target
         for stale in models.glob(f".{target.name}.tmp-*"):  # left by a converter that was killed
             shutil.rmtree(stale, ignore_errors=True)
-        print(f"recaug: converting the packaged {model.hub_name} GGUF into {target} (once per machine)",
+        print(f"recaug: converting the packaged {model.hub_name.rsplit('/', 1)[-1]} GGUF into {target} (once per machine)",
               file=sys.stderr, flush=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=models))
         try:
