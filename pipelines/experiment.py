@@ -175,8 +175,9 @@ SEGMENTS = ("cold users", "warm users", "cold items", "warm items", "users with 
 
 
 def segment_metrics(test_rows: dict[str, np.ndarray], spec, flags: dict[str, dict[str, set[str]]]) -> dict[str, dict[str, Any]]:
-    """Test AUC and sample count per segment (AUC None where a segment has one class or no sample)."""
-    from recaug.ctr_models.metrics import auc
+    """Test AUC, LogLoss and sample count per segment (AUC None where a segment has one class or no
+    sample, LogLoss None where it has no sample)."""
+    from recaug.ctr_models.metrics import auc, logloss
 
     from recaug.ctr_models.data import FIRST_VALUE
 
@@ -198,7 +199,8 @@ def segment_metrics(test_rows: dict[str, np.ndarray], spec, flags: dict[str, dic
     for name, mask in masks.items():
         labels, preds = test_rows["label"][mask], test_rows["pred"][mask]
         value = float(auc(labels, preds)) if labels.size and labels.min() != labels.max() else None
-        out[name] = {"samples": int(mask.sum()), "auc": value}
+        out[name] = {"samples": int(mask.sum()), "auc": value,
+                     "logloss": float(logloss(labels, preds)) if labels.size else None}
     return out
 
 

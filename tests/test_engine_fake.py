@@ -108,7 +108,7 @@ def test_local_folder_model_id_follows_content_or_declared_revision(tmp_path):
     (folder / "model.safetensors").write_bytes(b"weights-v2")
     assert first.startswith("my-model@") and TransformersEngine(EngineConfig(model=str(folder))).model_id != first
     assert TransformersEngine(EngineConfig(model=str(folder), revision="v7")).model_id == "my-model@v7"
-    with pytest.raises(EngineError, match="neither 'smollm2'"):
+    with pytest.raises(EngineError, match=r"neither a packaged model \('smollm2', 'qwen2.5-coder-0.5b'"):
         _ = TransformersEngine(EngineConfig(model=str(tmp_path / "missing"))).model_id
 
 

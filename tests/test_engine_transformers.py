@@ -107,7 +107,7 @@ def test_converted_model_is_reused_not_converted_again(smollm2_dir, monkeypatch)
     def must_not_run(gguf, out_dir):
         raise AssertionError("the packaged model was converted a second time")
 
-    monkeypatch.setattr(packaged, "_convert_smollm2_gguf", must_not_run)
+    monkeypatch.setattr(packaged, "_convert_gguf", must_not_run)
     assert packaged.ensure_smollm2_dir() == smollm2_dir
     assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == stamp
     assert smollm2_dir.parent == packaged.cache_home() / "models"
@@ -130,7 +130,7 @@ def test_concurrent_conversions_convert_once_and_publish_atomically(tmp_path, mo
         release.wait(10)
         (out_dir / "config.json").write_text("{}")
 
-    monkeypatch.setattr(packaged, "_convert_smollm2_gguf", slow_convert)
+    monkeypatch.setattr(packaged, "_convert_gguf", slow_convert)
     results = []
     threads = [threading.Thread(target=lambda: results.append(packaged.ensure_smollm2_dir())) for _ in range(2)]
     for t in threads:

@@ -78,3 +78,8 @@ def test_manual_run_train_report_then_tick(tmp_path, write_config, capsys):
     assert report["coverage"]["test"]["samples"] > 0
     seg = report["results"]["deepfm"]["c"][0]["segments"]
     assert seg["warm users"]["samples"] + seg["cold users"]["samples"] == report["coverage"]["test"]["samples"]
+    # segment LogLoss is the same mean as the overall one: warm and cold users together give it back
+    run = report["results"]["deepfm"]["c"][0]
+    parts = [seg[s] for s in ("warm users", "cold users") if seg[s]["samples"]]
+    pooled = sum(p["logloss"] * p["samples"] for p in parts) / sum(p["samples"] for p in parts)
+    assert pooled == pytest.approx(run["test_logloss"], rel=1e-6)

@@ -47,14 +47,14 @@ from recaug.pipelines.engines.base import FINISH_LENGTH, FINISH_STOP, Engine, En
 from recaug.pipelines.engines.json_constraint import JsonSchemaLogitsProcessor, llguidance_available
 from recaug.core.offline import go_offline
 from recaug.core.sentences import cut_after_sentences, repeated_run
-from recaug.core.packaged import ensure_smollm2_dir, file_content_id, smollm2_model_id
+from recaug.core.packaged import DEFAULT_MODEL, PACKAGED_MODELS, ensure_model_dir, file_content_id, packaged_model
 
 # OpenMP threads that spin while waiting for work starve each other when the cores are shared (other
 # workers, Ray actors, a busy CI box): measured 10x slower decoding on 2 shared cores. Sleeping waits
 # cost little here. Only effective if set before torch is first imported, hence at import of this module.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-PACKAGED_SMOLLM2 = "smollm2"
+PACKAGED_SMOLLM2 = DEFAULT_MODEL  # `engine.model` default; other packaged names: core/packaged.py
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # files that define what a folder's model writes: architecture, tokenisation, chat template, defaults
 _IDENTITY_FILES = (
@@ -64,13 +64,15 @@ _IDENTITY_FILES = (
 
 
 def resolve_model_dir(model: str) -> Path:
-    """'smollm2' -> the converted packaged model (converting it once); otherwise a local folder."""
-    if model == PACKAGED_SMOLLM2:
-        return ensure_smollm2_dir()
+    """A packaged model's name ('smollm2', ...) -> its converted folder (converting it once);
+    otherwise a local folder."""
+    if packaged_model(model) is not None:
+        return ensure_model_dir(model)
     path = Path(model).expanduser()
     if not (path / "config.json").exists():
+        known = ", ".join(f"'{name}'" for name in PACKAGED_MODELS)
         raise EngineError(
-            f"engine.model {model!r} is neither 'smollm2' (the packaged SmolLM2-135M-Instruct) nor a local "
+            f"engine.model {model!r} is neither a packaged model ({known}; docs/config.md) nor a local "
             "model folder with a config.json; save the model once into a folder (save_pretrained) and point "
             "engine.model at it - nothing is downloaded at run time"
         )
@@ -179,7 +181,7 @@ def shared_prefix_length(prompt_ids: list[list[int]]) -> int:
 
 
 class LocalModelFolder:
-    """Identity of an engine that runs a local model folder (`engine.model`: `smollm2` or a path):
+    """Identity of an engine that runs a local model folder (`engine.model`: a packaged name or a path):
     the transformers and vLLM engines. Needs `cfg`, `_model_dir` and `_model_id` on the engine."""
 
     @property
@@ -191,8 +193,9 @@ class LocalModelFolder:
     @property
     def model_id(self) -> str:
         if self._model_id is None:
-            if self.cfg.model == PACKAGED_SMOLLM2:
-                self._model_id = smollm2_model_id()  # no conversion needed to name it
+            packaged = packaged_model(self.cfg.model)
+            if packaged is not None:
+                self._model_id = packaged.model_id  # no conversion needed to name it
             else:
                 self._model_id = folder_model_id(self.model_dir, self.cfg.revision)
         return self._model_id
