@@ -47,14 +47,13 @@ from recaug.pipelines.engines.base import FINISH_LENGTH, FINISH_STOP, Engine, En
 from recaug.pipelines.engines.json_constraint import JsonSchemaLogitsProcessor, llguidance_available
 from recaug.core.offline import go_offline
 from recaug.core.sentences import cut_after_sentences, repeated_run
-from recaug.core.packaged import DEFAULT_MODEL, PACKAGED_MODELS, ensure_model_dir, file_content_id, packaged_model
+from recaug.core.packaged import PACKAGED_MODELS, ensure_model_dir, file_content_id, packaged_model
 
 # OpenMP threads that spin while waiting for work starve each other when the cores are shared (other
 # workers, Ray actors, a busy CI box): measured 10x slower decoding on 2 shared cores. Sleeping waits
 # cost little here. Only effective if set before torch is first imported, hence at import of this module.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-PACKAGED_SMOLLM2 = DEFAULT_MODEL  # `engine.model` default; other packaged names: core/packaged.py
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # files that define what a folder's model writes: architecture, tokenisation, chat template, defaults
 _IDENTITY_FILES = (
