@@ -11,7 +11,8 @@ the figures do not depend on a long LLM run. Throughput does not depend on what 
   train       one epoch of DeepFM, the same seed and batches, without vectors (adaptor "none") and with
               the KAR hybrid-expert adaptor over both vectors: the adaptor code before the December 2026
               speed work (kept below as _PreviousHybridAdaptor, with the per-tensor Adam of that time),
-              the current code at KAR's hidden width 128 (the default) and at 32, the same vectors
+              the current code stepping the adaptor every batch and every 16 batches (the default,
+              ctr.adaptor_update_every) at KAR's hidden width 128, at 32, the same vectors
               gathered per sample (no de-duplication), and the vectors reduced to 64-d by PCA fitted on
               them once before training (what `encoder.pca_dim: 64` gives). Vectors are looked up by
               index from tables inside the model; the adaptor runs once per distinct user/item of a
@@ -141,9 +142,9 @@ def _per_sample_predict(model, data, split, batch_size: int = 4096):
 
 
 def _train_epochs(datasets, cfg, paths, repeats: int) -> dict[str, dict]:
-    """paths: label -> (adaptor kind, dataset name, hidden width, variant); variant is "" (the
-    training path), "per-sample" (vectors gathered per sample and passed in) or "previous" (the
-    adaptor and optimizer before the speed work)."""
+    """paths: label -> (adaptor kind, dataset name, hidden width, variant, adaptor_update_every);
+    variant is "" (the training path), "per-sample" (vectors gathered per sample and passed in) or
+    "previous" (the adaptor and optimizer before the speed work)."""
     import torch
 
     from recaug.ctr_models.metrics import auc
@@ -159,10 +160,11 @@ def _train_epochs(datasets, cfg, paths, repeats: int) -> dict[str, dict]:
     torch.set_num_threads(2)  # what train_on_data uses by default
     try:
         for r in range(repeats):  # interleaved: a busy spell on the machine hits every path
-            for label, (adaptor, which, hidden, variant) in paths.items():
+            for label, (adaptor, which, hidden, variant, every) in paths.items():
                 data = datasets[which]
                 seed_everything(0)
-                run_cfg = cfg.model_copy(update={"adaptor": adaptor, "adaptor_hidden_dim": hidden})
+                run_cfg = cfg.model_copy(update={"adaptor": adaptor, "adaptor_hidden_dim": hidden,
+                                                 "adaptor_update_every": every})
                 model = build_model("deepfm", data.spec, run_cfg, seed=0)
                 if variant == "previous":
                     model.adaptor.__class__ = previous_cls
@@ -171,9 +173,11 @@ def _train_epochs(datasets, cfg, paths, repeats: int) -> dict[str, dict]:
                     opt = make_optimizer(model, run_cfg)
                 params = sum(p.numel() for p in model.parameters())
                 per_sample = variant == "per-sample"
-                epoch = _per_sample_epoch if per_sample else _train_epoch
                 with Timer() as t_train:
-                    epoch(model, data, train, opt, cfg.batch_size, torch.Generator().manual_seed(0))
+                    if per_sample:
+                        _per_sample_epoch(model, data, train, opt, cfg.batch_size, torch.Generator().manual_seed(0))
+                    else:
+                        _train_epoch(model, data, train, opt, cfg.batch_size, torch.Generator().manual_seed(0), every)
                 with Timer() as t_pred:
                     preds = _per_sample_predict(model, data, valid) if per_sample else predict(model, data, valid)
                 valid_auc = auc(valid.labels.numpy(), preds)
@@ -210,12 +214,16 @@ def _toy_auc(seeds: int, quick: bool) -> dict[str, dict]:
     full = build_ctr_data(world.samples, world.users, world.items, world.split, world.vectors, history_len=10)
     pca = build_ctr_data(world.samples, world.users, world.items, world.split, pca_vectors(world.vectors, 64),
                          history_len=10)
-    configs = {"no vectors": ("none", full, 128), "384-d, hidden 128 (KAR's width, default)": ("hybrid", full, 128),
-               "384-d, hidden 32": ("hybrid", full, 32), "PCA-64, hidden 128": ("hybrid", pca, 128)}
+    every = CTRConfig().adaptor_update_every
+    configs = {"no vectors": ("none", full, 128, every),
+               f"384-d, hidden 128, adaptor steps every {every} batches (default)": ("hybrid", full, 128, every),
+               "384-d, hidden 128, adaptor steps every batch": ("hybrid", full, 128, 1),
+               "384-d, hidden 32": ("hybrid", full, 32, every), "PCA-64, hidden 128": ("hybrid", pca, 128, every)}
     out = {}
-    for label, (adaptor, data, hidden) in configs.items():
+    for label, (adaptor, data, hidden, k) in configs.items():
         # trained to convergence: with 5 epochs and patience 1 the widths looked equal (docs/ctr-models.md)
-        cfg = CTRConfig(adaptor=adaptor, adaptor_hidden_dim=hidden, epochs=12, patience=3, batch_size=256, history_len=10)
+        cfg = CTRConfig(adaptor=adaptor, adaptor_hidden_dim=hidden, epochs=12, patience=3, batch_size=256,
+                        history_len=10, adaptor_update_every=k)
         rs = [train_on_data(data, cfg, "deepfm", seed=s, num_threads=2).metrics for s in range(seeds)]
         valid, test = np.array([m["valid_auc"] for m in rs]), np.array([m["test_auc"] for m in rs])
         out[label] = {"valid_auc": valid.tolist(), "test_auc": test.tolist(), "valid_mean": float(valid.mean()),
@@ -290,20 +298,23 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    every = CTRConfig().adaptor_update_every
     base_label, prev_label = "no vectors (adaptor none)", "hybrid 384-d, hidden 128, code before"
-    kar_label, kar32_label = "hybrid 384-d, hidden 128 (default)", "hybrid 384-d, hidden 32"
+    kar_label = f"hybrid 384-d, hidden 128, adaptor steps every {every} batches (default)"
+    every1_label, kar32_label = "hybrid 384-d, hidden 128, adaptor steps every batch", "hybrid 384-d, hidden 32"
     per_sample_label, pca128_label = "hybrid 384-d, hidden 128, gathered per sample", "hybrid PCA-64, hidden 128"
     pca_label = "hybrid PCA-64, hidden 32"
     free_label = "adaptor raw over PCA-32 (no adaptor cost; the backbone's knowledge inputs alone)"
     paths = {
-        base_label: ("none", "384", 128, ""),
-        prev_label: ("hybrid", "384", 128, "previous"),
-        kar_label: ("hybrid", "384", 128, ""),
-        kar32_label: ("hybrid", "384", 32, ""),
-        per_sample_label: ("hybrid", "384", 128, "per-sample"),
-        pca128_label: ("hybrid", "64", 128, ""),
-        pca_label: ("hybrid", "64", 32, ""),
-        free_label: ("raw", "32", 128, ""),
+        base_label: ("none", "384", 128, "", 1),
+        prev_label: ("hybrid", "384", 128, "previous", 1),
+        every1_label: ("hybrid", "384", 128, "", 1),
+        kar_label: ("hybrid", "384", 128, "", every),
+        kar32_label: ("hybrid", "384", 32, "", every),
+        per_sample_label: ("hybrid", "384", 128, "per-sample", 1),
+        pca128_label: ("hybrid", "64", 128, "", every),
+        pca_label: ("hybrid", "64", 32, "", every),
+        free_label: ("raw", "32", 128, "", 1),
     }
     models = _train_epochs({"384": data, "64": data64, "32": data32}, ctr_cfg, paths, repeats)
     toy = _toy_auc(toy_seeds, quick)
@@ -336,7 +347,11 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
                "code before: the adaptor forward and per-tensor Adam before the December 2026 speed work; "
                "its ratio is against today's plain DeepFM loop (fused Adam)",
                "adaptor raw over PCA-32: the vectors enter DeepFM as the hybrid adaptor's 32-d outputs would "
-               "(DNN inputs, FM fields), with nothing computed before them: the ceiling of any adaptor"],
+               "(DNN inputs, FM fields), with nothing computed before them: the ceiling of any adaptor",
+               f"adaptor steps every {every} batches (ctr.adaptor_update_every, the default): the adaptor runs once "
+               f"over the distinct users and items of {every} batches and steps once on their summed gradient at "
+               f"{every}x the learning rate; the backbone steps every batch. Code before, per sample and every "
+               "batch step the adaptor with every batch"],
     )
     t3 = table(
         f"Same AUC? Toy world with 384-d vectors that carry signal (recaug.ctr_models.toy), DeepFM, up to 12 epochs "
@@ -348,7 +363,9 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
     summary = [
         f"point-in-time join: {join_rows[-1]['samples_per_s']:,.0f} samples/s at {join_rows[-1]['samples']:,} samples",
         f"DeepFM + hybrid adaptor vs plain DeepFM, train samples per CPU-second (per wall second): "
-        f"384-d hidden 128 (default) {kar['ratio_cpu']:.2f}x ({kar['ratio_wall']:.2f}x), code before "
+        f"384-d hidden 128, adaptor steps every {every} batches (default) {kar['ratio_cpu']:.2f}x "
+        f"({kar['ratio_wall']:.2f}x), every batch {models[every1_label]['ratio_cpu']:.2f}x "
+        f"({models[every1_label]['ratio_wall']:.2f}x), code before "
         f"{prev['ratio_cpu']:.2f}x ({prev['ratio_wall']:.2f}x); 384-d hidden 32 {models[kar32_label]['ratio_cpu']:.2f}x; "
         f"PCA-64 hidden 128 {models[pca128_label]['ratio_cpu']:.2f}x; PCA-64 hidden 32 {pca['ratio_cpu']:.2f}x "
         f"({pca['ratio_wall']:.2f}x); per-sample {models[per_sample_label]['ratio_cpu']:.2f}x; the backbone's "
@@ -362,6 +379,7 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
                 "ratio_train_adaptor_vs_none": kar["ratio_wall"], "ratio_train_cpu_adaptor_vs_none": kar["ratio_cpu"],
                 "ratio_train_cpu_pca64_vs_none": pca["ratio_cpu"], "ratio_train_pca64_vs_none": pca["ratio_wall"],
                 "ratio_train_cpu_previous_vs_none": prev["ratio_cpu"],
+                "ratio_train_cpu_every_batch_vs_none": models[every1_label]["ratio_cpu"],
                 "ratio_predict_adaptor_vs_none": kar["ratio_predict"], "samples": samples.height,
                 "vectors": "random 384-d", "build_ctr_data_s": t_data.wall, "features_load_s": t_load.wall}
     return result(NAME, "CTR: feature join and DeepFM training throughput", [t1, t2, t3], summary, data_out)

@@ -55,6 +55,28 @@ def feature_columns(
     return linear, dnn, fields
 
 
+class AdaptorWindow:
+    """The adaptor's outputs for the distinct entities of several consecutive batches, computed in one
+    forward pass. Each batch reads its rows from detached leaves, so the backbone's backward pass
+    stops there and only sums gradients into them; `backward()` then sends those sums through the
+    adaptor once. Within a window the adaptor's weights do not change, so its outputs are exactly
+    the current adaptor's: what changes is that it steps once per window (on the window's summed
+    gradient) while the backbone steps every batch."""
+
+    def __init__(self, distinct: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]):
+        self.distinct = list(distinct)  # sorted vocabulary indices, one tensor per vector table
+        self._outputs = list(outputs)
+        self.leaves = [o.detach().requires_grad_(True) for o in self._outputs]
+
+    def rows(self, k: int, entity: torch.Tensor) -> torch.Tensor:
+        return self.leaves[k].index_select(0, torch.searchsorted(self.distinct[k], entity.contiguous()))
+
+    def backward(self) -> None:
+        pairs = [(o, leaf.grad) for o, leaf in zip(self._outputs, self.leaves) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+
 class KnowledgeCTRModel(nn.Module):
     def __init__(self, backbone: BaseModel, adaptor: KnowledgeAdaptor, spec: FeatureSpec, backbone_def: Backbone):
         super().__init__()
@@ -105,6 +127,23 @@ class KnowledgeCTRModel(nn.Module):
             self.register_buffer(f"vector_missing_{k}", ev.missing, persistent=False)
         self._attached = vectors
 
+    def adaptor_window(self, batches: Sequence[torch.Tensor]) -> AdaptorWindow:
+        """Run the adaptor once over the distinct users/items of `batches` (id matrices) from the
+        attached tables; pass the result to `forward(..., window=)` for each of those batches."""
+        if self._attached is None:
+            raise RuntimeError("no vector tables attached: call attach_vectors(data.vectors)")
+        distinct = [torch.unique(torch.cat([ids[:, col] for ids in batches])) for col in self._entity_columns]
+        tables = [getattr(self, f"vector_table_{k}").index_select(0, u) for k, u in enumerate(distinct)]
+        return AdaptorWindow(distinct, self.adaptor(tables))
+
+    def _window_inputs(self, ids: torch.Tensor, window: AdaptorWindow) -> tuple[list[torch.Tensor], torch.Tensor]:
+        outputs, flags = [], []
+        for k, col in enumerate(self._entity_columns):
+            entity = ids[:, col]
+            outputs.append(window.rows(k, entity))
+            flags.append(getattr(self, f"vector_missing_{k}").index_select(0, entity))
+        return outputs, torch.stack(flags, dim=1)
+
     def _indexed_inputs(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Adaptor outputs and missing flags of a batch from the attached tables. The adaptor is a
         function of the entity's vector alone, so it runs once per distinct user/item of the batch
@@ -129,11 +168,17 @@ class KnowledgeCTRModel(nn.Module):
         return self.adaptor(vectors) if self.uses_vectors else []
 
     def assemble_inputs(
-        self, ids: torch.Tensor, vectors: Sequence[torch.Tensor] | None = None, missing: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        vectors: Sequence[torch.Tensor] | None = None,
+        missing: torch.Tensor | None = None,
+        window: AdaptorWindow | None = None,
     ) -> torch.Tensor:
         """The X tensor the deepctr backbone expects (float32 [B, input_width]). Without `vectors`,
-        they come from the attached tables (`attach_vectors`)."""
-        if vectors is None and self.uses_vectors:
+        they come from `window` if given, else from the attached tables (`attach_vectors`)."""
+        if window is not None and self.uses_vectors:
+            outputs, missing = self._window_inputs(ids, window)
+        elif vectors is None and self.uses_vectors:
             outputs, missing = self._indexed_inputs(ids)
         else:
             outputs = self.adaptor_outputs(vectors or [])
@@ -151,10 +196,14 @@ class KnowledgeCTRModel(nn.Module):
         return torch.cat(pieces, dim=1)
 
     def forward(
-        self, ids: torch.Tensor, vectors: Sequence[torch.Tensor] | None = None, missing: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        vectors: Sequence[torch.Tensor] | None = None,
+        missing: torch.Tensor | None = None,
+        window: AdaptorWindow | None = None,
     ) -> torch.Tensor:
         """Click probabilities, float32 [B]."""
-        return self.backbone(self.assemble_inputs(ids, vectors, missing)).squeeze(-1)
+        return self.backbone(self.assemble_inputs(ids, vectors, missing, window)).squeeze(-1)
 
     def regularization_loss(self) -> torch.Tensor:
         # deepctr's own L2 terms (embeddings, linear, DNN as configured per model) plus DIN's aux loss

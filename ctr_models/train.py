@@ -181,8 +181,20 @@ def _batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 def make_optimizer(model: KnowledgeCTRModel, cfg: CTRConfig) -> torch.optim.Optimizer:
     """Adam over every weight. The fused kernel updates all parameters in one pass instead of a dozen
-    tensor-list operations per step; the adaptor adds many parameter tensors, so it pays most."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, fused=True)
+    tensor-list operations per step; the adaptor adds many parameter tensors, so it pays most.
+    With `adaptor_update_every` k > 1 the adaptor steps once per k batches (`_train_epoch`), so its
+    learning rate is k times the backbone's: Adam moves a weight by about the learning rate per step,
+    and this keeps the adaptor's distance per epoch. With the unscaled rate it learnt too little to
+    beat the no-vector model on the toy world (docs/ctr-models.md)."""
+    adaptor = list(model.adaptor.parameters())
+    k = cfg.adaptor_update_every
+    if k <= 1 or not adaptor:
+        return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, fused=True)
+    backbone = list(model.backbone.parameters())
+    if len(backbone) + len(adaptor) != len(list(model.parameters())):
+        raise RuntimeError("the model has weights outside its backbone and adaptor; the optimizer would miss them")
+    groups = [{"params": backbone}, {"params": adaptor, "lr": cfg.learning_rate * k}]
+    return torch.optim.Adam(groups, lr=cfg.learning_rate, fused=True)
 
 
 def _inputs(model: KnowledgeCTRModel, data: CTRData, ids: torch.Tensor):
@@ -203,20 +215,33 @@ def predict(model: KnowledgeCTRModel, data: CTRData, split: SplitArrays, batch_s
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
-def _train_epoch(model, data, train: SplitArrays, optimizer, batch_size: int, generator: torch.Generator) -> float:
+def _train_epoch(
+    model, data, train: SplitArrays, optimizer, batch_size: int, generator: torch.Generator, adaptor_every: int = 1
+) -> float:
     model.train()
     order = torch.randperm(len(train), generator=generator)
+    bounds = list(_batch_bounds(len(train), batch_size))
+    windowed = adaptor_every > 1 and model.uses_vectors and any(True for _ in model.adaptor.parameters())
+    step = adaptor_every if windowed else 1
     total = 0.0
-    for start, end in _batch_bounds(len(train), batch_size):
-        index = order[start:end]
-        ids, labels = train.ids[index], train.labels[index]
-        vectors, missing = _inputs(model, data, ids)
-        probs = model(ids, vectors, missing)
-        loss = F.binary_cross_entropy(probs, labels, reduction="sum")
-        optimizer.zero_grad()
-        (loss + model.regularization_loss()).backward()
-        optimizer.step()
-        total += float(loss.detach())
+    for w in range(0, len(bounds), step):
+        batches = [(train.ids[order[s:e]], train.labels[order[s:e]]) for s, e in bounds[w:w + step]]
+        window = None
+        if windowed:
+            model.attach_vectors(data.vectors)
+            window = model.adaptor_window([ids for ids, _ in batches])
+        for ids, labels in batches:
+            vectors, missing = (None, None) if windowed else _inputs(model, data, ids)
+            probs = model(ids, vectors, missing, window)
+            loss = F.binary_cross_entropy(probs, labels, reduction="sum")
+            optimizer.zero_grad()
+            (loss + model.regularization_loss()).backward()
+            optimizer.step()  # the adaptor's weights have no gradient here: only the backbone steps
+            total += float(loss.detach())
+        if window is not None:
+            optimizer.zero_grad()
+            window.backward()
+            optimizer.step()  # now only the adaptor's weights have gradients
     return total / max(len(train), 1)
 
 
@@ -275,7 +300,9 @@ def train_on_data(
 
         valid_history, loss_history, waited = [], [], 0
         for epoch in range(1, cfg.epochs + 1):
-            loss_history.append(_train_epoch(model, data, train, optimizer, cfg.batch_size, generator))
+            loss_history.append(
+                _train_epoch(model, data, train, optimizer, cfg.batch_size, generator, cfg.adaptor_update_every)
+            )
             valid_auc = auc(valid.labels.numpy(), predict(model, data, valid))
             valid_history.append(valid_auc)
             if valid_auc > best_auc:

@@ -155,3 +155,48 @@ def test_hybrid_adaptor_takes_vectors_of_different_row_counts():
     assert [tuple(o.shape) for o in out] == [(3, 32), (5, 32)]
     # row by row the same function as a batch of equal counts
     torch.testing.assert_close(out[0][:2], adaptor([users[:2], items[:2]])[0])
+
+
+def test_adaptor_window_gives_each_batch_the_adaptor_outputs_and_sums_their_gradients(data384):
+    """A window runs the adaptor once over the distinct entities of several batches: every batch sees
+    exactly what the adaptor gives it alone, and the window's backward pass leaves in the adaptor the
+    sum of the gradients the batches would have sent one by one."""
+    model = build_model("deepfm", data384.spec, CTRConfig(adaptor="hybrid", embedding_dim=8), seed=0)
+    model.attach_vectors(data384.vectors)
+    ids = data384.split("train").ids
+    batches = [ids[:40], ids[40:90], ids[90:120]]
+    window = model.adaptor_window(batches)
+    id_cols = data384.spec.id_columns()
+    for k, vec in enumerate(data384.spec.vectors):  # once per distinct user / item of the three batches
+        col = id_cols[f"{vec.kind}_id"][0]
+        torch.testing.assert_close(window.distinct[k], torch.cat([b[:, col] for b in batches]).unique())
+    for b in batches:
+        torch.testing.assert_close(model.assemble_inputs(b, window=window), model.assemble_inputs(b))
+    for b in batches:  # the backbone's backward pass stops at the window's leaves
+        model(b, window=window).sum().backward()
+    assert all(p.grad is None for p in model.adaptor.parameters())
+    window.backward()
+    summed = [p.grad.clone() for p in model.adaptor.parameters()]
+    model.zero_grad()
+    for b in batches:
+        model(b).sum().backward()  # one batch at a time, gradients accumulate
+    for g, p in zip(summed, model.adaptor.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_windowed_adaptor_steps_once_per_window_at_a_scaled_rate(data384):
+    from recaug.ctr_models.train import _train_epoch, make_optimizer
+
+    cfg = CTRConfig(adaptor="hybrid", embedding_dim=8, batch_size=16, adaptor_update_every=4)
+    model = build_model("deepfm", data384.spec, cfg, seed=0)
+    opt = make_optimizer(model, cfg)
+    assert [g["lr"] for g in opt.param_groups] == [cfg.learning_rate, cfg.learning_rate * 4]
+    train = data384.split("train")
+    n_batches = -(-len(train) // cfg.batch_size)
+    before = [p.detach().clone() for p in model.adaptor.parameters()]
+    loss = _train_epoch(model, data384, train, opt, cfg.batch_size, torch.Generator().manual_seed(0), 4)
+    assert loss > 0
+    steps = {int(opt.state[p]["step"]) for p in model.adaptor.parameters()}
+    assert steps == {-(-n_batches // 4)}  # one Adam step per window
+    assert {int(opt.state[p]["step"]) for p in model.backbone.parameters() if p in opt.state} == {n_batches}
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.adaptor.parameters()))
