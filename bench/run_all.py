@@ -4,10 +4,11 @@
     .venv/bin/python bench/run_all.py --quick    # small sizes: a smoke test of every benchmark
     .venv/bin/python bench/run_all.py --only cache --only ray
 
-Results go to bench/results/<timestamp>.json and .md (not tracked by git). Every figure is measured
-side by side in this one run, so ratios hold on a busy machine even when absolute times do not; the
-load average before and after each benchmark is recorded with it. A benchmark that fails is
-reported as failed and the others still run (exit code 1 at the end).
+Results go to bench/results/<timestamp>.json and .md (not tracked by git). Each benchmark runs in a
+fresh process, one after the other. Every figure is measured side by side in this one run, so ratios
+hold on a busy machine even when absolute times do not; the load average before and after each
+benchmark is recorded with it. A benchmark that fails is reported as failed and the others still
+run (exit code 1 at the end).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 import os
 import sys
 import time
@@ -34,6 +37,17 @@ BENCHMARKS = {
     "memory": "bench_memory",  # 4b. peak RSS of the long job at two catalogue sizes
     "ray": "bench_ray",  # 5. Ray runner overhead vs local
 }
+
+
+def _run_isolated(name: str, quick: bool) -> tuple[dict | None, str | None]:
+    """(result, None) or (None, traceback), from a fresh interpreter: what one benchmark leaves behind
+    (vLLM's and torch's thread pools, loaded models, a grown heap) must not weigh on the next, and a
+    benchmark's figures must not depend on which ran before it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        return importlib.import_module(BENCHMARKS[name]).run(quick=quick), None
+    except Exception:  # one broken benchmark must not hide the others' figures
+        return None, traceback.format_exc()
 
 
 def summary_markdown(results: list[dict], failures: dict[str, str], seconds: dict[str, float], quick: bool) -> str:
@@ -68,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         log(f"({i}/{len(chosen)}) {name} ...")
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
-        try:
-            module = importlib.import_module(BENCHMARKS[name])
-            res = module.run(quick=args.quick)
-        except Exception:  # one broken benchmark must not hide the others' figures
-            failures[name] = traceback.format_exc()
+        try:  # a worker that dies (out of memory, a crash in native code) raises here instead of hanging
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                res, error = pool.submit(_run_isolated, name, args.quick).result()
+        except Exception:
+            res, error = None, traceback.format_exc()
+        if error is not None:
+            failures[name] = error
             seconds[name] = time.perf_counter() - t0
             log(f"({i}/{len(chosen)}) {name} FAILED after {seconds[name]:.0f} s")
             print(f"## {name}: FAILED\n\n```\n{failures[name]}```\n", flush=True)
