@@ -177,7 +177,7 @@ def _train_epochs(datasets, cfg, paths, repeats: int) -> dict[str, dict]:
                     if per_sample:
                         _per_sample_epoch(model, data, train, opt, cfg.batch_size, torch.Generator().manual_seed(0))
                     else:
-                        _train_epoch(model, data, train, opt, cfg.batch_size, torch.Generator().manual_seed(0), every)
+                        _train_epoch(model, data, train, opt, cfg.batch_size, torch.Generator().manual_seed(0))
                 with Timer() as t_pred:
                     preds = _per_sample_predict(model, data, valid) if per_sample else predict(model, data, valid)
                 valid_auc = auc(valid.labels.numpy(), preds)

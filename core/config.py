@@ -518,9 +518,9 @@ class CTRConfig(_Section):
     adaptor_hidden_dim: int = Field(128, ge=4, le=1024)
     # the adaptor runs once over the distinct users/items of this many consecutive batches and steps
     # once on their summed gradient, at this many times the learning rate (the backbone still steps
-    # every batch); 1 = the adaptor runs and steps with every batch, about half as fast to train with
-    # the same AUC within seed noise (docs/ctr-models.md)
-    adaptor_update_every: int = Field(16, ge=1, le=1024)
+    # every batch); 1 = the adaptor runs and steps with every batch, about half as fast to train
+    # (AUC: docs/ctr-models.md). A window holds its rows' activations: at most 256 batches
+    adaptor_update_every: int = Field(16, ge=1, le=256)
     # which published embedding tables the CTR models take (KAR's two by default)
     vector_augmenters: list[str] = Field(default_factory=lambda: ["kar_user_preference", "kar_item_knowledge"])
 

@@ -69,7 +69,11 @@ class AdaptorWindow:
         self.leaves = [o.detach().requires_grad_(True) for o in self._outputs]
 
     def rows(self, k: int, entity: torch.Tensor) -> torch.Tensor:
-        return self.leaves[k].index_select(0, torch.searchsorted(self.distinct[k], entity.contiguous()))
+        distinct = self.distinct[k]
+        pos = torch.searchsorted(distinct, entity.contiguous()).clamp_(max=max(distinct.numel() - 1, 0))
+        if distinct.numel() == 0 or not torch.equal(distinct.index_select(0, pos), entity):
+            raise ValueError("a batch has users or items outside its adaptor window: open the window over that batch")
+        return self.leaves[k].index_select(0, pos)
 
     def backward(self) -> None:
         pairs = [(o, leaf.grad) for o, leaf in zip(self._outputs, self.leaves) if leaf.grad is not None]

@@ -193,7 +193,8 @@ def make_optimizer(model: KnowledgeCTRModel, cfg: CTRConfig) -> torch.optim.Opti
     backbone = list(model.backbone.parameters())
     if len(backbone) + len(adaptor) != len(list(model.parameters())):
         raise RuntimeError("the model has weights outside its backbone and adaptor; the optimizer would miss them")
-    groups = [{"params": backbone}, {"params": adaptor, "lr": cfg.learning_rate * k}]
+    # the window size travels with the adaptor's group, so `_train_epoch` cannot step with another one
+    groups = [{"params": backbone}, {"params": adaptor, "lr": cfg.learning_rate * k, "adaptor_update_every": k}]
     return torch.optim.Adam(groups, lr=cfg.learning_rate, fused=True)
 
 
@@ -215,14 +216,13 @@ def predict(model: KnowledgeCTRModel, data: CTRData, split: SplitArrays, batch_s
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
-def _train_epoch(
-    model, data, train: SplitArrays, optimizer, batch_size: int, generator: torch.Generator, adaptor_every: int = 1
-) -> float:
+def _train_epoch(model, data, train: SplitArrays, optimizer, batch_size: int, generator: torch.Generator) -> float:
     model.train()
     order = torch.randperm(len(train), generator=generator)
     bounds = list(_batch_bounds(len(train), batch_size))
-    windowed = adaptor_every > 1 and model.uses_vectors and any(True for _ in model.adaptor.parameters())
-    step = adaptor_every if windowed else 1
+    # windows of batches when make_optimizer gave the adaptor a group of its own (adaptor_update_every > 1)
+    step = max((g.get("adaptor_update_every", 1) for g in optimizer.param_groups), default=1)
+    windowed = step > 1 and model.uses_vectors
     total = 0.0
     for w in range(0, len(bounds), step):
         batches = [(train.ids[order[s:e]], train.labels[order[s:e]]) for s, e in bounds[w:w + step]]
@@ -300,9 +300,7 @@ def train_on_data(
 
         valid_history, loss_history, waited = [], [], 0
         for epoch in range(1, cfg.epochs + 1):
-            loss_history.append(
-                _train_epoch(model, data, train, optimizer, cfg.batch_size, generator, cfg.adaptor_update_every)
-            )
+            loss_history.append(_train_epoch(model, data, train, optimizer, cfg.batch_size, generator))
             valid_auc = auc(valid.labels.numpy(), predict(model, data, valid))
             valid_history.append(valid_auc)
             if valid_auc > best_auc:

@@ -182,19 +182,21 @@ def test_adaptor_window_gives_each_batch_the_adaptor_outputs_and_sums_their_grad
         model(b).sum().backward()  # one batch at a time, gradients accumulate
     for g, p in zip(summed, model.adaptor.parameters()):
         torch.testing.assert_close(g, p.grad)
+    with pytest.raises(ValueError, match="outside its adaptor window"):
+        model(ids[120:200], window=model.adaptor_window([ids[:8]]))
 
 
 def test_windowed_adaptor_steps_once_per_window_at_a_scaled_rate(data384):
-    from recaug.ctr_models.train import _train_epoch, make_optimizer
+    from recaug.ctr_models.train import _batch_bounds, _train_epoch, make_optimizer
 
     cfg = CTRConfig(adaptor="hybrid", embedding_dim=8, batch_size=16, adaptor_update_every=4)
     model = build_model("deepfm", data384.spec, cfg, seed=0)
     opt = make_optimizer(model, cfg)
     assert [g["lr"] for g in opt.param_groups] == [cfg.learning_rate, cfg.learning_rate * 4]
     train = data384.split("train")
-    n_batches = -(-len(train) // cfg.batch_size)
+    n_batches = len(_batch_bounds(len(train), cfg.batch_size))
     before = [p.detach().clone() for p in model.adaptor.parameters()]
-    loss = _train_epoch(model, data384, train, opt, cfg.batch_size, torch.Generator().manual_seed(0), 4)
+    loss = _train_epoch(model, data384, train, opt, cfg.batch_size, torch.Generator().manual_seed(0))
     assert loss > 0
     steps = {int(opt.state[p]["step"]) for p in model.adaptor.parameters()}
     assert steps == {-(-n_batches // 4)}  # one Adam step per window
