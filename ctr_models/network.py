@@ -131,38 +131,39 @@ class KnowledgeCTRModel(nn.Module):
             self.register_buffer(f"vector_missing_{k}", ev.missing, persistent=False)
         self._attached = vectors
 
+    def _require_tables(self) -> None:
+        if self._attached is None:
+            raise RuntimeError("no vectors given and no vector tables attached: call attach_vectors(data.vectors)")
+
+    def _missing_flags(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, vectors] float: 1 where the sample's user/item has no vector, from the attached tables."""
+        return torch.stack([getattr(self, f"vector_missing_{k}").index_select(0, ids[:, col])
+                            for k, col in enumerate(self._entity_columns)], dim=1)
+
     def adaptor_window(self, batches: Sequence[torch.Tensor]) -> AdaptorWindow:
         """Run the adaptor once over the distinct users/items of `batches` (id matrices) from the
         attached tables; pass the result to `forward(..., window=)` for each of those batches."""
-        if self._attached is None:
-            raise RuntimeError("no vector tables attached: call attach_vectors(data.vectors)")
+        self._require_tables()
         distinct = [torch.unique(torch.cat([ids[:, col] for ids in batches])) for col in self._entity_columns]
         tables = [getattr(self, f"vector_table_{k}").index_select(0, u) for k, u in enumerate(distinct)]
         return AdaptorWindow(distinct, self.adaptor(tables))
 
     def _window_inputs(self, ids: torch.Tensor, window: AdaptorWindow) -> tuple[list[torch.Tensor], torch.Tensor]:
-        outputs, flags = [], []
-        for k, col in enumerate(self._entity_columns):
-            entity = ids[:, col]
-            outputs.append(window.rows(k, entity))
-            flags.append(getattr(self, f"vector_missing_{k}").index_select(0, entity))
-        return outputs, torch.stack(flags, dim=1)
+        outputs = [window.rows(k, ids[:, col]) for k, col in enumerate(self._entity_columns)]
+        return outputs, self._missing_flags(ids)
 
     def _indexed_inputs(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Adaptor outputs and missing flags of a batch from the attached tables. The adaptor is a
         function of the entity's vector alone, so it runs once per distinct user/item of the batch
         and its outputs are spread back to the samples (same values, fewer rows to compute)."""
-        if self._attached is None:
-            raise RuntimeError("no vectors given and no vector tables attached: call attach_vectors(data.vectors)")
-        distinct, back, flags = [], [], []
+        self._require_tables()
+        distinct, back = [], []
         for k, col in enumerate(self._entity_columns):
-            entity = ids[:, col]
-            uniq, inverse = torch.unique(entity, return_inverse=True)
+            uniq, inverse = torch.unique(ids[:, col], return_inverse=True)
             distinct.append(getattr(self, f"vector_table_{k}").index_select(0, uniq))
             back.append(inverse)
-            flags.append(getattr(self, f"vector_missing_{k}").index_select(0, entity))
         outputs = [o.index_select(0, i) for o, i in zip(self.adaptor(distinct), back)]
-        return outputs, torch.stack(flags, dim=1)
+        return outputs, self._missing_flags(ids)
 
     @property
     def uses_vectors(self) -> bool:
