@@ -78,7 +78,8 @@ def concat_parquet_atomic(
     write_atomic(path, write, crash_at)
 
 
-def compact_shards(folder: Path, schema: pa.Schema, min_shards: int, crash_at: str | None = None) -> bool:
+def compact_shards(folder: Path, schema: pa.Schema, min_shards: int, crash_at: str | None = None,
+                   rows_per_group: int = 65_536) -> bool:
     """Merge the small Parquet shards of a cache folder into one, once there are `min_shards` of them.
 
     Earlier merges ("-compacted-" files) stay as they are, so the work is bounded by what was committed
@@ -90,7 +91,7 @@ def compact_shards(folder: Path, schema: pa.Schema, min_shards: int, crash_at: s
     if len(shards) < min_shards:
         return False
     name = f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-compacted-{uuid.uuid4().hex[:8]}.parquet"
-    concat_parquet_atomic(shards, schema, folder / name)
+    concat_parquet_atomic(shards, schema, folder / name, rows_per_group=rows_per_group)
     for shard in shards:
         shard.unlink(missing_ok=True)
         if crash_at:

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from recaug.core.crashpoints import crash_point
 from recaug.core.hashing import json_sha256
@@ -39,6 +40,11 @@ CACHE_SCHEMA = pa.schema(
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )
+
+
+# Rows per row group of a merged shard: a lookup decodes whole row groups, so a few keys cost a few
+# groups of this size (at 65,536 rows, each looked-up key cost a decode of ~13 MB of answers).
+COMPACTED_ROWS_PER_GROUP = 4_096
 
 
 def request_key(parts: dict[str, Any]) -> str:
@@ -62,26 +68,55 @@ class _KeyIndex:
     """Cache keys sorted by their first 60 bits (15 hex digits) as int64, for numpy's binary search;
     the whole key confirms a match. Two keys sharing 60 bits (about one pair in 10^6 at 10^9 keys) can
     make one of them look absent: it is then generated again, never mistaken. A key held twice (shards
-    overlapping after a crash) is harmless, so keys are not de-duplicated (that was 3/4 of the build)."""
+    overlapping after a crash) is harmless, so keys are not de-duplicated (that was 3/4 of the build).
+    Each key keeps where it is stored (`where`: shard number << 32 | row group), so a lookup reads
+    the few row groups holding its keys instead of scanning every shard."""
 
-    def __init__(self, keys: pl.Series):
-        frame = pl.DataFrame({"key": keys}).with_columns(_prefix(pl.col("key")).alias("p"))
+    def __init__(self, keys: pl.Series, where: np.ndarray):
+        frame = pl.DataFrame({"key": keys, "where": where}).with_columns(_prefix(pl.col("key")).alias("p"))
         self.hex = frame["p"].null_count() == 0
         frame = frame.sort("p" if self.hex else "key")
         self.keys = frame["key"]
+        self.where = frame["where"].to_numpy()
         self.prefix = frame["p"].to_numpy() if self.hex else None
+
+    def _candidates(self, keys: pl.Series, side: str) -> tuple[np.ndarray, bool]:
+        """Where each query key would sit in the sorted index; False: search the keys as strings."""
+        if self.hex:
+            wanted = pl.DataFrame({"key": keys}).select(_prefix(pl.col("key")))["key"]
+            if wanted.null_count() == 0:
+                return np.searchsorted(self.prefix, wanted.to_numpy(), side=side), True
+        return self.keys.search_sorted(keys, side=side).to_numpy() if not self.hex else np.empty(0), False
 
     def contains(self, keys: pl.Series) -> pl.Series:
         if not len(self.keys) or not len(keys):
             return pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
-        wanted = pl.DataFrame({"key": keys}).select(_prefix(pl.col("key")))["key"]
-        if self.hex and wanted.null_count() == 0:
-            at = np.searchsorted(self.prefix, wanted.to_numpy(), side="left").clip(0, len(self.keys) - 1)
-        else:  # sorted by the whole key (not hex digests), or a query key that is not one
-            keys_sorted = self.keys if not self.hex else self.keys.sort()
+        at, ok = self._candidates(keys, "left")
+        if not ok and self.hex:  # sorted by prefix, but a query key is not a hex digest
+            keys_sorted = self.keys.sort()
             at = keys_sorted.search_sorted(keys, side="left").clip(0, len(keys_sorted) - 1)
             return keys_sorted.gather(at) == keys
-        return self.keys.gather(at) == keys
+        return self.keys.gather(at.clip(0, len(self.keys) - 1)) == keys
+
+    def locations(self, keys: pl.Series) -> np.ndarray:
+        """`where` of every stored copy of the given keys (duplicates included: a lookup keeps the
+        first committed), or None when the keys cannot be searched (then the caller scans)."""
+        if not len(self.keys) or not len(keys):
+            return np.empty(0, np.int64)
+        lo, ok = self._candidates(keys, "left")
+        if not ok and self.hex:
+            return None
+        hi, _ = self._candidates(keys, "right")
+        lo, hi = lo.astype(np.int64), hi.astype(np.int64)
+        counts = hi - lo  # entries sharing the query's prefix: almost always 0 or 1
+        n = int(counts.sum())
+        if not n:
+            return np.empty(0, np.int64)
+        starts = np.repeat(lo, counts)
+        offsets = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+        at = starts + offsets
+        same = (self.keys.gather(at) == keys.gather(np.repeat(np.arange(len(keys)), counts))).to_numpy()
+        return self.where[at[same]]
 
 
 def _prefix(key: pl.Expr) -> pl.Expr:
@@ -95,7 +130,8 @@ class GenerationCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         # which keys the shards hold: sorted pieces, one per batch of shards read (see `contains`)
         self._index_files: set[Path] = set()
-        self._index: list[pl.Series] = []
+        self._index: list[_KeyIndex] = []
+        self._files: list[tuple[Path, pq.FileMetaData]] = []  # shard number -> (path, its footer)
 
     def sink(self, augmenter: str, model: str) -> CacheSink:
         return CacheSink(str(self.root), augmenter, model)
@@ -104,20 +140,70 @@ class GenerationCache:
         return sorted(p for p in self.dir.glob("*.parquet") if not p.name.startswith("."))
 
     def lookup(self, keys: Iterable[str]) -> pl.DataFrame:
-        """Cached rows for the given keys (one per key: the first committed)."""
+        """Cached rows for the given keys (one per key: the first committed). Reads only the row
+        groups the key index places them in; scans every shard when it cannot (a shard vanished in
+        between, e.g. compacted by another process)."""
         keys = list(keys)
-        shards = self.shards()
-        if not keys or not shards:
+        if not keys:
             return pl.from_arrow(CACHE_SCHEMA.empty_table())
         wanted = pl.Series("cache_key", keys, dtype=pl.String).unique()
-        found = (
-            pl.scan_parquet(shards)
-            .filter(pl.col("cache_key").is_in(wanted.implode()))
-            .collect()
-            .sort("created_at")
-            .unique("cache_key", keep="first", maintain_order=True)
-        )
-        return found
+        self._refresh()
+        if not self._files:
+            return pl.from_arrow(CACHE_SCHEMA.empty_table())
+        found = self._read_located(wanted)
+        if found is None:
+            shards = self.shards()
+            if not shards:
+                return pl.from_arrow(CACHE_SCHEMA.empty_table())
+            found = pl.scan_parquet(shards).filter(pl.col("cache_key").is_in(wanted.implode())).collect()
+        return found.sort("created_at", maintain_order=True).unique("cache_key", keep="first", maintain_order=True)
+
+    def _read_located(self, wanted: pl.Series) -> pl.DataFrame | None:
+        places = []
+        for piece in self._index:
+            where = piece.locations(wanted)
+            if where is None:
+                return None
+            places.append(where)
+        where = np.unique(np.concatenate(places)) if places else np.empty(0, np.int64)
+        tables = []
+        try:
+            for shard in np.unique(where >> 32):
+                path, meta = self._files[int(shard)]
+                groups = (where[(where >> 32) == shard] & 0xFFFFFFFF).tolist()
+                table = pq.ParquetFile(path, metadata=meta).read_row_groups(groups, use_threads=False)
+                tables.append(table.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA))
+        except (OSError, pa.ArrowException):
+            return None
+        if not tables:
+            return pl.from_arrow(CACHE_SCHEMA.empty_table())
+        rows = pl.from_arrow(pa.concat_tables(tables))
+        return rows.filter(pl.col("cache_key").is_in(wanted.implode()))
+
+    def _refresh(self) -> None:
+        """Bring the key index up to date: read the `cache_key` column (and footer) of shards not read
+        before; a vanished shard (e.g. after a compaction) makes it re-read all."""
+        shards = set(self.shards())
+        if not shards >= self._index_files:
+            self._index_files, self._index, self._files = set(), [], []
+        new = sorted(shards - self._index_files)
+        if not new:
+            return
+        where = []
+        for path in new:
+            meta = pq.read_metadata(path)
+            number = len(self._files)
+            self._files.append((path, meta))
+            sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            where.append(np.repeat((number << 32) | np.arange(len(sizes), dtype=np.int64), sizes))
+        keys = pl.scan_parquet(new).select("cache_key").collect()["cache_key"]
+        self._index.append(_KeyIndex(keys, np.concatenate(where)))
+        self._index_files |= set(new)
+        if len(self._index) > 8:  # keep the number of searches per call small: merge all but the
+            # largest piece (the keys found at the start), which is never rebuilt for a few new shards
+            big = max(self._index, key=lambda piece: len(piece.keys))
+            rest = [piece for piece in self._index if piece is not big]
+            self._index = [big, _KeyIndex(pl.concat([p.keys for p in rest]), np.concatenate([p.where for p in rest]))]
 
     def contains(self, keys: list[str] | pl.Series) -> pl.Series:
         """A boolean per key: is it in the cache? Reads only the `cache_key` column of shards it has
@@ -126,18 +212,7 @@ class GenerationCache:
         (sorted integers) confirmed by comparing the whole key, so checking a chunk of keys does not
         scan the cache again. Keys that are not hex digests are compared as strings."""
         keys = pl.Series("cache_key", keys, dtype=pl.String)
-        shards = set(self.shards())
-        if not shards >= self._index_files:
-            self._index_files, self._index = set(), []
-        new = sorted(shards - self._index_files)
-        if new:
-            self._index.append(_KeyIndex(pl.scan_parquet(new).select("cache_key").collect()["cache_key"]))
-            self._index_files |= set(new)
-            if len(self._index) > 8:  # keep the number of searches per call small: merge all but the
-                # largest piece (the keys found at the start), which is never rebuilt for a few new shards
-                big = max(self._index, key=lambda piece: len(piece.keys))
-                rest = [piece.keys for piece in self._index if piece is not big]
-                self._index = [big, _KeyIndex(pl.concat(rest))]
+        self._refresh()
         found = pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
         for piece in self._index:
             found = found | piece.contains(keys)
@@ -171,4 +246,5 @@ class GenerationCache:
     def compact(self, min_shards: int = 64) -> bool:
         """Merge many small shards into one (see `compact_shards`); duplicates in between are
         de-duplicated by `lookup`, which keeps the first committed row per key."""
-        return compact_shards(self.dir, CACHE_SCHEMA, min_shards, crash_at="generate.compact")
+        return compact_shards(self.dir, CACHE_SCHEMA, min_shards, crash_at="generate.compact",
+                              rows_per_group=COMPACTED_ROWS_PER_GROUP)

@@ -217,3 +217,53 @@ def test_a_reused_row_outside_the_text_bounds_becomes_a_dead_letter(inputs, tmp_
     assert out.stats.llm_requests == 0  # everything was cached
     assert gen.height == int((lengths <= bounds[1]).sum()) and gen["text"].str.len_chars().max() <= bounds[1]
     assert dead.height == 12 - gen.height and dead["reason"].str.contains("output_gate.max_text_chars").all()
+
+
+def test_cache_lookup_reads_only_the_row_groups_holding_its_keys(tmp_path, monkeypatch):
+    """A lookup answers from the row groups the key index places its keys in, with the same rows a
+    scan of every shard gives: the first committed row per key, duplicates across shards included,
+    and a fallback to the scan when a shard vanished after the index was read."""
+    import hashlib
+
+    from recaug.pipelines.engines.base import GenerationResult
+
+    import recaug.pipelines.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "COMPACTED_ROWS_PER_GROUP", 4)
+    cache = GenerationCache(tmp_path)
+    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(40)]
+    for start in range(0, 40, 4):  # ten shards of four results, then merged: one file of ten row groups
+        cache.commit([GenerationResult(k, f"first {k[:6]}", 3, 5, "stop", 0.1) for k in keys[start:start + 4]], "a", "m")
+    assert cache.compact(min_shards=4)
+    assert pq.ParquetFile(cache.shards()[0]).metadata.num_row_groups == 10
+    # a later duplicate of keys[5] (an overlap a crash can leave) and one plain, non-hex key
+    cache.commit([GenerationResult(keys[5], "second answer", 3, 5, "stop", 0.1),
+                  GenerationResult("plain-key", "plain answer", 1, 1, "stop", 0.1)], "a", "m")
+
+    read_groups = []
+    real_read = pq.ParquetFile.read_row_groups
+
+    def counting(self, groups, *args, **kwargs):
+        read_groups.extend(groups)
+        return real_read(self, groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", counting)
+    wanted = [keys[1], keys[5], keys[38], "absent-key", hashlib.sha256(b"absent").hexdigest()]
+    found = cache.lookup(wanted).sort("cache_key")
+    scanned = (pl.scan_parquet(cache.shards()).filter(pl.col("cache_key").is_in(wanted)).collect()
+               .sort("created_at", maintain_order=True).unique("cache_key", keep="first").sort("cache_key"))
+    assert found.equals(scanned) and found.height == 3
+    assert dict(zip(found["cache_key"], found["raw_text"]))[keys[5]] == f"first {keys[5][:6]}"
+    assert 3 <= len(read_groups) <= 4  # keys 1 and 5 share row group 0 and 1; 38 is in 9; the duplicate's shard
+    assert cache.lookup(["plain-key"])["raw_text"].to_list() == ["plain answer"]
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", real_read)
+    stale = GenerationCache(tmp_path)
+    stale.contains(keys)
+    stale._refresh = lambda: None  # the index was read; then, before the rows are, another process
+    other = GenerationCache(tmp_path)  # commits and compacts the located shard away
+    other.commit([GenerationResult("late-key", "late", 1, 1, "stop", 0.1)], "a", "m")
+    assert other.compact(min_shards=2)
+    again = stale.lookup(wanted).sort("cache_key")
+    assert again["cache_key"].to_list() == found["cache_key"].to_list()
+    assert dict(zip(again["cache_key"], again["raw_text"]))[keys[5]] == f"first {keys[5][:6]}"
