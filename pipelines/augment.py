@@ -558,6 +558,11 @@ def _now() -> dt.datetime:
 ENTITY_CHUNK = 10_000
 
 
+# Entities rendered in one chunk from which its Python objects are worth handing back to the OS
+# (a few MB); below that, the allocator just reuses the freed blocks for the next chunk.
+RELEASE_AFTER_RENDERED = 1_000
+
+
 def _chunks(ids: list[str], size: int) -> list[list[str]]:
     return [ids[i : i + size] for i in range(0, len(ids), size)]
 
@@ -627,9 +632,10 @@ def run_augmenter(
     for chunk in _chunks(todo, chunk_size):
         rendered = _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk,
                               stats, common, parts, previous, text_bounds if aug.encodes else None)
-        if rendered:  # the chunk's prompts, answers and rows as Python objects. A chunk of reused rows
-            # made none; handing its pages back would only make the next row group's decode fault
-            # them in again (that was a third of an unchanged re-run's CPU, as kernel time)
+        if rendered >= RELEASE_AFTER_RENDERED:  # the chunk's prompts, answers and rows as Python objects.
+            # A chunk of reused rows (and a few re-checked dead letters) made next to none; handing its
+            # pages back would only make the next row group's decode fault them in again (that was a
+            # third of an unchanged re-run's CPU, as kernel time)
             release_memory()
 
     generated = parts["generated"].table()
@@ -701,11 +707,11 @@ def text_bound_problem(text: str, bounds: tuple[int, int]) -> str | None:
 
 def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk, stats, common,
                parts, previous: PreviousOutputs | None = None,
-               text_bounds: tuple[int, int] | None = None) -> bool:
+               text_bounds: tuple[int, int] | None = None) -> int:
     """One chunk of entities from requests to finished Arrow tables (appended to `parts`): keys are
     derived from the context rows, rows of a previous run are reused for unchanged cached keys, and
     only the other entities are rendered (cache hits among them are parsed, misses generated).
-    Returns whether any entity was rendered."""
+    Returns how many entities were rendered (or failed to render)."""
     ctx = aug.build_context(inputs, chunk, augmenter_options(aug, aug_cfg))
     keys = all_keys = context_keys(aug, aug_cfg, inputs, engine, engine_cfg, ctx)
     reused = None
@@ -738,7 +744,7 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
     pending, render_failed, _ = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, ctx=ctx, keys=keys) \
         if ctx.height else ([], [], [])
     del ctx
-    rendered = bool(pending or render_failed)
+    rendered = len(pending) + len(render_failed)
     first = first_shards(all_keys, pending, shard_size) if pending else None
     stats.render_errors += len(render_failed)
     # the generated rows, column by column (one dict per row cost ~2 KB per entity at 1M entities)
