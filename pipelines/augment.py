@@ -449,16 +449,14 @@ def first_shards(keys: pl.DataFrame, pending: list[Pending], shard_size: int) ->
     return shards
 
 
-class PreviousOutputs:
-    """The newest finished run's generated rows of one augmenter, reused for entities whose request
-    key is unchanged (and still cached): same key, same entity and same parser version give the same
-    prompt, answer and parse, so those rows are copied instead of re-rendered and re-parsed. Rows
-    that took a retry, and keys with synthetic rows, are not reused (they take the normal path).
-    Row groups are decoded as the stage's chunks (ascending entity ids) reach them."""
+class _SortedRowGroups:
+    """One table of a previous run, decoded a row group at a time (once, not per chunk) as the stage's
+    chunks (ascending entity ids) reach it, keeping the rows `keep` accepts, sorted by entity id."""
 
-    def __init__(self, generated: Path, synthetic: list[Path], aug: Augmenter):
-        self.file = pq.ParquetFile(generated)
-        self.aug = aug
+    def __init__(self, path: Path, columns: tuple[str, ...], keep: Callable[[pa.Table], pa.Array]):
+        self.file = pq.ParquetFile(path)
+        self.columns = list(columns)
+        self.keep = keep
         meta = self.file.metadata
         col = self.file.schema_arrow.get_field_index("entity_id")
         self.ranges = []
@@ -466,38 +464,13 @@ class PreviousOutputs:
             st = meta.row_group(i).column(col).statistics
             ok = st is not None and st.has_min_max
             self.ranges.append((st.min, st.max) if ok else (None, None))
-        self._decoded: dict[int, pl.DataFrame] = {}
-        excluded = []
-        for path in synthetic:
-            if path.exists():
-                t = pq.read_table(path)
-                who = "augmenter" if "augmenter" in t.column_names else "source"
-                excluded.append(pl.from_arrow(t.select([who, "cache_key"])).filter(pl.col(who) == aug.name)["cache_key"])
-        self.excluded = (pl.concat(excluded).unique() if excluded else pl.Series("cache_key", [], pl.String)).to_arrow().cast(pa.string())
-
-    @classmethod
-    def newest(cls, runs_dir: Path | None, aug: Augmenter) -> "PreviousOutputs | None":
-        if runs_dir is None or not Path(runs_dir).is_dir():
-            return None
-        for run in sorted((p for p in Path(runs_dir).iterdir() if not p.name.startswith(".")), reverse=True):
-            generated = run / "generated" / f"{aug.name}.parquet"
-            if generated.is_file():
-                try:
-                    return cls(generated, [run / "synthetic_items.parquet", run / "synthetic_interactions.parquet"], aug)
-                except (OSError, pa.ArrowException, KeyError):
-                    return None  # unreadable: nothing is reused, everything takes the normal path
-        return None
+        self._decoded: dict[int, tuple[pa.Table, pl.Series]] = {}
 
     def _group(self, i: int) -> tuple[pa.Table, pl.Series]:
-        """Row group `i`'s reusable rows as Arrow (decoded and filtered once, not per chunk), sorted by
-        entity id, with that column as a polars Series for binary search."""
         group = self._decoded.get(i)
         if group is None:
-            table = self.file.read_row_group(i, columns=list(_REUSED_COLUMNS), use_threads=False)
-            keep = pc.and_(
-                pc.and_(pc.equal(table.column("attempts"), 1), pc.equal(table.column("parser_version"), self.aug.parser_id)),
-                pc.invert(pc.is_in(table.column("cache_key"), value_set=self.excluded)),
-            )
+            table = self.file.read_row_group(i, columns=self.columns, use_threads=False)
+            keep = self.keep(table)
             if not pc.all(keep).as_py():  # copying every column only when some row is left out
                 table = table.filter(keep)
             ids = pl.Series("entity_id", table.column("entity_id"))
@@ -509,9 +482,9 @@ class PreviousOutputs:
         return group
 
     def rows(self, keys: pl.DataFrame) -> pa.Table | None:
-        """The reusable generated rows for `keys` (entity_id, key), at most one per entity, in the
-        previous run's columns (`_REUSED_COLUMNS`), or None. Only entity_id and cache_key go through
-        polars (to match the keys); the text columns stay Arrow and are copied once, by `take`."""
+        """The kept rows whose (entity_id, cache_key) is in `keys` (entity_id, key), at most one per
+        entity, or None. Only entity_id and cache_key go through polars (to match the keys); the other
+        columns stay Arrow and are copied once, by `take`."""
         if not keys.height:
             return None
         lo, hi = keys["entity_id"].min(), keys["entity_id"].max()
@@ -541,10 +514,81 @@ class PreviousOutputs:
         return table.take(found["_row"].to_arrow())
 
 
+# Schema metadata of a run's dead-letter table: what its verdicts were reached with. A later run takes a
+# verdict over only when both are unchanged (the text bounds are config; the parser is code).
+VERDICTS_METADATA = b"recaug.verdicts"
+
+
+def verdicts_metadata(aug: Augmenter, text_bounds: tuple[int, int] | None) -> bytes:
+    return json.dumps({"parser_version": aug.parser_id, "text_bounds": list(text_bounds) if text_bounds else None},
+                      sort_keys=True).encode("utf-8")
+
+
+class PreviousOutputs:
+    """The newest finished run's outputs of one augmenter, reused for entities whose request key is
+    unchanged (and still cached): same key, same entity and same parser version give the same prompt,
+    answer, parse and text checks, so those rows are copied instead of re-rendered and re-parsed.
+
+    - generated rows: those that took no retry, and whose key has no synthetic rows;
+    - dead letters: those a per-answer text check rejected (prompt echo, loop, contradiction), when
+      the dead-letter table records the same parser version and text bounds (`VERDICTS_METADATA`).
+      Engine errors, render errors, parse errors and identical answers (a verdict over the whole
+      run's answers) take the normal path."""
+
+    def __init__(self, generated: Path, dead: Path, synthetic: list[Path], aug: Augmenter,
+                 text_bounds: tuple[int, int] | None):
+        excluded = []
+        for path in synthetic:
+            if path.exists():
+                t = pq.read_table(path)
+                who = "augmenter" if "augmenter" in t.column_names else "source"
+                excluded.append(pl.from_arrow(t.select([who, "cache_key"])).filter(pl.col(who) == aug.name)["cache_key"])
+        self.excluded = (pl.concat(excluded).unique() if excluded else pl.Series("cache_key", [], pl.String)).to_arrow().cast(pa.string())
+        self.generated = _SortedRowGroups(generated, _REUSED_COLUMNS, lambda t: pc.and_(
+            pc.and_(pc.equal(t.column("attempts"), 1), pc.equal(t.column("parser_version"), aug.parser_id)),
+            pc.invert(pc.is_in(t.column("cache_key"), value_set=self.excluded)),
+        ))
+        self.dead = None
+        if dead.is_file():
+            meta = pq.read_schema(dead).metadata or {}
+            if meta.get(VERDICTS_METADATA) == verdicts_metadata(aug, text_bounds):
+                self.dead = _SortedRowGroups(dead, _REUSED_DEAD_COLUMNS, lambda t: pc.and_(
+                    pc.and_(pc.equal(t.column("attempts"), 1), pc.not_equal(t.column("finish_reason"), FINISH_ERROR)),
+                    pc.and_(pc.starts_with(t.column("reason"), TEXT_REASON_PREFIX),
+                            pc.invert(pc.starts_with(t.column("reason"), IDENTICAL_ANSWER_REASON))),
+                ))
+
+    @classmethod
+    def newest(cls, runs_dir: Path | None, aug: Augmenter,
+               text_bounds: tuple[int, int] | None = None) -> "PreviousOutputs | None":
+        if runs_dir is None or not Path(runs_dir).is_dir():
+            return None
+        for run in sorted((p for p in Path(runs_dir).iterdir() if not p.name.startswith(".")), reverse=True):
+            generated = run / "generated" / f"{aug.name}.parquet"
+            if generated.is_file():
+                try:
+                    return cls(generated, run / "dead_letter" / f"{aug.name}.parquet",
+                               [run / "synthetic_items.parquet", run / "synthetic_interactions.parquet"], aug, text_bounds)
+                except (OSError, pa.ArrowException, KeyError):
+                    return None  # unreadable: nothing is reused, everything takes the normal path
+        return None
+
+    def rows(self, keys: pl.DataFrame) -> pa.Table | None:
+        """The reusable generated rows for `keys` (entity_id, key), at most one per entity, in the
+        previous run's columns (`_REUSED_COLUMNS`), or None."""
+        return self.generated.rows(keys)
+
+    def dead_rows(self, keys: pl.DataFrame) -> pa.Table | None:
+        """The reusable text-check dead letters for `keys`, in `_REUSED_DEAD_COLUMNS`, or None."""
+        return self.dead.rows(keys) if self.dead is not None else None
+
+
 _REUSED_COLUMNS = (
     "entity_id", "cache_key", "parser_version", "prompt", "raw_text", "text", "parsed_json", "input_tokens",
     "output_tokens", "finish_reason", "latency_s", "attempts",
 )
+_REUSED_DEAD_COLUMNS = ("entity_id", "cache_key", "prompt", "raw_text", "reason", "finish_reason", "attempts")
+IDENTICAL_ANSWER_REASON = f"{TEXT_REASON_PREFIX}identical answer given for "
 
 
 def _now() -> dt.datetime:
@@ -627,11 +671,12 @@ def run_augmenter(
         "model": engine.model_id,
         "created_at": now,
     }
-    previous = PreviousOutputs.newest(reuse_runs, aug)
+    bounds = text_bounds if aug.encodes else None
+    previous = PreviousOutputs.newest(reuse_runs, aug, bounds)
     todo = sorted(e for e in expected if e not in deferred) if deferred else sorted(expected)
     for chunk in _chunks(todo, chunk_size):
         rendered = _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk,
-                              stats, common, parts, previous, text_bounds if aug.encodes else None)
+                              stats, common, parts, previous, bounds)
         if rendered >= RELEASE_AFTER_RENDERED:  # the chunk's prompts, answers and rows as Python objects.
             # A chunk of reused rows (and a few re-checked dead letters) made next to none; handing its
             # pages back would only make the next row group's decode fault them in again (that was a
@@ -646,7 +691,7 @@ def run_augmenter(
             rejected = pl.from_arrow(generated.filter(same))
             counts = rejected.group_by("raw_text").agg(pl.col("cache_key").n_unique().alias("_n"))
             rejected = rejected.join(counts, on="raw_text", how="left").with_columns(
-                pl.concat_str([pl.lit(f"{TEXT_REASON_PREFIX}identical answer given for "), pl.col("_n").cast(pl.String),
+                pl.concat_str([pl.lit(IDENTICAL_ANSWER_REASON), pl.col("_n").cast(pl.String),
                                pl.lit(f" different prompts (more than output_gate.max_identical_answers = "
                                       f"{text_checks.max_identical_answers})")]).alias("reason"))
             parts["dead"].append(frame_to_table(rejected, DEAD_LETTER, "entity_id"))
@@ -660,10 +705,13 @@ def run_augmenter(
         final.append(generated)
         final.append(frame_to_table(carried, GENERATED_TEXTS, "entity_id"))
         generated = final.table()
+    dead = parts["dead"].table()
+    # what the verdicts were reached with, so that a later run can take them over (PreviousOutputs)
+    dead = dead.replace_schema_metadata({**(dead.schema.metadata or {}), VERDICTS_METADATA: verdicts_metadata(aug, bounds)})
     return AugmenterOutput(
         augmenter=aug,
         generated=generated,
-        dead_letter=parts["dead"].table(),
+        dead_letter=dead,
         synthetic_items=parts["items"].table(),
         synthetic_interactions=parts["inter"].table(),
         stats=stats,
@@ -714,7 +762,7 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
     Returns how many entities were rendered (or failed to render)."""
     ctx = aug.build_context(inputs, chunk, augmenter_options(aug, aug_cfg))
     keys = all_keys = context_keys(aug, aug_cfg, inputs, engine, engine_cfg, ctx)
-    reused = None
+    reused = reused_dead = None
     counted: set[str] = set()  # distinct keys of this chunk already counted as cache hits
     if previous is not None:
         present = cache.contains(keys["key"])
@@ -727,20 +775,14 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
                 inside = pc.and_(pc.greater_equal(length, text_bounds[0]), pc.less_equal(length, text_bounds[1]))
                 if not pc.all(inside).as_py():
                     reused = reused.filter(inside)
-            if reused is not None and reused.num_rows:
-                reused_keys = pl.from_arrow(reused.select(["entity_id", "cache_key"]))
-                counted = set(reused_keys["cache_key"].unique().to_list())
-                stats.requests += reused.num_rows
-                stats.cache_hits += len(counted)  # distinct prompts answered by the cache, as below
-                stats.distinct_prompts += len(counted)
-                stats.truncated += pc.sum(pc.equal(reused.column("finish_reason"), FINISH_LENGTH)).as_py() or 0
-                if reused.num_rows < keys.height:
-                    rest = ~keys["entity_id"].is_in(reused_keys["entity_id"].implode())
-                    ctx, keys = ctx.filter(rest), keys.filter(rest)
-                else:  # one row per entity: every entity of the chunk is reused
-                    ctx, keys = ctx.clear(), keys.clear()
-            else:
-                reused = None
+            reused = _take_over(reused, stats, counted)
+            if reused is not None:
+                ctx, keys, present = _without(reused, ctx, keys, present)
+            if keys.height and present.any():
+                reused_dead = _take_over(previous.dead_rows(keys.filter(present)), stats, counted)
+                if reused_dead is not None:
+                    stats.text_rejected += reused_dead.num_rows
+                    ctx, keys, present = _without(reused_dead, ctx, keys, present)
     pending, render_failed, _ = build_pending(aug, aug_cfg, inputs, engine, engine_cfg, ctx=ctx, keys=keys) \
         if ctx.height else ([], [], [])
     del ctx
@@ -886,21 +928,59 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
         pieces.append(frame_to_table(gen, GENERATED_TEXTS, "entity_id"))
     if reused is not None:
         pieces.append(_reused_table(reused, common, aug.parser_id))
-    if len(pieces) == 1 and gen_cols["entity_id"]:
-        parts["generated"].append(pieces[0])
-    elif pieces:
-        # one row per entity, reused and new entities apart: ordered by entity id as `frame_to_table` orders
-        table = pa.concat_tables(pieces)
-        if len(pieces) > 1 or not pl.Series(table.column("entity_id")).is_sorted():
-            table = table.take(pc.sort_indices(table, sort_keys=[("entity_id", "ascending"), ("cache_key", "ascending")]))
-        parts["generated"].append(table)
+    _append_in_order(parts["generated"], pieces)
+    pieces = []
     if dead_rows:
-        parts["dead"].append(frame_to_table(pl.DataFrame([{**common, **r} for r in dead_rows]), DEAD_LETTER, "entity_id"))
+        pieces.append(frame_to_table(pl.DataFrame([{**common, **r} for r in dead_rows]), DEAD_LETTER, "entity_id"))
+    if reused_dead is not None:
+        pieces.append(_reused_dead_table(reused_dead, common))
+    _append_in_order(parts["dead"], pieces)
     if synth_items:
         parts["items"].append(frame_to_table(pl.DataFrame(synth_items), SYNTHETIC_ITEMS, "item_id"))
     if synth_inter:
         parts["inter"].append(frame_to_table(pl.DataFrame(synth_inter), SYNTHETIC_INTERACTIONS, "user_id"))
     return rendered
+
+
+def _append_in_order(part: TableParts, pieces: list[pa.Table]) -> None:
+    """A chunk's rows made here and rows taken over from the previous run (each one row per entity), as
+    one piece ordered by entity id and then cache key, the order `frame_to_table` gives."""
+    if not pieces:
+        return
+    table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+    if len(pieces) > 1 or not pl.Series(table.column("entity_id")).is_sorted():
+        table = table.take(pc.sort_indices(table, sort_keys=[("entity_id", "ascending"), ("cache_key", "ascending")]))
+    part.append(table)
+
+
+def _take_over(rows: pa.Table | None, stats: AugmenterStats, counted: set[str]) -> pa.Table | None:
+    """Count a previous run's rows taken over for this chunk as the normal path counts the entities it
+    answers from the cache (requests, distinct prompts, cache hits, truncated answers); `counted` holds
+    the chunk's distinct keys counted so far. None when there are no rows."""
+    if rows is None or not rows.num_rows:
+        return None
+    keys = set(pl.Series(rows.column("cache_key")).unique().to_list()) - counted
+    counted |= keys
+    stats.requests += rows.num_rows
+    stats.cache_hits += len(keys)
+    stats.distinct_prompts += len(keys)
+    stats.truncated += pc.sum(pc.equal(rows.column("finish_reason"), FINISH_LENGTH)).as_py() or 0
+    return rows
+
+
+def _without(rows: pa.Table, ctx: pl.DataFrame, keys: pl.DataFrame, present: pl.Series):
+    """The chunk's context rows, keys and cache flags without the entities `rows` (one per entity) cover."""
+    if rows.num_rows >= keys.height:  # every entity of the chunk
+        return ctx.clear(), keys.clear(), present.clear()
+    rest = ~keys["entity_id"].is_in(pl.Series(rows.column("entity_id")).implode())
+    return ctx.filter(rest), keys.filter(rest), present.filter(rest)
+
+
+def _reused_dead_table(rows: pa.Table, common: dict[str, Any]) -> pa.Table:
+    n = rows.num_rows
+    columns = [pa.repeat(pa.scalar(common[f.name], f.type), n) if f.name in common else rows.column(f.name).cast(f.type)
+               for f in DEAD_LETTER]
+    return pa.Table.from_arrays(columns, schema=DEAD_LETTER)
 
 
 def _reused_table(reused: pa.Table, common: dict[str, Any], parser_id: str) -> pa.Table:

@@ -18,7 +18,7 @@ from recaug.core.config import AugmenterConfig, EngineConfig
 from recaug.pipelines.engines.fake import FakeEngine
 from recaug.pipelines.runners.local import LocalRunner
 from recaug.prompts import PromptTemplate
-from recaug.schemas import GENERATED_TEXTS
+from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS
 
 
 @pytest.fixture
@@ -125,8 +125,63 @@ def _run(aug, inputs, engine, cache, runs=None, shard_size=3):
 
 
 def _publish(out, runs, run_id):
-    (runs / run_id / "generated").mkdir(parents=True)
-    pq.write_table(out.generated, runs / run_id / "generated" / f"{out.augmenter.name}.parquet", row_group_size=4)
+    for table, folder in ((out.generated, "generated"), (out.dead_letter, "dead_letter")):
+        (runs / run_id / folder).mkdir(parents=True)
+        pq.write_table(table, runs / run_id / folder / f"{out.augmenter.name}.parquet", row_group_size=4)
+
+
+def _looping_for(*titles):
+    """A fake engine whose answers for the given titles loop (a text-check dead letter)."""
+    from recaug.pipelines.engines.fake import default_reply
+
+    def reply(request):
+        text = "\n".join(m["content"] for m in request.messages)
+        if any(f"Title: {t}\n" in text or f"{t} (" in text for t in titles):
+            return "Drama, drama, drama, drama, drama, drama."
+        return default_reply(request)
+
+    return FakeEngine(EngineConfig(kind="fake"), responder=reply)
+
+
+def test_reused_dead_letters_equal_the_rechecked_ones(inputs, tmp_path, monkeypatch):
+    """Answers a per-answer text check rejected are dead letters again in the next run without being
+    rendered or re-checked, as long as the parser version and the text bounds are those the verdicts
+    were reached with; the tables and counts equal what rendering and checking again gives."""
+    aug = get_augmenter("kar_item_knowledge")
+    engine = _looping_for("Movie 3", "Movie 7")
+    cache = GenerationCache(tmp_path / "cache")
+    runs = tmp_path / "runs"
+    first = _run(aug, inputs, engine, cache)
+    dead = pl.from_arrow(first.dead_letter)
+    assert sorted(dead["entity_id"]) == ["i3", "i7"] and dead["reason"].str.starts_with("text check: loops").all()
+    _publish(first, runs, "20260101T000000Z-aaaaaa")
+    renders = []
+    real_render = PromptTemplate.render
+    monkeypatch.setattr(PromptTemplate, "render", lambda self, v: renders.append(v["entity_id"]) or real_render(self, v))
+    reused = _run(aug, inputs, engine, cache, runs)
+    assert renders == []  # the whole run, dead letters included, came from the previous run
+    rechecked = _run(aug, inputs, engine, cache)
+    assert sorted(renders) == sorted(set(renders)) and len(renders) == first.stats.entities
+    cols = [c for c in DEAD_LETTER.names if c != "created_at"]
+    assert reused.dead_letter.select(cols).equals(rechecked.dead_letter.select(cols))
+    counts = ("requests", "distinct_prompts", "cache_hits", "llm_requests", "parsed", "dead_letter", "text_rejected",
+              "truncated")
+    assert [getattr(reused.stats, c) for c in counts] == [getattr(rechecked.stats, c) for c in counts]
+    assert reused.stats.text_rejected == 2 and reused.stats.llm_requests == 0
+
+    # other text bounds: the verdicts were not reached under them, so the dead letters are checked again
+    renders.clear()
+    bounded = run_augmenter(aug, AugmenterConfig(name=aug.name), inputs, engine, EngineConfig(kind="fake"), cache,
+                            LocalRunner(engine).execute, shard_size=3, reuse_runs=runs, chunk_size=5, text_bounds=(1, 5000))
+    assert sorted(renders) == ["i3", "i7"] and bounded.dead_letter.num_rows == 2
+    # a dead-letter table without the verdicts' record (an older run): the same
+    renders.clear()
+    bare = runs / "20260102T000000Z-bbbbbb"
+    for folder, table in (("generated", first.generated), ("dead_letter", first.dead_letter.replace_schema_metadata({}))):
+        (bare / folder).mkdir(parents=True)
+        pq.write_table(table, bare / folder / f"{aug.name}.parquet")
+    again = _run(aug, inputs, engine, cache, runs)
+    assert sorted(renders) == ["i3", "i7"] and again.dead_letter.select(cols).equals(rechecked.dead_letter.select(cols))
 
 
 @pytest.mark.parametrize("name", ["kar_item_knowledge", "kar_user_preference"])
