@@ -55,30 +55,87 @@ def feature_columns(
     return linear, dnn, fields
 
 
+class _Rows(torch.autograd.Function):
+    """`table.index_select(0, index)` whose backward sums a contiguous copy of the incoming gradient:
+    that gradient is a sum of column views (the backbone reads the rows through several slices), and
+    index_add over a strided gradient ran ~10x slower than over a contiguous one."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = table.shape[0]
+        return table.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.rows, grad.shape[1]))
+        return out.index_add_(0, index, grad.contiguous()), None
+
+
 class AdaptorWindow:
     """The adaptor's outputs for the distinct entities of several consecutive batches, computed in one
     forward pass. Each batch reads its rows from detached leaves, so the backbone's backward pass
     stops there and only sums gradients into them; `backward()` then sends those sums through the
     adaptor once. Within a window the adaptor's weights do not change, so its outputs are exactly
     the current adaptor's: what changes is that it steps once per window (on the window's summed
-    gradient) while the backbone steps every batch."""
+    gradient) while the backbone steps every batch. The window's own batches (the same tensors)
+    find their rows by the positions `torch.unique` gave when the window was opened; any other id
+    matrix is searched, and must lie inside the window."""
 
-    def __init__(self, distinct: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]):
+    def __init__(self, distinct: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+                 batches: Sequence[tuple[torch.Tensor, list[torch.Tensor]]] = ()):
         self.distinct = list(distinct)  # sorted vocabulary indices, one tensor per vector table
         self._outputs = list(outputs)
         self.leaves = [o.detach().requires_grad_(True) for o in self._outputs]
+        self._batches = list(batches)  # (id matrix, its rows' positions per table)
 
-    def rows(self, k: int, entity: torch.Tensor) -> torch.Tensor:
+    def positions(self, ids: torch.Tensor, columns: Sequence[int]) -> list[torch.Tensor]:
+        for batch, pos in self._batches:
+            if batch is ids:
+                return pos
+        return [self._search(k, ids[:, col]) for k, col in enumerate(columns)]
+
+    def _search(self, k: int, entity: torch.Tensor) -> torch.Tensor:
         distinct = self.distinct[k]
         pos = torch.searchsorted(distinct, entity.contiguous()).clamp_(max=max(distinct.numel() - 1, 0))
         if distinct.numel() == 0 or not torch.equal(distinct.index_select(0, pos), entity):
             raise ValueError("a batch has users or items outside its adaptor window: open the window over that batch")
-        return self.leaves[k].index_select(0, pos)
+        return pos
+
+    def rows(self, k: int, pos: torch.Tensor) -> torch.Tensor:
+        return _Rows.apply(self.leaves[k], pos)
 
     def backward(self) -> None:
         pairs = [(o, leaf.grad) for o, leaf in zip(self._outputs, self.leaves) if leaf.grad is not None]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+
+class RoutedInputs(torch.Tensor):
+    """X with its knowledge columns routed: `X[:, a:b]` over exactly the columns of one adaptor output
+    returns that output itself, so its gradient goes straight to the adaptor. X itself needs no
+    gradient then; through plain slices of X, each of the ~10 column reads per step made autograd
+    allocate and zero a gradient of X's full size and sum them (about 10% of a DeepFM step with the
+    adaptor). Every other index is an ordinary read of X. deepctr and the knowledge-field mixin read
+    every input as `X[:, start:end]` by `feature_index`; a test checks each backbone's gradient
+    reaches the adaptor through the routes."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # results are plain tensors
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor, routes: dict[tuple[int, int], torch.Tensor]):
+        x = torch.Tensor._make_subclass(cls, data, False)
+        x.routes = routes
+        return x
+
+    def __getitem__(self, index):
+        if (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)
+                and isinstance(index[1], slice) and index[1].step is None):
+            routed = self.routes.get((index[1].start, index[1].stop))
+            if routed is not None:
+                return routed
+        return super().__getitem__(index)
 
 
 class KnowledgeCTRModel(nn.Module):
@@ -116,6 +173,7 @@ class KnowledgeCTRModel(nn.Module):
         # the id-matrix column of each vector's entity (its user or item vocabulary index)
         self._entity_columns = [id_cols[f"{v.kind}_id"][0] for v in spec.vectors]
         self._attached: object | None = None
+        self.route_inputs = True  # RoutedInputs; False builds X as one tensor with gradient (tests compare)
 
     def attach_vectors(self, vectors: Sequence) -> None:
         """Keep the vector tables (`data.EntityVectors`, one row per vocabulary index) inside the model
@@ -144,13 +202,19 @@ class KnowledgeCTRModel(nn.Module):
         """Run the adaptor once over the distinct users/items of `batches` (id matrices) from the
         attached tables; pass the result to `forward(..., window=)` for each of those batches."""
         self._require_tables()
-        distinct = [torch.unique(torch.cat([ids[:, col] for ids in batches])) for col in self._entity_columns]
+        sizes = [ids.shape[0] for ids in batches]
+        distinct, positions = [], []
+        for col in self._entity_columns:
+            uniq, inverse = torch.unique(torch.cat([ids[:, col] for ids in batches]), return_inverse=True)
+            distinct.append(uniq)
+            positions.append(inverse.split(sizes))
         tables = [getattr(self, f"vector_table_{k}").index_select(0, u) for k, u in enumerate(distinct)]
-        return AdaptorWindow(distinct, self.adaptor(tables))
+        per_batch = [(ids, [pos[j] for pos in positions]) for j, ids in enumerate(batches)]
+        return AdaptorWindow(distinct, self.adaptor(tables), per_batch)
 
     def _window_inputs(self, ids: torch.Tensor, window: AdaptorWindow) -> tuple[list[torch.Tensor], torch.Tensor]:
-        outputs = [window.rows(k, ids[:, col]) for k, col in enumerate(self._entity_columns)]
-        return outputs, self._missing_flags(ids)
+        positions = window.positions(ids, self._entity_columns)
+        return [window.rows(k, pos) for k, pos in enumerate(positions)], self._missing_flags(ids)
 
     def _indexed_inputs(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Adaptor outputs and missing flags of a batch from the attached tables. The adaptor is a
@@ -188,17 +252,23 @@ class KnowledgeCTRModel(nn.Module):
         else:
             outputs = self.adaptor_outputs(vectors or [])
         ids_f = ids.float()  # exact for indices < 2**24
-        pieces = []
+        pieces, routes, at = [], {}, 0
         for source, a, b in self._plan:
             if source == "ids":
-                pieces.append(ids_f[:, a:b])
+                piece = ids_f[:, a:b]
             elif source == "adaptor":
-                pieces.append(outputs[a])
+                piece = outputs[a]
+                if piece.requires_grad and self.route_inputs:  # read by its columns, with its gradient
+                    routes[(at, at + piece.shape[1])] = piece
+                    piece = piece.detach()
             elif source == "missing":
-                pieces.append(missing[:, a:b])
+                piece = missing[:, a:b]
             else:
-                pieces.append(ids_f.new_zeros((ids.shape[0], b)))
-        return torch.cat(pieces, dim=1)
+                piece = ids_f.new_zeros((ids.shape[0], b))
+            pieces.append(piece)
+            at += piece.shape[1]
+        x = torch.cat(pieces, dim=1)
+        return RoutedInputs(x, routes) if routes else x
 
     def forward(
         self,

@@ -123,6 +123,31 @@ def test_adaptor_outputs_reach_each_backbone(data384, model_name, adaptor):
         assert grads and any(float(g.abs().sum()) > 0 for g in grads)
 
 
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_routed_inputs_give_every_backbone_the_gradients_of_one_input_tensor(data384, model_name):
+    """With the adaptor outputs routed (`RoutedInputs`: each backbone read of their columns returns the
+    output itself) every weight gets exactly the gradient it gets when X is one tensor with gradient:
+    no backbone reads those columns in a way the routes miss."""
+    from recaug.ctr_models.network import RoutedInputs
+
+    model = build_model(model_name, data384.spec, CTRConfig(adaptor="hybrid", embedding_dim=8), seed=0)
+    model.attach_vectors(data384.vectors)
+    ids = data384.split("train").ids[:64]
+    assert isinstance(model.assemble_inputs(ids), RoutedInputs) and not model.assemble_inputs(ids).requires_grad
+    grads = {}
+    for routed in (True, False):
+        model.route_inputs = routed
+        model.zero_grad()
+        (model(ids).sum() + model.regularization_loss()).backward()
+        grads[routed] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    assert any(n.startswith("adaptor.") for n in grads[True])
+    for name, g in grads[True].items():
+        torch.testing.assert_close(g, grads[False][name], msg=name)
+    with torch.no_grad():  # nothing needs a gradient: a plain tensor
+        assert type(model.assemble_inputs(ids)) is torch.Tensor
+
+
 @pytest.mark.parametrize("adaptor", ["hybrid", "mlp", "raw"])
 def test_vectors_looked_up_inside_the_model_equal_the_gathered_ones(data384, adaptor):
     """The training path (tables attached to the model, adaptor once per distinct entity) gives the
