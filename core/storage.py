@@ -70,10 +70,10 @@ def concat_parquet_atomic(
                     pending.append(part)
                     rows += part.num_rows
                     if rows >= rows_per_group:
-                        writer.write_table(pa.concat_tables(pending))
+                        writer.write_table(pa.concat_tables(pending), row_group_size=rows_per_group)
                         pending, rows = [], 0
             if pending:
-                writer.write_table(pa.concat_tables(pending))
+                writer.write_table(pa.concat_tables(pending), row_group_size=rows_per_group)
 
     write_atomic(path, write, crash_at)
 

@@ -36,7 +36,9 @@ from recaug.core.memory import release_memory
 from recaug.core.spill import TableParts, frame_to_table
 from recaug.prompts import PromptError
 from recaug.schemas import DEAD_LETTER, GENERATED_TEXTS, SYNTHETIC_INTERACTIONS, SYNTHETIC_ITEMS
-from recaug.schemas.output_gate import TEXT_REASON_PREFIX, TextChecks, contradiction, identical_answer_rows, looping, prompt_echo
+from recaug.schemas.output_gate import (
+    TEXT_REASON_PREFIX, TextChecks, contradiction, identical_answer_rows, looping, prompt_echo, text_checks_fingerprint,
+)
 
 RETRY_INSTRUCTION = (
     "Your previous answer could not be used: {reason}. Reply again with only the JSON object, nothing else."
@@ -515,13 +517,13 @@ class _SortedRowGroups:
 
 
 # Schema metadata of a run's dead-letter table: what its verdicts were reached with. A later run takes a
-# verdict over only when both are unchanged (the text bounds are config; the parser is code).
+# verdict over only when all are unchanged (the text bounds are config; the parser and the checks code).
 VERDICTS_METADATA = b"recaug.verdicts"
 
 
 def verdicts_metadata(aug: Augmenter, text_bounds: tuple[int, int] | None) -> bytes:
-    return json.dumps({"parser_version": aug.parser_id, "text_bounds": list(text_bounds) if text_bounds else None},
-                      sort_keys=True).encode("utf-8")
+    return json.dumps({"parser_version": aug.parser_id, "text_bounds": list(text_bounds) if text_bounds else None,
+                       "text_checks": text_checks_fingerprint()}, sort_keys=True).encode("utf-8")
 
 
 class PreviousOutputs:
@@ -531,7 +533,8 @@ class PreviousOutputs:
 
     - generated rows: those that took no retry, and whose key has no synthetic rows;
     - dead letters: those a per-answer text check rejected (prompt echo, loop, contradiction), when
-      the dead-letter table records the same parser version and text bounds (`VERDICTS_METADATA`).
+      the dead-letter table records the same parser version, text bounds and checks code
+      (`VERDICTS_METADATA`).
       Engine errors, render errors, parse errors and identical answers (a verdict over the whole
       run's answers) take the normal path."""
 
@@ -603,7 +606,8 @@ ENTITY_CHUNK = 10_000
 
 
 # Entities rendered in one chunk from which its Python objects are worth handing back to the OS
-# (a few MB); below that, the allocator just reuses the freed blocks for the next chunk.
+# (a few MB; or a whole chunk, when runner.chunk_entities is smaller); below that, the allocator just
+# reuses the freed blocks for the next chunk.
 RELEASE_AFTER_RENDERED = 1_000
 
 
@@ -677,7 +681,7 @@ def run_augmenter(
     for chunk in _chunks(todo, chunk_size):
         rendered = _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk,
                               stats, common, parts, previous, bounds)
-        if rendered >= RELEASE_AFTER_RENDERED:  # the chunk's prompts, answers and rows as Python objects.
+        if rendered >= min(RELEASE_AFTER_RENDERED, chunk_size):  # the chunk's prompts, answers and rows as Python objects.
             # A chunk of reused rows (and a few re-checked dead letters) made next to none; handing its
             # pages back would only make the next row group's decode fault them in again (that was a
             # third of an unchanged re-run's CPU, as kernel time)

@@ -80,34 +80,39 @@ class _KeyIndex:
         self.where = frame["where"].to_numpy()
         self.prefix = frame["p"].to_numpy() if self.hex else None
 
-    def _candidates(self, keys: pl.Series, side: str) -> tuple[np.ndarray, bool]:
-        """Where each query key would sit in the sorted index; False: search the keys as strings."""
-        if self.hex:
-            wanted = pl.DataFrame({"key": keys}).select(_prefix(pl.col("key")))["key"]
-            if wanted.null_count() == 0:
-                return np.searchsorted(self.prefix, wanted.to_numpy(), side=side), True
-        return self.keys.search_sorted(keys, side=side).to_numpy() if not self.hex else np.empty(0), False
+    def _query(self, keys: pl.Series) -> np.ndarray | None:
+        """The query keys' prefixes when the index is sorted by prefix and every key is a hex digest."""
+        if not self.hex:
+            return None
+        wanted = pl.DataFrame({"key": keys}).select(_prefix(pl.col("key")))["key"]
+        return wanted.to_numpy() if wanted.null_count() == 0 else None
+
+    def _candidates(self, keys: pl.Series, query: np.ndarray | None, side: str) -> np.ndarray:
+        """Where each query key would sit in the sorted index (an index sorted by whole keys, or a
+        prefix query); the caller has ruled out a non-hex query on a prefix-sorted index."""
+        if query is not None:
+            return np.searchsorted(self.prefix, query, side=side).astype(np.int64)
+        return self.keys.search_sorted(keys, side=side).to_numpy().astype(np.int64)
 
     def contains(self, keys: pl.Series) -> pl.Series:
         if not len(self.keys) or not len(keys):
             return pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
-        at, ok = self._candidates(keys, "left")
-        if not ok and self.hex:  # sorted by prefix, but a query key is not a hex digest
+        query = self._query(keys)
+        if query is None and self.hex:  # sorted by prefix, but a query key is not a hex digest
             keys_sorted = self.keys.sort()
             at = keys_sorted.search_sorted(keys, side="left").clip(0, len(keys_sorted) - 1)
             return keys_sorted.gather(at) == keys
-        return self.keys.gather(at.clip(0, len(self.keys) - 1)) == keys
+        return self.keys.gather(self._candidates(keys, query, "left").clip(0, len(self.keys) - 1)) == keys
 
     def locations(self, keys: pl.Series) -> np.ndarray:
         """`where` of every stored copy of the given keys (duplicates included: a lookup keeps the
         first committed), or None when the keys cannot be searched (then the caller scans)."""
         if not len(self.keys) or not len(keys):
             return np.empty(0, np.int64)
-        lo, ok = self._candidates(keys, "left")
-        if not ok and self.hex:
+        query = self._query(keys)
+        if query is None and self.hex:
             return None
-        hi, _ = self._candidates(keys, "right")
-        lo, hi = lo.astype(np.int64), hi.astype(np.int64)
+        lo, hi = self._candidates(keys, query, "left"), self._candidates(keys, query, "right")
         counts = hi - lo  # entries sharing the query's prefix: almost always 0 or 1
         n = int(counts.sum())
         if not n:
@@ -171,7 +176,8 @@ class GenerationCache:
             for shard in np.unique(where >> 32):
                 path, meta = self._files[int(shard)]
                 groups = (where[(where >> 32) == shard] & 0xFFFFFFFF).tolist()
-                table = pq.ParquetFile(path, metadata=meta).read_row_groups(groups, use_threads=False)
+                with pq.ParquetFile(path, metadata=meta) as shard_file:
+                    table = shard_file.read_row_groups(groups, use_threads=False)
                 tables.append(table.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA))
         except (OSError, pa.ArrowException):
             return None
@@ -189,15 +195,16 @@ class GenerationCache:
         new = sorted(shards - self._index_files)
         if not new:
             return
-        where = []
-        for path in new:
+        where, files = [], []
+        for path in new:  # taken into the index only once every new shard was read
             meta = pq.read_metadata(path)
-            number = len(self._files)
-            self._files.append((path, meta))
             sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            number = len(self._files) + len(files)
+            files.append((path, meta))
             where.append(np.repeat((number << 32) | np.arange(len(sizes), dtype=np.int64), sizes))
         keys = pl.scan_parquet(new).select("cache_key").collect()["cache_key"]
         self._index.append(_KeyIndex(keys, np.concatenate(where)))
+        self._files.extend(files)
         self._index_files |= set(new)
         if len(self._index) > 8:  # keep the number of searches per call small: merge all but the
             # largest piece (the keys found at the start), which is never rebuilt for a few new shards

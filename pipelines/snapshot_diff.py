@@ -22,7 +22,7 @@ from recaug.pipelines.snapshots import LATEST_FILE, MANIFEST_FILE, SnapshotInfo,
 
 VOLATILE_COLUMNS = ("created_at", "latency_s")
 KEY_COLUMNS = ("entity_id", "user_id", "item_id", "for_user_id", "row", "cache_key")
-IGNORED_METADATA = ("recaug.snapshot",)
+IGNORED_METADATA = ("recaug.snapshot", "recaug.verdicts")  # lineage, not content
 DEFAULT_ATOL = 1e-5
 
 IDENTICAL, WITHIN_TOLERANCE, DIFFERENT, ONLY_IN_A, ONLY_IN_B = (

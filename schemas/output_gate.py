@@ -25,8 +25,12 @@ with an ephemeral context (nothing written to disk) and analytics off.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -482,6 +486,24 @@ def _validate_blocks(gx, ctx, source, frame_name: str, frames, specs) -> list[tu
 # TEXT_REASON_PREFIX, and `max_text_rejected_share` stops publication when too many were rejected.
 
 TEXT_REASON_PREFIX = "text check: "
+
+
+@functools.lru_cache(maxsize=1)
+def text_checks_fingerprint() -> str:
+    """A hash of the per-answer checks' code (this module and core/sentences.py, constants included):
+    a later run takes over a dead letter only if it was judged by the same code (PreviousOutputs in
+    pipelines/augment.py). Any edit of either file re-checks every dead letter once, which is cheap."""
+    from recaug.core import sentences
+
+    h = hashlib.sha256()
+    for module in (sys.modules[__name__], sentences):
+        try:
+            h.update(inspect.getsource(module).encode("utf-8"))
+        except (OSError, TypeError):  # no source shipped: never the same twice, so nothing is taken over
+            h.update(os.urandom(16))
+    return h.hexdigest()[:16]
+
+
 _ECHO_PREFIX_CHARS = 40  # how much of an answer's first line is compared with the prompt
 _ECHO_MIN_CHARS = 10  # a shorter first line is left alone (a short title may legitimately repeat)
 _YEAR_WORDS = (r"(?:released|published|premiered|came out|debuted|appeared|first (?:shown|aired|published|released))"

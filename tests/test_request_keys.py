@@ -174,6 +174,15 @@ def test_reused_dead_letters_equal_the_rechecked_ones(inputs, tmp_path, monkeypa
     bounded = run_augmenter(aug, AugmenterConfig(name=aug.name), inputs, engine, EngineConfig(kind="fake"), cache,
                             LocalRunner(engine).execute, shard_size=3, reuse_runs=runs, chunk_size=5, text_bounds=(1, 5000))
     assert sorted(renders) == ["i3", "i7"] and bounded.dead_letter.num_rows == 2
+    # other checks code (an edit of the text checks): the same
+    renders.clear()
+    import recaug.pipelines.augment as augment_module
+
+    fingerprint = augment_module.text_checks_fingerprint
+    monkeypatch.setattr(augment_module, "text_checks_fingerprint", lambda: "edited checks")
+    _run(aug, inputs, engine, cache, runs)
+    assert sorted(renders) == ["i3", "i7"]
+    monkeypatch.setattr(augment_module, "text_checks_fingerprint", fingerprint)
     # a dead-letter table without the verdicts' record (an older run): the same
     renders.clear()
     bare = runs / "20260102T000000Z-bbbbbb"
@@ -277,48 +286,51 @@ def test_a_reused_row_outside_the_text_bounds_becomes_a_dead_letter(inputs, tmp_
 def test_cache_lookup_reads_only_the_row_groups_holding_its_keys(tmp_path, monkeypatch):
     """A lookup answers from the row groups the key index places its keys in, with the same rows a
     scan of every shard gives: the first committed row per key, duplicates across shards included,
-    and a fallback to the scan when a shard vanished after the index was read."""
+    a key sharing the first 60 bits of a stored one not taken for it, plain (non-hex) keys, and a
+    fallback to the scan when a located shard vanished after the index was read."""
     import hashlib
 
-    from recaug.pipelines.engines.base import GenerationResult
-
     import recaug.pipelines.cache as cache_module
+    from recaug.pipelines.engines.base import GenerationResult
 
     monkeypatch.setattr(cache_module, "COMPACTED_ROWS_PER_GROUP", 4)
     cache = GenerationCache(tmp_path)
     keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(40)]
-    for start in range(0, 40, 4):  # ten shards of four results, then merged: one file of ten row groups
-        cache.commit([GenerationResult(k, f"first {k[:6]}", 3, 5, "stop", 0.1) for k in keys[start:start + 4]], "a", "m")
+    for start in range(0, 40, 8):  # five shards of eight results, merged into one file of ten row groups
+        cache.commit([GenerationResult(k, f"first {k[:6]}", 3, 5, "stop", 0.1) for k in keys[start:start + 8]], "a", "m")
     assert cache.compact(min_shards=4)
-    assert pq.ParquetFile(cache.shards()[0]).metadata.num_row_groups == 10
-    # a later duplicate of keys[5] (an overlap a crash can leave) and one plain, non-hex key
-    cache.commit([GenerationResult(keys[5], "second answer", 3, 5, "stop", 0.1),
-                  GenerationResult("plain-key", "plain answer", 1, 1, "stop", 0.1)], "a", "m")
+    merged = cache.shards()[0]
+    assert pq.ParquetFile(merged).metadata.num_row_groups == 10
+    cache.commit([GenerationResult(keys[5], "second answer", 3, 5, "stop", 0.1)], "a", "m")  # an overlap a crash can leave
+    twin = keys[7][:15] + ("0" if keys[7][15] != "0" else "1") + keys[7][16:]  # same 60-bit prefix, not stored
 
-    read_groups = []
+    read = []
     real_read = pq.ParquetFile.read_row_groups
 
     def counting(self, groups, *args, **kwargs):
-        read_groups.extend(groups)
+        read.append(sorted(groups))
         return real_read(self, groups, *args, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", counting)
-    wanted = [keys[1], keys[5], keys[38], "absent-key", hashlib.sha256(b"absent").hexdigest()]
+    wanted = [keys[1], keys[5], keys[38], twin, hashlib.sha256(b"absent").hexdigest()]
     found = cache.lookup(wanted).sort("cache_key")
     scanned = (pl.scan_parquet(cache.shards()).filter(pl.col("cache_key").is_in(wanted)).collect()
                .sort("created_at", maintain_order=True).unique("cache_key", keep="first").sort("cache_key"))
-    assert found.equals(scanned) and found.height == 3
-    assert dict(zip(found["cache_key"], found["raw_text"]))[keys[5]] == f"first {keys[5][:6]}"
-    assert 3 <= len(read_groups) <= 4  # keys 1 and 5 share row group 0 and 1; 38 is in 9; the duplicate's shard
-    assert cache.lookup(["plain-key"])["raw_text"].to_list() == ["plain answer"]
+    assert found.equals(scanned) and sorted(found["cache_key"]) == sorted([keys[1], keys[5], keys[38]])
+    assert dict(zip(found["cache_key"], found["raw_text"]))[keys[5]] == f"first {keys[5][:6]}"  # first committed
+    groups = sum(read, [])
+    assert len(read) == 2 and sorted(groups) == [0, 0, 1, 9]  # keys 1 and 5 in groups 0 and 1, 38 in 9; the overlap's shard
+    assert cache.lookup([twin]).height == 0
+
+    cache.commit([GenerationResult("plain-key", "plain answer", 1, 1, "stop", 0.1)], "a", "m")  # not a hex digest
+    assert cache.lookup(["plain-key", keys[2]]).sort("cache_key")["raw_text"].to_list() == [f"first {keys[2][:6]}", "plain answer"]
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", real_read)
+    late = hashlib.sha256(b"late").hexdigest()
+    cache.commit([GenerationResult(late, "late answer", 1, 1, "stop", 0.1)], "a", "m")
     stale = GenerationCache(tmp_path)
     stale.contains(keys)
     stale._refresh = lambda: None  # the index was read; then, before the rows are, another process
-    other = GenerationCache(tmp_path)  # commits and compacts the located shard away
-    other.commit([GenerationResult("late-key", "late", 1, 1, "stop", 0.1)], "a", "m")
-    assert other.compact(min_shards=2)
-    again = stale.lookup(wanted).sort("cache_key")
-    assert again["cache_key"].to_list() == found["cache_key"].to_list()
-    assert dict(zip(again["cache_key"], again["raw_text"]))[keys[5]] == f"first {keys[5][:6]}"
+    assert GenerationCache(tmp_path).compact(min_shards=2)  # compacts the shard holding `late` away
+    got = stale.lookup([late, keys[3]])
+    assert dict(zip(got["cache_key"], got["raw_text"])) == {late: "late answer", keys[3]: f"first {keys[3][:6]}"}
