@@ -130,11 +130,15 @@ class RoutedInputs(torch.Tensor):
         return x
 
     def __getitem__(self, index):
-        if (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)
+        if (isinstance(index, tuple) and len(index) == 2 and isinstance(index[0], slice) and index[0] == slice(None)
                 and isinstance(index[1], slice) and index[1].step is None):
-            routed = self.routes.get((index[1].start, index[1].stop))
+            start, stop = index[1].start, index[1].stop
+            routed = self.routes.get((start, stop))
             if routed is not None:
                 return routed
+            start, stop = 0 if start is None else start, self.shape[1] if stop is None else stop
+            if any(start < b and a < stop for a, b in self.routes):  # would read values without their gradient
+                raise RuntimeError(f"X[:, {start}:{stop}] overlaps an adaptor output's columns without being them")
         return super().__getitem__(index)
 
 

@@ -146,6 +146,26 @@ def test_routed_inputs_give_every_backbone_the_gradients_of_one_input_tensor(dat
         torch.testing.assert_close(g, grads[False][name], msg=name)
     with torch.no_grad():  # nothing needs a gradient: a plain tensor
         assert type(model.assemble_inputs(ids)) is torch.Tensor
+    # the training path: batches read their rows from an adaptor window
+    batches = [ids[:32], ids[32:]]
+    for routed in (True, False):
+        model.route_inputs = routed
+        model.zero_grad()
+        window = model.adaptor_window(batches)
+        for b in batches:
+            (model(b, window=window).sum() + model.regularization_loss()).backward()
+        window.backward()
+        grads[routed] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and any(n.startswith("adaptor.") for n in grads[True])
+    for name, g in grads[True].items():
+        torch.testing.assert_close(g, grads[False][name], msg=name)
+    # a read that covers an adaptor output's columns only in part would lose its gradient: an error
+    model.route_inputs = True
+    X = model.assemble_inputs(ids)
+    a, b = next(iter(X.routes))
+    with pytest.raises(RuntimeError, match="overlaps an adaptor output"):
+        X[:, a:b - 1]
+    torch.testing.assert_close(X[:, 0:a], model.assemble_inputs(ids).detach()[:, 0:a])
 
 
 @pytest.mark.parametrize("adaptor", ["hybrid", "mlp", "raw"])
