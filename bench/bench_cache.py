@@ -9,7 +9,8 @@ the deterministic fake engine (`pipelines/engines/fake.py`) on the local runner:
   fill         empty cache: every entity goes to the (fake) engine. This times our per-row
                overheads plus writing the cache; a real model's generation time is not in it.
   unchanged    the same catalogue again: must be 100% cache hits and 0 engine calls (asserted);
-               nothing is rendered or parsed (rows come from the fill's run).
+               nothing is rendered or parsed (rows, and the text-check dead letters of the fake
+               engine's few looping answers, come from the fill's run).
   1% changed   the titles of 1% of the items edited: the engine must see exactly those (asserted).
 
     .venv/bin/python bench/bench_cache.py [--items 1000000] [--changed-share 0.01] [--shard-size 256] [--quick]
@@ -135,8 +136,8 @@ def run(quick: bool = False, items: int | None = None, changed_share: float = 0.
         notes=[
             "fill = fake-engine fill: our per-row overheads and cache writes, no model time. "
             "Each pass hashes every entity's context row into its key (no rendering), checks the keys against the "
-            "cache's sorted key index, copies unchanged cached rows from the previous run, renders and parses only "
-            "the rest, and writes the run's tables. "
+            "cache's sorted key index, copies unchanged cached rows (and text-check dead letters) from the previous run, "
+            "renders and parses only the rest, and writes the run's tables. "
             f"Input gate per pass (not in the figures above): {fill['gate_s']:.1f} s / {same['gate_s']:.1f} s / "
             f"{incr['gate_s']:.1f} s.",
         ],
