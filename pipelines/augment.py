@@ -535,8 +535,8 @@ class PreviousOutputs:
     - dead letters: those a per-answer text check rejected (prompt echo, loop, contradiction), when
       the dead-letter table records the same parser version, text bounds and checks code
       (`VERDICTS_METADATA`).
-      Engine errors, render errors, parse errors and identical answers (a verdict over the whole
-      run's answers) take the normal path."""
+      Engine, render and parse errors, text-bound rejections, answers that took a retry and identical
+      answers (a verdict over the whole run's answers) take the normal path."""
 
     def __init__(self, generated: Path, dead: Path, synthetic: list[Path], aug: Augmenter,
                  text_bounds: tuple[int, int] | None):
@@ -681,10 +681,11 @@ def run_augmenter(
     for chunk in _chunks(todo, chunk_size):
         rendered = _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_size, progress, chunk,
                               stats, common, parts, previous, bounds)
-        if rendered >= min(RELEASE_AFTER_RENDERED, chunk_size):  # the chunk's prompts, answers and rows as Python objects.
-            # A chunk of reused rows (and a few re-checked dead letters) made next to none; handing its
-            # pages back would only make the next row group's decode fault them in again (that was a
-            # third of an unchanged re-run's CPU, as kernel time)
+        if rendered >= min(RELEASE_AFTER_RENDERED, chunk_size):
+            # the chunk's prompts, answers and rows as Python objects. A chunk of reused rows (and a few
+            # re-checked dead letters) made next to none; handing its pages back would only make the next
+            # row group's decode fault them in again (that was a third of an unchanged re-run's CPU, as
+            # kernel time)
             release_memory()
 
     generated = parts["generated"].table()
@@ -931,13 +932,13 @@ def _run_chunk(aug, aug_cfg, inputs, engine, engine_cfg, cache, execute, shard_s
             *(pl.lit(v).alias(k) for k, v in common.items()), pl.lit(aug.parser_id).alias("parser_version"))
         pieces.append(frame_to_table(gen, GENERATED_TEXTS, "entity_id"))
     if reused is not None:
-        pieces.append(_reused_table(reused, common, aug.parser_id))
+        pieces.append(_reused_table(reused, GENERATED_TEXTS, {**common, "parser_version": aug.parser_id}))
     _append_in_order(parts["generated"], pieces)
     pieces = []
     if dead_rows:
         pieces.append(frame_to_table(pl.DataFrame([{**common, **r} for r in dead_rows]), DEAD_LETTER, "entity_id"))
     if reused_dead is not None:
-        pieces.append(_reused_dead_table(reused_dead, common))
+        pieces.append(_reused_table(reused_dead, DEAD_LETTER, common))
     _append_in_order(parts["dead"], pieces)
     if synth_items:
         parts["items"].append(frame_to_table(pl.DataFrame(synth_items), SYNTHETIC_ITEMS, "item_id"))
@@ -980,25 +981,17 @@ def _without(rows: pa.Table, ctx: pl.DataFrame, keys: pl.DataFrame, present: pl.
     return ctx.filter(rest), keys.filter(rest), present.filter(rest)
 
 
-def _reused_dead_table(rows: pa.Table, common: dict[str, Any]) -> pa.Table:
-    n = rows.num_rows
-    columns = [pa.repeat(pa.scalar(common[f.name], f.type), n) if f.name in common else rows.column(f.name).cast(f.type)
-               for f in DEAD_LETTER]
-    return pa.Table.from_arrays(columns, schema=DEAD_LETTER)
-
-
-def _reused_table(reused: pa.Table, common: dict[str, Any], parser_id: str) -> pa.Table:
-    """Rows of a previous run as this run's generated rows: copied columns as they are, the run's
-    own columns (`common`, parser version) as constants, without a round trip through polars."""
+def _reused_table(reused: pa.Table, schema: pa.Schema, own: dict[str, Any]) -> pa.Table:
+    """Rows of a previous run as this run's rows of `schema` (generated rows, dead letters): copied
+    columns as they are, the run's own columns (`own`) as constants, without a round trip through polars."""
     n = reused.num_rows
-    own = {**common, "parser_version": parser_id}
     columns = []
-    for field in GENERATED_TEXTS:
+    for field in schema:
         if field.name in own:
             columns.append(pa.repeat(pa.scalar(own[field.name], field.type), n))
         else:
             columns.append(reused.column(field.name).cast(field.type))
-    return pa.Table.from_arrays(columns, schema=GENERATED_TEXTS)
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 _GENERATED_ROW_COLUMNS = (
