@@ -56,6 +56,21 @@ def feature_columns(
     return linear, dnn, fields
 
 
+def distinct_with_inverse(values: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.unique(values, return_inverse=True)` for indices in [0, size): sorted distinct values and
+    each value's position among them. For a vocabulary up to a few times the number of values, a
+    presence map over the vocabulary does it without a sort (~0.1 ms against ~0.65 ms for a window's
+    16,384 ids of a 1,682-row table)."""
+    if size > 4 * values.numel():
+        return torch.unique(values, return_inverse=True)
+    seen = torch.zeros(size, dtype=torch.bool)
+    seen[values] = True
+    distinct = seen.nonzero().squeeze(1)
+    slot = torch.empty(size, dtype=torch.long)
+    slot[distinct] = torch.arange(distinct.numel())
+    return distinct, slot[values]
+
+
 class AdaptorWindow:
     """The adaptor's outputs for the distinct entities of several consecutive batches, computed in one
     forward pass. Each batch reads its rows from detached leaves, so the backbone's backward pass
@@ -67,17 +82,19 @@ class AdaptorWindow:
     matrix is searched, and must lie inside the window."""
 
     def __init__(self, distinct: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
-                 batches: Sequence[tuple[torch.Tensor, list[torch.Tensor]]] = ()):
+                 batches: Sequence[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]] = ()):
         self.distinct = list(distinct)  # sorted vocabulary indices, one tensor per vector table
         self._outputs = list(outputs)
         self.leaves = [o.detach().requires_grad_(True) for o in self._outputs]
-        self._batches = list(batches)  # (id matrix, its rows' positions per table)
+        self._batches = list(batches)  # (id matrix, its rows' positions per table, its missing flags)
 
-    def positions(self, ids: torch.Tensor, columns: Sequence[int]) -> list[torch.Tensor]:
-        for batch, pos in self._batches:
+    def positions(self, ids: torch.Tensor, columns: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """(each table's row positions of the batch's entities, the batch's missing flags if the
+        window looked them up: only for its own batches)."""
+        for batch, pos, missing in self._batches:
             if batch is ids:
-                return pos
-        return [self._search(k, ids[:, col]) for k, col in enumerate(columns)]
+                return pos, missing
+        return [self._search(k, ids[:, col]) for k, col in enumerate(columns)], None
 
     def _search(self, k: int, entity: torch.Tensor) -> torch.Tensor:
         distinct = self.distinct[k]
@@ -192,18 +209,25 @@ class KnowledgeCTRModel(nn.Module):
         attached tables; pass the result to `forward(..., window=)` for each of those batches."""
         self._require_tables()
         sizes = [ids.shape[0] for ids in batches]
-        distinct, positions = [], []
-        for col in self._entity_columns:
-            uniq, inverse = torch.unique(torch.cat([ids[:, col] for ids in batches]), return_inverse=True)
+        distinct, positions, flags = [], [], []
+        for k, col in enumerate(self._entity_columns):
+            entities = torch.cat([ids[:, col] for ids in batches])
+            rows = getattr(self, f"vector_table_{k}").shape[0]
+            uniq, inverse = distinct_with_inverse(entities, rows)
             distinct.append(uniq)
             positions.append(inverse.split(sizes))
+            flags.append(getattr(self, f"vector_missing_{k}").index_select(0, entities))
+        # the window's missing flags in one lookup, so a batch step looks up none
+        missing = torch.stack(flags, dim=1).split(sizes)
         tables = [getattr(self, f"vector_table_{k}").index_select(0, u) for k, u in enumerate(distinct)]
-        per_batch = [(ids, [pos[j] for pos in positions]) for j, ids in enumerate(batches)]
+        per_batch = [(ids, [pos[j] for pos in positions], missing[j]) for j, ids in enumerate(batches)]
         return AdaptorWindow(distinct, self.adaptor(tables), per_batch)
 
     def _window_inputs(self, ids: torch.Tensor, window: AdaptorWindow) -> tuple[list[torch.Tensor], torch.Tensor]:
-        positions = window.positions(ids, self._entity_columns)
-        return [window.rows(k, pos) for k, pos in enumerate(positions)], self._missing_flags(ids)
+        positions, missing = window.positions(ids, self._entity_columns)
+        if missing is None:
+            missing = self._missing_flags(ids)
+        return [window.rows(k, pos) for k, pos in enumerate(positions)], missing
 
     def _indexed_inputs(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Adaptor outputs and missing flags of a batch from the attached tables. The adaptor is a
@@ -212,8 +236,9 @@ class KnowledgeCTRModel(nn.Module):
         self._require_tables()
         distinct, back = [], []
         for k, col in enumerate(self._entity_columns):
-            uniq, inverse = torch.unique(ids[:, col], return_inverse=True)
-            distinct.append(getattr(self, f"vector_table_{k}").index_select(0, uniq))
+            table = getattr(self, f"vector_table_{k}")
+            uniq, inverse = distinct_with_inverse(ids[:, col], table.shape[0])
+            distinct.append(table.index_select(0, uniq))
             back.append(inverse)
         outputs = [o.index_select(0, i) for o, i in zip(self.adaptor(distinct), back)]
         return outputs, self._missing_flags(ids)

@@ -8,7 +8,7 @@ import torch
 from recaug.ctr_models.adaptor import HybridExpertAdaptor, MLPAdaptor, build_adaptor
 from recaug.ctr_models.data import build_ctr_data
 from recaug.ctr_models.deepctr_import import SparseFeat
-from recaug.ctr_models.network import build_model
+from recaug.ctr_models.network import RoutedInputs, build_model
 from recaug.ctr_models.toy import make_toy_world
 from recaug.ctr_models.zoo import MODEL_NAMES, get_backbone
 from recaug.core.config import CTRConfig
@@ -247,3 +247,57 @@ def test_windowed_adaptor_steps_once_per_window_at_a_scaled_rate(data384):
     assert steps == {-(-n_batches // 4)}  # one Adam step per window
     assert {int(opt.state[p]["step"]) for p in model.backbone.parameters() if p in opt.state} == {n_batches}
     assert any(not torch.equal(b, p) for b, p in zip(before, model.adaptor.parameters()))
+
+
+def test_distinct_with_inverse_equals_torch_unique():
+    from recaug.ctr_models.network import distinct_with_inverse
+
+    gen = torch.Generator().manual_seed(0)
+    for size, n in [(50, 400), (50, 7), (10_000, 30), (1, 5)]:  # presence-map path and the sort fallback
+        values = torch.randint(0, size, (n,), generator=gen)
+        distinct, inverse = distinct_with_inverse(values, size)
+        expected, expected_inverse = torch.unique(values, return_inverse=True)
+        assert torch.equal(distinct, expected) and torch.equal(inverse, expected_inverse)
+
+
+@pytest.mark.parametrize("model_name", [n for n in MODEL_NAMES if get_backbone(n).knowledge_fields])
+def test_knowledge_field_placeholders_are_neither_looked_up_nor_regularized(data384, model_name):
+    """The placeholder embeddings keep their state-dict keys (checkpoints load either way), but their
+    slots take the projected adaptor outputs without a lookup, and no L2 term trains weights nothing reads."""
+    model = build_model(model_name, data384.spec, CTRConfig(adaptor="hybrid", embedding_dim=8), seed=0)
+    model.attach_vectors(data384.vectors)
+    ids = data384.split("train").ids[:32]
+    placeholders = [f"embedding_dict.{v.slug}__field.weight" for v in data384.spec.vectors]
+    assert all(f"backbone.{name}" in model.state_dict() for name in placeholders)
+    X = model.assemble_inputs(ids)
+    fi = model.backbone.feature_index
+    poisoned = X.clone()
+    for v in data384.spec.vectors:  # an index outside the placeholder's 1-row table: a lookup would fail
+        a, b = fi[f"{v.slug}__field"]
+        poisoned[:, a:b] = 7.0
+    poisoned = RoutedInputs(poisoned, X.routes)
+    torch.testing.assert_close(model.backbone(poisoned), model.backbone(X))
+    regularized = {id(w[1] if isinstance(w, tuple) else w) for ws, _, _ in model.backbone.regularization_weight for w in ws}
+    weights = dict(model.backbone.named_parameters())
+    assert not any(id(weights[name]) in regularized for name in placeholders)
+    assert id(weights["embedding_dict.user_id.weight"]) in regularized  # the real fields keep theirs
+    (model(ids).sum() + model.regularization_loss()).backward()
+    assert all(weights[name].grad is None for name in placeholders)
+    assert weights["embedding_dict.user_id.weight"].grad is not None
+
+
+def test_adaptor_window_missing_flags_equal_the_per_batch_lookup():
+    world = make_toy_world(n_users=40, n_items=30, per_user=24, vector_dim=16, n_synthetic=0, seed=3)
+    # a third of the users and items have no vector
+    vectors = {key: table.take([i for i in range(table.num_rows) if i % 3]) for key, table in world.vectors.items()}
+    data = build_ctr_data(world.samples, world.users, world.items, world.split, vectors, history_len=8)
+    model = build_model("deepfm", data.spec, CTRConfig(adaptor="hybrid", embedding_dim=8), seed=0)
+    model.attach_vectors(data.vectors)
+    ids = data.split("train").ids
+    batches = [ids[:40], ids[40:90]]
+    window = model.adaptor_window(batches)
+    for b in batches:
+        flags = model._missing_flags(b)
+        assert 0 < float(flags.sum()) < flags.numel()
+        torch.testing.assert_close(window.positions(b, model._entity_columns)[1], flags)
+        torch.testing.assert_close(model.assemble_inputs(b, window=window), model.assemble_inputs(b))
