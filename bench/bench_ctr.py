@@ -24,6 +24,8 @@ the figures do not depend on a long LLM run. Throughput does not depend on what 
   toy AUC     the AUC question where vectors carry signal: the toy world (recaug.ctr_models.toy, 384-d
               vectors that partly reveal hidden tastes), DeepFM trained up to 12 epochs (patience 3,
               validation-selected) per seed: hidden width 128 vs 32, 384-d vs PCA-64, and no vectors
+  warm start  the daily retrain: from each seed's default toy model, 4 more epochs with the adaptor at the
+              backbone's rate (what a warm start takes) and at the windowed schedule's scaled rate
 
     .venv/bin/python bench/bench_ctr.py [--repeats 2] [--toy-seeds 3] [--quick]
 """
@@ -232,17 +234,71 @@ def _toy_auc(seeds: int, quick: bool) -> dict[str, dict]:
                "384-d, hidden 128, adaptor steps every batch": ("hybrid", full, 128, 1),
                "384-d, hidden 32": ("hybrid", full, 32, every), "PCA-64, hidden 128": ("hybrid", pca, 128, every)}
     out = {}
+    default_label = f"384-d, hidden 128, adaptor steps every {every} batches (default)"
+    checkpoints: list[Path] = []
+    ckpt_dir = Path(tempfile.mkdtemp(prefix="recaug-bench-toy-"))
     for label, (adaptor, data, hidden, k) in configs.items():
         # trained to convergence: with 5 epochs and patience 1 the widths looked equal (docs/ctr-models.md)
         cfg = CTRConfig(adaptor=adaptor, adaptor_hidden_dim=hidden, epochs=12, patience=3, batch_size=256,
                         history_len=10, adaptor_update_every=k)
-        rs = [train_on_data(data, cfg, "deepfm", seed=s, num_threads=2).metrics for s in range(seeds)]
+        runs = [train_on_data(data, cfg, "deepfm", seed=s, num_threads=2,
+                              checkpoint_dir=ckpt_dir if label == default_label else None) for s in range(seeds)]
+        if label == default_label:
+            checkpoints = [r.checkpoint_path for r in runs]
+        rs = [r.metrics for r in runs]
         valid, test = np.array([m["valid_auc"] for m in rs]), np.array([m["test_auc"] for m in rs])
         out[label] = {"valid_auc": valid.tolist(), "test_auc": test.tolist(), "valid_mean": float(valid.mean()),
                       "valid_std": float(valid.std(ddof=1)) if seeds > 1 else 0.0, "test_mean": float(test.mean()),
                       "test_std": float(test.std(ddof=1)) if seeds > 1 else 0.0}
         log(f"toy world, {label}: valid AUC {valid.mean():.4f} +- {out[label]['valid_std']:.4f}, "
             f"test {test.mean():.4f} ({seeds} seeds)")
+    try:
+        warm = _toy_warm_start(full, checkpoints, every)
+    finally:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return out, warm
+
+
+def _toy_warm_start(data, checkpoints: list[Path], every: int, epochs: int = 4) -> dict[str, list[list[float]]]:
+    """The daily warm start: from each seed's default model, `epochs` more epochs on the same data with
+    the adaptor at the backbone's rate (what train_on_data does from a checkpoint) and at `every` times
+    it (what it does from scratch). Per rate and seed: validation AUC after each epoch minus the warm
+    start's own."""
+    import torch
+
+    from recaug.ctr_models.metrics import auc
+    from recaug.ctr_models.network import build_model
+    from recaug.ctr_models.train import _train_epoch, load_checkpoint, load_warm_weights, make_optimizer, predict
+    from recaug.ctr_models.train import seed_everything
+    from recaug.core.config import CTRConfig
+
+    valid = data.split("valid")
+    out: dict[str, list[list[float]]] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for label, scaled in (("the backbone's (what a warm start now takes)", False),
+                              (f"{every}x the backbone's (from scratch; warm starts before)", True)):
+            for seed, path in enumerate(checkpoints):
+                ckpt = load_checkpoint(path)
+                cfg = CTRConfig(**{**ckpt["ctr_config"], "epochs": epochs})
+                seed_everything(seed + 100)
+                model = build_model("deepfm", data.spec, cfg, seed=seed + 100)
+                load_warm_weights(model, ckpt["state_dict"])
+                start = auc(valid.labels.numpy(), predict(model, data, valid))
+                opt = make_optimizer(model, cfg, warm_start=not scaled)
+                train, _ = data.train_split(0.0, seed + 100)
+                generator = torch.Generator().manual_seed(seed + 100)
+                deltas = []
+                for _ in range(epochs):
+                    _train_epoch(model, data, train, opt, cfg.batch_size, generator)
+                    deltas.append(auc(valid.labels.numpy(), predict(model, data, valid)) - start)
+                out.setdefault(label, []).append(deltas)
+            mean = [sum(d[e] for d in out[label]) / len(out[label]) for e in range(epochs)]
+            log(f"toy world, warm start, adaptor rate {label}: valid AUC minus the warm start's after epochs 1-{epochs}: "
+                + ", ".join(f"{m:+.4f}" for m in mean))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -329,7 +385,7 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
         free_label: ("raw", "32", 128, "", 1),
     }
     models = _train_epochs({"384": data, "64": data64, "32": data32}, ctr_cfg, paths, repeats)
-    toy = _toy_auc(toy_seeds, quick)
+    toy, warm = _toy_auc(toy_seeds, quick)
     base = models[base_label]
     for m in models.values():
         m["ratio_wall"] = m["train_samples_per_s"] / base["train_samples_per_s"]
@@ -372,6 +428,17 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
         [[label, f"{t['valid_mean']:.4f}", f"{t['valid_std']:.4f}", f"{t['test_mean']:.4f}", f"{t['test_std']:.4f}",
           " ".join(f"{v:.4f}" for v in t["valid_auc"])] for label, t in toy.items()],
     )
+    warm_epochs = len(next(iter(warm.values()))[0]) if warm else 0
+    warm_means = {label: [sum(d[e] for d in runs) / len(runs) for e in range(warm_epochs)] for label, runs in warm.items()}
+    t4 = table(
+        f"Warm start (the daily CTR retrain): from each seed's default toy-world model above, {warm_epochs} more "
+        f"epochs on the same data; validation AUC minus the warm start's, mean (lowest) over {toy_seeds} seeds",
+        ["adaptor learning rate"] + [f"after epoch {e + 1}" for e in range(warm_epochs)],
+        [[label] + [f"{warm_means[label][e]:+.4f} ({min(d[e] for d in runs):+.4f})" for e in range(warm_epochs)]
+         for label, runs in warm.items()],
+        notes=["a fresh Adam's first steps move every weight by about its rate, whatever its gradient: at the "
+               "windowed schedule's scaled rate they throw a trained adaptor off (ctr_models/train.py, make_optimizer)"],
+    )
     summary = [
         f"point-in-time join: {join_rows[-1]['samples_per_s']:,.0f} samples/s at {join_rows[-1]['samples']:,} samples",
         f"DeepFM + hybrid adaptor vs plain DeepFM, train samples per CPU-second (per wall second): "
@@ -386,15 +453,17 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
             f"{label} {m['valid_auc']:.4f}" for label, m in models.items()),
         "toy world (vectors with signal), valid AUC over seeds: " + "; ".join(
             f"{label} {t['valid_mean']:.4f} +- {t['valid_std']:.4f}" for label, t in toy.items()),
+        "warm start, valid AUC change after epochs 1-{}: ".format(warm_epochs) + "; ".join(
+            f"{label} " + ", ".join(f"{m:+.4f}" for m in means) for label, means in warm_means.items()),
     ]
-    data_out = {"join": join_rows, "models": models, "toy_auc": toy,
+    data_out = {"join": join_rows, "models": models, "toy_auc": toy, "toy_warm_start_valid_auc_change": warm,
                 "ratio_train_adaptor_vs_none": kar["ratio_wall"], "ratio_train_cpu_adaptor_vs_none": kar["ratio_cpu"],
                 "ratio_train_cpu_pca64_vs_none": pca["ratio_cpu"], "ratio_train_pca64_vs_none": pca["ratio_wall"],
                 "ratio_train_cpu_previous_vs_none": prev["ratio_cpu"],
                 "ratio_train_cpu_every_batch_vs_none": models[every1_label]["ratio_cpu"],
                 "ratio_predict_adaptor_vs_none": kar["ratio_predict"], "samples": samples.height,
                 "vectors": "random 384-d", "build_ctr_data_s": t_data.wall, "features_load_s": t_load.wall}
-    return result(NAME, "CTR: feature join and DeepFM training throughput", [t1, t2, t3], summary, data_out)
+    return result(NAME, "CTR: feature join and DeepFM training throughput", [t1, t2, t3, t4], summary, data_out)
 
 
 def _args(ap):

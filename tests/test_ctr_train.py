@@ -145,6 +145,9 @@ def test_warm_start_loads_weights_and_grows_vocabularies(world, tmp_path):
     # and it resumes: the first epoch's training loss is below the from-scratch first epoch
     assert warm.train_loss_history[0] < first.train_loss_history[0]
     assert load_checkpoint(warm.checkpoint_path)["lineage"]["warm_start_from"] == str(first.checkpoint_path)
+    # from scratch the windowed adaptor steps at k times the rate; from trained weights at the backbone's
+    assert first.data_summary["adaptor_learning_rate"] == pytest.approx(cfg.learning_rate * cfg.adaptor_update_every)
+    assert warm.data_summary["adaptor_learning_rate"] == pytest.approx(cfg.learning_rate)
 
     # new users and items: old indices keep their meaning, embedding tables grow
     bigger = make_toy_world(n_users=330, n_items=220, seed=1)
