@@ -17,9 +17,10 @@ the figures do not depend on a long LLM run. Throughput does not depend on what 
               them once before training (what `encoder.pca_dim: 64` gives). Vectors are looked up by
               index from tables inside the model; the adaptor runs once per distinct user/item of a
               batch. A last row feeds 32-d vectors straight to the backbone (adaptor "raw"): what the
-              backbone's knowledge inputs cost with no adaptor at all. Each of --repeats interleaved
-              runs trains 3 epochs, each timed; a path's speed is its median epoch. Validation AUC
-              after the first epoch, side by side.
+              backbone's knowledge inputs cost with no adaptor at all. Each of --repeats runs trains
+              every model one untimed epoch, then 3 rounds of one timed epoch per model; a path's
+              speed is its median epoch, its ratio to plain DeepFM the median of same-round ratios.
+              Validation AUC after the first epoch, side by side.
   predict     scoring the validation split with each model
   toy AUC     the AUC question where vectors carry signal: the toy world (recaug.ctr_models.toy, 384-d
               vectors that partly reveal hidden tastes), DeepFM trained up to 12 epochs (patience 3,
@@ -144,12 +145,15 @@ def _per_sample_predict(model, data, split, batch_size: int = 4096):
     return torch.cat(out).numpy().astype(np.float64)
 
 
-def _train_epochs(datasets, cfg, paths, repeats: int, epochs: int = 3) -> dict[str, dict]:
+def _train_epochs(datasets, cfg, paths, repeats: int, base: str, epochs: int = 3) -> dict[str, dict]:
     """paths: label -> (adaptor kind, dataset name, hidden width, variant, adaptor_update_every);
     variant is "" (the training path), "per-sample" (vectors gathered per sample and passed in) or
-    "previous" (the adaptor and optimizer before the speed work). Each run trains `epochs` epochs and
-    times each one; a path's speed is the median epoch over its runs (one epoch of ML-100K is ~0.6 s of
-    plain DeepFM, and single epochs varied by ~25% between runs). Validation AUC after the first epoch."""
+    "previous" (the adaptor and optimizer before the speed work). Each run builds every path's model and
+    trains one untimed epoch of each (validation AUC and prediction speed after it), then `epochs`
+    timed rounds of one epoch per path, the order reversed every other round. A path's speed is its
+    median epoch; its ratio to `base` is the median over rounds of the two epochs' ratio within a round,
+    so a busy spell on the machine meets both sides of a ratio (with one run of 3 epochs per path after
+    another, single ratios ranged from 0.58x to 0.76x between bench runs)."""
     import statistics
 
     import torch
@@ -163,10 +167,12 @@ def _train_epochs(datasets, cfg, paths, repeats: int, epochs: int = 3) -> dict[s
     train, _ = any_data.train_split(0.0, 0)
     valid = any_data.split("valid")
     runs: dict[str, list] = {p: [] for p in paths}
+    first: dict[str, dict] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # what train_on_data uses by default
     try:
-        for r in range(repeats):  # interleaved: a busy spell on the machine hits every path
+        for r in range(repeats):
+            live = {}
             for label, (adaptor, which, hidden, variant, every) in paths.items():
                 data = datasets[which]
                 seed_everything(0)
@@ -179,36 +185,48 @@ def _train_epochs(datasets, cfg, paths, repeats: int, epochs: int = 3) -> dict[s
                     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)  # per-tensor (foreach) Adam
                 else:
                     opt = make_optimizer(model, run_cfg)
-                params = sum(p.numel() for p in model.parameters())
                 per_sample = variant == "per-sample"
                 generator = torch.Generator().manual_seed(0)
-                for epoch in range(epochs):
+
+                def epoch(model=model, data=data, opt=opt, generator=generator, per_sample=per_sample):
+                    if per_sample:
+                        _per_sample_epoch(model, data, train, opt, cfg.batch_size, generator)
+                    else:
+                        _train_epoch(model, data, train, opt, cfg.batch_size, generator)
+
+                epoch()  # untimed: first-use costs (allocations, kernel set-up) stay out of the ratios
+                with Timer() as t_pred:
+                    preds = _per_sample_predict(model, data, valid) if per_sample else predict(model, data, valid)
+                row = first.setdefault(label, {"params": sum(p.numel() for p in model.parameters()),
+                                               "valid_auc": auc(valid.labels.numpy(), preds), "predict_s": []})
+                row["predict_s"].append(t_pred.wall)
+                live[label] = epoch
+            order = list(paths)
+            for e in range(epochs):
+                for label in (order if e % 2 == 0 else order[::-1]):
                     with Timer() as t_train:
-                        if per_sample:
-                            _per_sample_epoch(model, data, train, opt, cfg.batch_size, generator)
-                        else:
-                            _train_epoch(model, data, train, opt, cfg.batch_size, generator)
-                    row = {"train_s": t_train.wall, "train_cpu_s": t_train.cpu, "params": params}
-                    if epoch == 0:
-                        with Timer() as t_pred:
-                            preds = _per_sample_predict(model, data, valid) if per_sample else predict(model, data, valid)
-                        row.update(predict_s=t_pred.wall, valid_auc=auc(valid.labels.numpy(), preds))
-                    runs[label].append(row)
+                        live[label]()
+                    runs[label].append({"train_s": t_train.wall, "train_cpu_s": t_train.cpu, "run": r, "round": e})
+            for label in paths:
                 mine = runs[label][-epochs:]
                 speeds = ", ".join(f"{len(train) / x['train_cpu_s']:,.0f}" for x in mine)
-                log(f"[{r + 1}/{repeats}] DeepFM {label:<44} train {speeds} samples per CPU-s "
-                    f"(epochs 1-{epochs})  predict {len(valid) / mine[0]['predict_s']:9,.0f} samples/s  "
-                    f"valid AUC after epoch 1 {mine[0]['valid_auc']:.4f}")
+                log(f"[{r + 1}/{repeats}] DeepFM {label:<44} train {speeds} samples per CPU-s (rounds 1-{epochs})  "
+                    f"valid AUC after epoch 1 {first[label]['valid_auc']:.4f}")
     finally:
         torch.set_num_threads(threads)
     out = {}
     for label, rs in runs.items():
+        paired = list(zip(runs[base], rs))  # the same run and round
         out[label] = {
             "train_samples_per_s": len(train) / statistics.median(x["train_s"] for x in rs),
             "train_samples_per_cpu_s": len(train) / statistics.median(x["train_cpu_s"] for x in rs),
-            "valid_auc": rs[0]["valid_auc"],
-            "predict_samples_per_s": len(valid) / min(x["predict_s"] for x in rs if "predict_s" in x),
-            "params": rs[0]["params"], "runs": rs, "train_rows": len(train), "valid_rows": len(valid),
+            "ratio_wall": statistics.median(b["train_s"] / x["train_s"] for b, x in paired),
+            "ratio_cpu": statistics.median(b["train_cpu_s"] / x["train_cpu_s"] for b, x in paired),
+            "ratio_cpu_range": [min(b["train_cpu_s"] / x["train_cpu_s"] for b, x in paired),
+                                max(b["train_cpu_s"] / x["train_cpu_s"] for b, x in paired)],
+            "valid_auc": first[label]["valid_auc"],
+            "predict_samples_per_s": len(valid) / min(first[label]["predict_s"]),
+            "params": first[label]["params"], "runs": rs, "train_rows": len(train), "valid_rows": len(valid),
             "epochs_timed": len(rs),
         }
     return out
@@ -384,12 +402,10 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
         pca_label: ("hybrid", "64", 32, "", every),
         free_label: ("raw", "32", 128, "", 1),
     }
-    models = _train_epochs({"384": data, "64": data64, "32": data32}, ctr_cfg, paths, repeats)
+    models = _train_epochs({"384": data, "64": data64, "32": data32}, ctr_cfg, paths, repeats, base_label)
     toy, warm = _toy_auc(toy_seeds, quick)
     base = models[base_label]
     for m in models.values():
-        m["ratio_wall"] = m["train_samples_per_s"] / base["train_samples_per_s"]
-        m["ratio_cpu"] = m["train_samples_per_cpu_s"] / base["train_samples_per_cpu_s"]
         m["ratio_predict"] = m["predict_samples_per_s"] / base["predict_samples_per_s"]
     kar, prev, pca = models[kar_label], models[prev_label], models[pca_label]
 
@@ -401,12 +417,15 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
                f"build_ctr_data over {samples.height:,} samples: {t_data.wall:.2f} s"],
     )
     t2 = table(
-        f"DeepFM on ML-100K, training speed (batch {ctr_cfg.batch_size}, 2 torch threads; median of "
-        f"{repeats} interleaved runs x 3 timed epochs; same seed and batches for every row)",
+        f"DeepFM on ML-100K, training speed (batch {ctr_cfg.batch_size}, 2 torch threads; {repeats} runs x 3 "
+        f"rounds of one epoch per model after an untimed one; speeds are median epochs, ratios the median of "
+        f"same-round ratios; same seed and batches for every row)",
         ["model", "parameters", "train samples/s", "train samples/CPU-s", "vs no vectors (wall)",
-         "vs no vectors (CPU)", "predict samples/s (best run)", "valid AUC after epoch 1"],
+         "vs no vectors (CPU)", "CPU ratio, lowest-highest round", "predict samples/s (best run)",
+         "valid AUC after epoch 1"],
         [[label, m["params"], m["train_samples_per_s"], m["train_samples_per_cpu_s"], m["ratio_wall"], m["ratio_cpu"],
-          m["predict_samples_per_s"], f"{m['valid_auc']:.4f}"] for label, m in models.items()],
+          "{:.2f}-{:.2f}".format(*m["ratio_cpu_range"]), m["predict_samples_per_s"], f"{m['valid_auc']:.4f}"]
+         for label, m in models.items()],
         notes=["vectors: random unit vectors for every user and item (throughput does not depend on their content; "
                "they carry no signal beyond identifying the entity, so this AUC compares code paths and widths, "
                "not the value of knowledge: see the toy-world table for that)",
