@@ -216,7 +216,7 @@ def _train_epochs(datasets, cfg, paths, repeats: int, base: str, epochs: int = 3
         torch.set_num_threads(threads)
     out = {}
     for label, rs in runs.items():
-        paired = list(zip(runs[base], rs))  # the same run and round
+        paired = list(zip(runs[base], rs, strict=True))  # the same run and round
         out[label] = {
             "train_samples_per_s": len(train) / statistics.median(x["train_s"] for x in rs),
             "train_samples_per_cpu_s": len(train) / statistics.median(x["train_cpu_s"] for x in rs),
@@ -232,7 +232,7 @@ def _train_epochs(datasets, cfg, paths, repeats: int, base: str, epochs: int = 3
     return out
 
 
-def _toy_auc(seeds: int, quick: bool) -> dict[str, dict]:
+def _toy_auc(seeds: int, quick: bool) -> tuple[dict[str, dict], dict[str, list[list[float]]]]:
     """Validation and test AUC on the toy world, whose 384-d vectors carry signal, per configuration
     and seed (train_on_data: epochs with validation-based selection, test read once)."""
     import numpy as np
@@ -432,7 +432,8 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
                "PCA-64: a PCA fitted once on each 384-d table before training (encoders/pca.py, what "
                "encoder.pca_dim: 64 gives); the adaptor then trains on 64-d inputs",
                "code before: the adaptor forward, per-tensor Adam and adaptor outputs read as slices of X before "
-               "the December 2026 speed work; its ratio is against today's plain DeepFM loop (fused Adam)",
+               "the December 2026 speed work (the rest, e.g. the knowledge fields, is today's code); its ratio is "
+               "against today's plain DeepFM loop (fused Adam)",
                "adaptor raw over PCA-32: the vectors enter DeepFM as the hybrid adaptor's 32-d outputs would "
                "(DNN inputs, FM fields), with nothing computed before them: the ceiling of any adaptor",
                f"adaptor steps every {every} batches (ctr.adaptor_update_every, the default): the adaptor runs once "

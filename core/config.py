@@ -517,7 +517,8 @@ class CTRConfig(_Section):
     # reached a lower AUC once trained to convergence (docs/ctr-models.md)
     adaptor_hidden_dim: int = Field(128, ge=4, le=1024)
     # the adaptor runs once over the distinct users/items of this many consecutive batches and steps
-    # once on their summed gradient, at this many times the learning rate (the backbone still steps
+    # once on their summed gradient, at this many times the learning rate (the backbone's own rate when
+    # the run warm-starts from a checkpoint; docs/ctr-models.md) (the backbone still steps
     # every batch); 1 = the adaptor runs and steps with every batch, about half as fast to train
     # (AUC: docs/ctr-models.md). A window holds its rows' activations: at most 256 batches
     adaptor_update_every: int = Field(16, ge=1, le=256)

@@ -346,7 +346,8 @@ def train_on_data(
         summary = dict(data.summary)
         summary["synthetic"] = synthetic_info
         summary["vector_routes"] = model.vector_routes
-        summary["adaptor_learning_rate"] = optimizer.param_groups[-1]["lr"] if model.uses_vectors else None
+        has_weights = any(True for _ in model.adaptor.parameters())  # "raw" passes the vectors through
+        summary["adaptor_learning_rate"] = optimizer.param_groups[-1]["lr"] if has_weights else None
         if grown:
             summary["warm_start_grown_tables"] = {k: list(v) for k, v in grown.items()}
 

@@ -253,8 +253,9 @@ def test_distinct_with_inverse_equals_torch_unique():
     from recaug.ctr_models.network import distinct_with_inverse
 
     gen = torch.Generator().manual_seed(0)
-    for size, n in [(50, 400), (50, 7), (10_000, 30), (1, 5)]:  # presence-map path and the sort fallback
-        values = torch.randint(0, size, (n,), generator=gen)
+    # presence-map path, the sort fallback, the boundary between them, and no values at all
+    for size, n in [(50, 400), (50, 7), (10_000, 30), (1, 5), (40, 10), (41, 10), (5, 0), (0, 0)]:
+        values = torch.randint(0, max(size, 1), (n,), generator=gen)
         distinct, inverse = distinct_with_inverse(values, size)
         expected, expected_inverse = torch.unique(values, return_inverse=True)
         assert torch.equal(distinct, expected) and torch.equal(inverse, expected_inverse)
@@ -301,3 +302,7 @@ def test_adaptor_window_missing_flags_equal_the_per_batch_lookup():
         assert 0 < float(flags.sum()) < flags.numel()
         torch.testing.assert_close(window.positions(b, model._entity_columns)[1], flags)
         torch.testing.assert_close(model.assemble_inputs(b, window=window), model.assemble_inputs(b))
+        # a batch the window was not opened with (inside its entities) looks its flags up itself
+        other = b[torch.arange(b.shape[0] - 1, -1, -1)]
+        assert window.positions(other, model._entity_columns)[1] is None
+        torch.testing.assert_close(model.assemble_inputs(other, window=window), model.assemble_inputs(other))

@@ -123,6 +123,21 @@ def test_synthetic_interactions_join_train_only(world, data):
         build_ctr_data(bad.to_arrow(), world.users, world.items, world.split, {}, history_len=10)
 
 
+@pytest.mark.parametrize("adaptor, every, scaled", [("hybrid", 16, True), ("hybrid", 1, False), ("mlp", 4, True)])
+def test_a_warm_start_gives_the_adaptor_the_backbones_learning_rate(world, adaptor, every, scaled):
+    from recaug.ctr_models.network import build_model
+    from recaug.ctr_models.train import make_optimizer
+
+    data = build_ctr_data(world.samples, world.users, world.items, world.split, world.vectors, history_len=10)
+    cfg = CTRConfig(adaptor=adaptor, adaptor_update_every=every, embedding_dim=8)
+    model = build_model("deepfm", data.spec, cfg, seed=0)
+    cold, warm = make_optimizer(model, cfg), make_optimizer(model, cfg, warm_start=True)
+    assert cold.param_groups[-1]["lr"] == pytest.approx(cfg.learning_rate * (every if scaled else 1))
+    assert warm.param_groups[-1]["lr"] == pytest.approx(cfg.learning_rate)
+    # the window size stays with the adaptor's group: a warm start keeps the windowed schedule
+    assert max(g.get("adaptor_update_every", 1) for g in warm.param_groups) == (every if scaled else 1)
+
+
 def test_warm_start_loads_weights_and_grows_vocabularies(world, tmp_path):
     cfg = CTRConfig(adaptor="hybrid", epochs=3, patience=3, batch_size=256, history_len=10)
     args = (world.samples, world.users, world.items, world.split, world.vectors, cfg, "deepfm", 0)
