@@ -550,6 +550,29 @@ def looping(answer: str) -> str | None:
     return f"{TEXT_REASON_PREFIX}loops: says {phrase[:30]!r} {LOOP_REPEATS} or more times in a row"
 
 
+_YEAR_IN_PARENTHESES = re.compile(r"\s*\((\d{4})\)")
+
+
+def _years_after_title(answer: str, title: str) -> list[int]:
+    """The years of "<title> (1987)" in `answer` (what re.findall(escape(title) + r"\s*\((\d{4})\)")
+    finds): a pattern per title missed re's cache on every item and took ~0.2 ms per answer to compile."""
+    years, at = [], answer.find(title) if title else -1
+    while at != -1:
+        m = _YEAR_IN_PARENTHESES.match(answer, at + len(title))
+        if m:
+            years.append(int(m.group(1)))
+        at = answer.find(title, m.end() if m else at + 1)
+    return years
+
+
+@functools.lru_cache(maxsize=64)
+def _genre_claim_pattern(vocabulary: tuple[str, ...], noun: str) -> re.Pattern:
+    # one per catalogue (its genre vocabulary and noun), not one per answer
+    nouns = "|".join(re.escape(n) for n in sorted({noun, noun.rstrip("s"), "film", "movie", "book", "novel", "article"}))
+    names = "|".join(re.escape(v) for v in sorted(vocabulary, key=len, reverse=True))
+    return re.compile(rf"\b(?:is|was) an? ({names})(?:\s+|-)(?:{nouns})\b", re.IGNORECASE)
+
+
 def contradiction(answer: str, context: dict[str, Any], vocabulary: Sequence[str], noun: str) -> str | None:
     """The reason when an item answer states a year or a genre the catalogue record contradicts:
     "released in 1987" (or "Title (1987)") for a record of 1995 (one year of slack for release dates),
@@ -559,17 +582,14 @@ def contradiction(answer: str, context: dict[str, Any], vocabulary: Sequence[str
     if year:
         stated = [int(y) for y in _YEAR_PATTERN.findall(answer)]
         if title:
-            stated += [int(y) for y in re.findall(re.escape(str(title)) + r"\s*\((\d{4})\)", answer)]
+            stated += _years_after_title(answer, str(title))
         wrong = [y for y in stated if abs(y - int(year)) > 1]
         if wrong:
             return f"{TEXT_REASON_PREFIX}contradicts the catalogue: states the year {wrong[0]}, the record says {int(year)}"
     genres = [g for g in (context.get("genres") or []) if g]
     if genres and vocabulary:
         known = {g.lower() for g in genres}
-        nouns = "|".join(re.escape(n) for n in {noun, noun.rstrip("s"), "film", "movie", "book", "novel", "article"})
-        names = "|".join(re.escape(v) for v in sorted(vocabulary, key=len, reverse=True))
-        pattern = re.compile(rf"\b(?:is|was) an? ({names})(?:\s+|-)(?:{nouns})\b", re.IGNORECASE)
-        for hit in pattern.findall(answer):
+        for hit in _genre_claim_pattern(tuple(vocabulary), noun).findall(answer):
             if hit.lower() not in known:
                 return (f"{TEXT_REASON_PREFIX}contradicts the catalogue: calls it {hit!r}, the record's genres are "
                         f"{', '.join(genres)}")

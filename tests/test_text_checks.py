@@ -145,3 +145,23 @@ def test_the_gate_floor_on_text_rejections_stops_publication(rejected, passes):
     assert result.metrics["kar_user"]["text_rejected_share"] == pytest.approx(rejected / 40)
     if not passes:
         assert "text_checks" in result.summary() and "in kar_user" in check.detail
+
+
+def test_years_after_a_title_are_found_as_the_per_title_pattern_finds_them():
+    """The "<title> (1987)" check scans for the title instead of compiling a pattern per title; it
+    must find exactly what re.findall(escape(title) + r"\\s*\\((\\d{4})\\)") finds, regex characters in
+    titles, repeats and overlaps included."""
+    import random
+    import re
+
+    from recaug.schemas.output_gate import _years_after_title
+
+    rnd = random.Random(0)
+    titles = ["Heat", "Se7en (a.k.a. Seven)", "aa", "a", "[REC]", "Heat (1995)", "?", "x*y"]
+    pieces = ["Heat", " (1995)", "(1987)", " ", "aa", "a", "(", ")", "[REC]", "\n(2001)", "?", "x*y", "  (1972)"]
+    for _ in range(3000):
+        title = rnd.choice(titles)
+        answer = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 12)))
+        expected = [int(y) for y in re.findall(re.escape(title) + r"\s*\((\d{4})\)", answer)]
+        assert _years_after_title(answer, title) == expected, (answer, title)
+    assert _years_after_title("Heat (1995) and Heat (1972)", "Heat") == [1995, 1972]
