@@ -134,7 +134,7 @@ class GenerationCache:
         self.dir = self.root / "generations"
         self.dir.mkdir(parents=True, exist_ok=True)
         # which keys the shards hold: sorted pieces, one per batch of shards read (see `contains`)
-        self._index_files: set[Path] = set()
+        self._index_files: set[str] = set()  # shard file names
         self._index: list[_KeyIndex] = []
         self._files: list[tuple[Path, pq.FileMetaData]] = []  # shard number -> (path, its footer)
 
@@ -142,7 +142,13 @@ class GenerationCache:
         return CacheSink(str(self.root), augmenter, model)
 
     def shards(self) -> list[Path]:
-        return sorted(p for p in self.dir.glob("*.parquet") if not p.name.startswith("."))
+        return [self.dir / name for name in self._shard_names()]
+
+    def _shard_names(self) -> list[str]:
+        # names, not Paths: a 1% changed re-run at 1M entities lists ~1,400 shards ~300 times, and
+        # sorting Paths (pathlib's comparisons) took 2.4 s of its 21 s
+        with os.scandir(self.dir) as entries:
+            return sorted(e.name for e in entries if e.name.endswith(".parquet") and not e.name.startswith("."))
 
     def lookup(self, keys: Iterable[str]) -> pl.DataFrame:
         """Cached rows for the given keys (one per key: the first committed). Reads only the row
@@ -189,12 +195,13 @@ class GenerationCache:
     def _refresh(self) -> None:
         """Bring the key index up to date: read the `cache_key` column (and footer) of shards not read
         before; a vanished shard (e.g. after a compaction) makes it re-read all."""
-        shards = set(self.shards())
-        if not shards >= self._index_files:
+        names = set(self._shard_names())
+        if not names >= self._index_files:
             self._index_files, self._index, self._files = set(), [], []
-        new = sorted(shards - self._index_files)
-        if not new:
+        new_names = sorted(names - self._index_files)
+        if not new_names:
             return
+        new = [self.dir / name for name in new_names]
         where, files = [], []
         for path in new:  # taken into the index only once every new shard was read
             meta = pq.read_metadata(path)
@@ -205,7 +212,7 @@ class GenerationCache:
         keys = pl.scan_parquet(new).select("cache_key").collect()["cache_key"]
         self._index.append(_KeyIndex(keys, np.concatenate(where)))
         self._files.extend(files)
-        self._index_files |= set(new)
+        self._index_files |= set(new_names)
         if len(self._index) > 8:  # keep the number of searches per call small: merge all but the
             # largest piece (the keys found at the start), which is never rebuilt for a few new shards
             big = max(self._index, key=lambda piece: len(piece.keys))
