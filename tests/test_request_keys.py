@@ -334,3 +334,66 @@ def test_cache_lookup_reads_only_the_row_groups_holding_its_keys(tmp_path, monke
     assert GenerationCache(tmp_path).compact(min_shards=2)  # compacts the shard holding `late` away
     got = stale.lookup([late, keys[3]])
     assert dict(zip(got["cache_key"], got["raw_text"])) == {late: "late answer", keys[3]: f"first {keys[3][:6]}"}
+
+
+def test_a_sparse_change_reaches_the_engine_in_full_shards(inputs, tmp_path):
+    """Shards are cut over the entities the previous finished run could not supply: a change spread over
+    the catalogue (one entity here and there) reaches the engine in full shards, not one per call."""
+    aug = get_augmenter("kar_item_knowledge")
+    engine = FakeEngine(EngineConfig(kind="fake"))
+    cache = GenerationCache(tmp_path / "cache")
+    runs = tmp_path / "runs"
+    run = lambda items: run_augmenter(  # noqa: E731  one chunk of all 12 items, shards of 2
+        aug, AugmenterConfig(name=aug.name), AugmentInputs(**{**inputs.__dict__, "items": items}), engine,
+        EngineConfig(kind="fake"), cache, LocalRunner(engine).execute, shard_size=2, chunk_size=100, reuse_runs=runs)
+    _publish(run(inputs.items), runs, "20260101T000000Z-aaaaaa")
+    spread = ["i1", "i4", "i6", "i9", "i11"]
+    # same length, so the edited items keep their places among the 12 (shards were cut by context length)
+    edited = inputs.items.with_columns(
+        pl.when(pl.col("item_id").is_in(spread)).then(pl.col("title").str.replace("Movie", "Filmo"))
+        .otherwise(pl.col("title")).alias("title"))
+    calls, seen = engine.calls, engine.requests_seen
+    out = run(edited)
+    assert out.stats.llm_requests == len(spread) == engine.requests_seen - seen
+    assert engine.calls - calls == 3  # 2 + 2 + 1, not a call per edited item
+    texts = pl.from_arrow(out.generated).filter(pl.col("entity_id").is_in(spread))["text"]
+    assert len(texts) == len(spread) and all(t.startswith("Filmo") for t in texts)
+
+
+def test_a_run_resumed_after_a_kill_sends_the_batches_it_would_have_sent(inputs, tmp_path):
+    """Whole shards committed before a kill (in any order, as the Ray runner streams them back) are
+    cache hits on the resumed run, and the other shards reach the engine as the same batches, so
+    sampled answers (seeded per batch) do not depend on whether the run was interrupted."""
+
+    class Recording(FakeEngine):
+        def generate(self, requests):
+            self.batches.append([r.key for r in requests])
+            return super().generate(requests)
+
+    aug = get_augmenter("kar_item_knowledge")
+    runs = tmp_path / "runs"
+    run = lambda inp, engine, cache: run_augmenter(  # noqa: E731  one chunk of all 12 items, shards of 2
+        aug, AugmenterConfig(name=aug.name), inp, engine, EngineConfig(kind="fake"), cache,
+        LocalRunner(engine).execute, shard_size=2, chunk_size=100, reuse_runs=runs)
+    _publish(run(inputs, FakeEngine(EngineConfig(kind="fake")), GenerationCache(tmp_path / "cache")), runs,
+             "20260101T000000Z-aaaaaa")
+    spread = ["i1", "i3", "i4", "i6", "i9", "i11"]
+    edited = AugmentInputs(**{**inputs.__dict__, "items": inputs.items.with_columns(
+        pl.when(pl.col("item_id").is_in(spread)).then(pl.col("title").str.replace("Movie", "Filmo"))
+        .otherwise(pl.col("title")).alias("title"))})
+    before = set(GenerationCache(tmp_path / "cache").shards())
+    shutil.copytree(tmp_path / "cache", tmp_path / "killed")
+
+    whole = Recording(EngineConfig(kind="fake"))
+    whole.batches = []
+    run(edited, whole, GenerationCache(tmp_path / "cache"))
+    assert [len(b) for b in whole.batches] == [2, 2, 2]
+    # the killed run had committed its second shard only
+    second = [p for p in GenerationCache(tmp_path / "cache").shards() if p not in before]
+    committed = [p for p in second if set(pl.read_parquet(p)["cache_key"]) == set(whole.batches[1])]
+    assert len(committed) == 1
+    shutil.copy(committed[0], tmp_path / "killed" / "generations" / committed[0].name)
+    resumed = Recording(EngineConfig(kind="fake"))
+    resumed.batches = []
+    run(edited, resumed, GenerationCache(tmp_path / "killed"))
+    assert resumed.batches == [whole.batches[0], whole.batches[2]]
