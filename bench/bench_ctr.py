@@ -13,8 +13,10 @@ the figures do not depend on a long LLM run. Throughput does not depend on what 
               speed work (kept below as _PreviousHybridAdaptor, with the per-tensor Adam of that time),
               the current code stepping the adaptor every batch and every 16 batches (the default,
               ctr.adaptor_update_every) at KAR's hidden width 128, at 32, the same vectors
-              gathered per sample (no de-duplication), and the vectors reduced to 64-d by PCA fitted on
-              them once before training (what `encoder.pca_dim: 64` gives). Vectors are looked up by
+              gathered per sample (no de-duplication), the default with each adaptor output also fed to
+              the DNN (`ctr.vector_dnn_copy: true`, DeepFM's layout before 7 December 2026), and the
+              vectors reduced to 64-d by PCA fitted on them once before training (what
+              `encoder.pca_dim: 64` gives). Vectors are looked up by
               index from tables inside the model; the adaptor runs once per distinct user/item of a
               batch. A last row feeds 32-d vectors straight to the backbone (adaptor "raw"): what the
               backbone's knowledge inputs cost with no adaptor at all. Each of --repeats runs trains
@@ -176,8 +178,10 @@ def _train_epochs(datasets, cfg, paths, repeats: int, base: str, epochs: int = 3
             for label, (adaptor, which, hidden, variant, every) in paths.items():
                 data = datasets[which]
                 seed_everything(0)
+                # the layout before: each adaptor output also entered DeepFM's DNN as a dense input
                 run_cfg = cfg.model_copy(update={"adaptor": adaptor, "adaptor_hidden_dim": hidden,
-                                                 "adaptor_update_every": every})
+                                                 "adaptor_update_every": every,
+                                                 "vector_dnn_copy": True if variant in ("previous", "dnn-copy") else None})
                 model = build_model("deepfm", data.spec, run_cfg, seed=0)
                 if variant == "previous":
                     model.adaptor.__class__ = previous_cls
@@ -247,18 +251,20 @@ def _toy_auc(seeds: int, quick: bool) -> tuple[dict[str, dict], dict[str, list[l
     pca = build_ctr_data(world.samples, world.users, world.items, world.split, pca_vectors(world.vectors, 64),
                          history_len=10)
     every = CTRConfig().adaptor_update_every
-    configs = {"no vectors": ("none", full, 128, every),
-               f"384-d, hidden 128, adaptor steps every {every} batches (default)": ("hybrid", full, 128, every),
-               "384-d, hidden 128, adaptor steps every batch": ("hybrid", full, 128, 1),
-               "384-d, hidden 32": ("hybrid", full, 32, every), "PCA-64, hidden 128": ("hybrid", pca, 128, every)}
+    configs = {"no vectors": ("none", full, 128, every, None),
+               f"384-d, hidden 128, adaptor steps every {every} batches (default)": ("hybrid", full, 128, every, None),
+               "384-d, hidden 128, outputs also as DNN inputs (layout before)": ("hybrid", full, 128, every, True),
+               "384-d, hidden 128, adaptor steps every batch": ("hybrid", full, 128, 1, None),
+               "384-d, hidden 32": ("hybrid", full, 32, every, None),
+               "PCA-64, hidden 128": ("hybrid", pca, 128, every, None)}
     out = {}
     default_label = f"384-d, hidden 128, adaptor steps every {every} batches (default)"
     checkpoints: list[Path] = []
     ckpt_dir = Path(tempfile.mkdtemp(prefix="recaug-bench-toy-"))
-    for label, (adaptor, data, hidden, k) in configs.items():
+    for label, (adaptor, data, hidden, k, dnn_copy) in configs.items():
         # trained to convergence: with 5 epochs and patience 1 the widths looked equal (docs/ctr-models.md)
         cfg = CTRConfig(adaptor=adaptor, adaptor_hidden_dim=hidden, epochs=12, patience=3, batch_size=256,
-                        history_len=10, adaptor_update_every=k)
+                        history_len=10, adaptor_update_every=k, vector_dnn_copy=dnn_copy)
         runs = [train_on_data(data, cfg, "deepfm", seed=s, num_threads=2,
                               checkpoint_dir=ckpt_dir if label == default_label else None) for s in range(seeds)]
         if label == default_label:
@@ -390,12 +396,14 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
     every1_label, kar32_label = "hybrid 384-d, hidden 128, adaptor steps every batch", "hybrid 384-d, hidden 32"
     per_sample_label, pca128_label = "hybrid 384-d, hidden 128, gathered per sample", "hybrid PCA-64, hidden 128"
     pca_label = "hybrid PCA-64, hidden 32"
+    copy_label = f"hybrid 384-d, hidden 128, every {every} batches, outputs also as DNN inputs (layout before)"
     free_label = "adaptor raw over PCA-32 (no adaptor cost; the backbone's knowledge inputs alone)"
     paths = {
         base_label: ("none", "384", 128, "", 1),
         prev_label: ("hybrid", "384", 128, "previous", 1),
         every1_label: ("hybrid", "384", 128, "", 1),
         kar_label: ("hybrid", "384", 128, "", every),
+        copy_label: ("hybrid", "384", 128, "dnn-copy", every),
         kar32_label: ("hybrid", "384", 32, "", every),
         per_sample_label: ("hybrid", "384", 128, "per-sample", 1),
         pca128_label: ("hybrid", "64", 128, "", every),
@@ -431,11 +439,13 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
                "not the value of knowledge: see the toy-world table for that)",
                "PCA-64: a PCA fitted once on each 384-d table before training (encoders/pca.py, what "
                "encoder.pca_dim: 64 gives); the adaptor then trains on 64-d inputs",
-               "code before: the adaptor forward, per-tensor Adam and adaptor outputs read as slices of X before "
-               "the December 2026 speed work (the rest, e.g. the knowledge fields, is today's code); its ratio is "
-               "against today's plain DeepFM loop (fused Adam)",
+               "code before: the adaptor forward, per-tensor Adam, adaptor outputs read as slices of X and also "
+               "fed to the DNN as dense inputs, as before the December 2026 speed work (the rest, e.g. the "
+               "knowledge fields, is today's code); its ratio is against today's plain DeepFM loop (fused Adam)",
+               "outputs also as DNN inputs: ctr.vector_dnn_copy true, DeepFM's layout before 7 December 2026 (each "
+               "32-d adaptor output entered the DNN as well as its FM field, which reaches the DNN anyway)",
                "adaptor raw over PCA-32: the vectors enter DeepFM as the hybrid adaptor's 32-d outputs would "
-               "(DNN inputs, FM fields), with nothing computed before them: the ceiling of any adaptor",
+               "(linear inputs, FM fields), with nothing computed before them: the ceiling of any adaptor",
                f"adaptor steps every {every} batches (ctr.adaptor_update_every, the default): the adaptor runs once "
                f"over the distinct users and items of {every} batches and steps once on their summed gradient at "
                f"{every}x the learning rate; the backbone steps every batch. Code before, per sample and every "
@@ -463,7 +473,8 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
         f"point-in-time join: {join_rows[-1]['samples_per_s']:,.0f} samples/s at {join_rows[-1]['samples']:,} samples",
         f"DeepFM + hybrid adaptor vs plain DeepFM, train samples per CPU-second (per wall second): "
         f"384-d hidden 128, adaptor steps every {every} batches (default) {kar['ratio_cpu']:.2f}x "
-        f"({kar['ratio_wall']:.2f}x), every batch {models[every1_label]['ratio_cpu']:.2f}x "
+        f"({kar['ratio_wall']:.2f}x), with the outputs also as DNN inputs (layout before) "
+        f"{models[copy_label]['ratio_cpu']:.2f}x ({models[copy_label]['ratio_wall']:.2f}x), every batch {models[every1_label]['ratio_cpu']:.2f}x "
         f"({models[every1_label]['ratio_wall']:.2f}x), code before "
         f"{prev['ratio_cpu']:.2f}x ({prev['ratio_wall']:.2f}x); 384-d hidden 32 {models[kar32_label]['ratio_cpu']:.2f}x; "
         f"PCA-64 hidden 128 {models[pca128_label]['ratio_cpu']:.2f}x; PCA-64 hidden 32 {pca['ratio_cpu']:.2f}x "

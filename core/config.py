@@ -522,6 +522,11 @@ class CTRConfig(_Section):
     # every batch); 1 = the adaptor runs and steps with every batch, about half as fast to train
     # (AUC: docs/ctr-models.md). A window holds its rows' activations: at most 256 batches
     adaptor_update_every: int = Field(16, ge=1, le=256)
+    # backbones that take each adaptor output as a field (deepfm, dcn, autoint, xdeepfm) can also feed
+    # the output itself to their DNN as a dense input. null = the backbone's choice (deepfm: no, its FM
+    # field already feeds its DNN; the others: yes; docs/ctr-models.md). A warm start keeps the
+    # checkpoint's choice; checkpoints written before this setting existed fed it (true)
+    vector_dnn_copy: bool | None = None
     # which published embedding tables the CTR models take (KAR's two by default)
     vector_augmenters: list[str] = Field(default_factory=lambda: ["kar_user_preference", "kar_item_knowledge"])
 

@@ -36,6 +36,9 @@ class Backbone:
     uses_history: bool  # needs the hist_item_id sequence (DIN)
     uses_linear: bool  # has a wide/linear part that reads linear_feature_columns
     vector_routes: str  # where the adaptor outputs go, for docs and reports
+    # with knowledge fields: whether each adaptor output also enters the DNN as a dense input (its
+    # field reaches the DNN already). The default of `ctr.vector_dnn_copy`
+    vector_dnn_copy: bool = True
 
 
 class KnowledgeFieldsMixin:

@@ -28,16 +28,23 @@ from recaug.core.config import CTRConfig
 
 
 def feature_columns(
-    spec: FeatureSpec, adaptor_dims: Sequence[int], embedding_dim: int, backbone: Backbone
+    spec: FeatureSpec, adaptor_dims: Sequence[int], embedding_dim: int, backbone: Backbone, vector_dnn_copy: bool = True
 ) -> tuple[list, list, list[KnowledgeField]]:
-    """(linear_columns, dnn_columns, knowledge_fields) for one backbone."""
+    """(linear_columns, dnn_columns, knowledge_fields) for one backbone. `vector_dnn_copy` False: a
+    backbone with knowledge fields gets the adaptor outputs as dense inputs of its linear part only
+    (its DNN sees them through their fields; the missing flags still enter the DNN)."""
     V = spec.vocabularies
     sparse = [SparseFeat(name, V[name].size, embedding_dim) for name in SPARSE_FIELDS]
     genres = VarLenSparseFeat(SparseFeat("genres", V["genres"].size, embedding_dim), maxlen=spec.genre_maxlen, combiner="mean")
     dense, fields, placeholders = [], [], []
+    fields_only = backbone.knowledge_fields and not vector_dnn_copy
+    if fields_only and not backbone.uses_linear:
+        raise ValueError(f"{backbone.name} has no linear part: its DNN is the only dense route, so it needs vector_dnn_copy")
+    dnn_dense = []
     for vec, dim in zip(spec.vectors, adaptor_dims):
         dense.append(DenseFeat(vec.slug, dim))
         dense.append(DenseFeat(f"{vec.slug}__missing", 1))
+        dnn_dense.extend(dense[-1:] if fields_only else dense[-2:])
         if backbone.knowledge_fields:
             placeholders.append(SparseFeat(f"{vec.slug}__field", 1, embedding_dim))
             fields.append(KnowledgeField(f"{vec.slug}__field", vec.slug, dim))
@@ -51,9 +58,17 @@ def feature_columns(
             )
         )
     # placeholders are SparseFeats after the real ones, so the real fields keep their positions
-    dnn = sparse + placeholders + [genres] + history + dense
+    dnn = sparse + placeholders + [genres] + history + dnn_dense
     linear = (sparse + [genres] + dense) if backbone.uses_linear else []
     return linear, dnn, fields
+
+
+def resolve_vector_dnn_copy(backbone: Backbone, setting: bool | None) -> bool:
+    """Whether the backbone's DNN takes the adaptor outputs as dense inputs (`ctr.vector_dnn_copy`;
+    None = the backbone's choice). Always for a backbone without knowledge fields: its DNN is their route."""
+    if not backbone.knowledge_fields:
+        return True
+    return backbone.vector_dnn_copy if setting is None else bool(setting)
 
 
 def distinct_with_inverse(values: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,12 +160,18 @@ class RoutedInputs(torch.Tensor):
 
 
 class KnowledgeCTRModel(nn.Module):
-    def __init__(self, backbone: BaseModel, adaptor: KnowledgeAdaptor, spec: FeatureSpec, backbone_def: Backbone):
+    def __init__(self, backbone: BaseModel, adaptor: KnowledgeAdaptor, spec: FeatureSpec, backbone_def: Backbone,
+                 vector_dnn_copy: bool | None = None):
         super().__init__()
         self.backbone = backbone
         self.adaptor = adaptor
         self.model_name = backbone_def.name
-        self.vector_routes = backbone_def.vector_routes if adaptor.output_dims else "none"
+        # the layout this model was built with (checkpoints record it: ctr.vector_dnn_copy)
+        self.vector_dnn_copy = resolve_vector_dnn_copy(backbone_def, vector_dnn_copy)
+        routes = backbone_def.vector_routes
+        if backbone_def.knowledge_fields and self.vector_dnn_copy != backbone_def.vector_dnn_copy:
+            routes += "; the dense outputs also enter the DNN" if self.vector_dnn_copy else "; no dense copy in the DNN"
+        self.vector_routes = routes if adaptor.output_dims else "none"
         # which source fills each column range of X, in column order
         id_cols = spec.id_columns()
         slugs = {v.slug: k for k, v in enumerate(spec.vectors)}
@@ -312,6 +333,7 @@ def build_model(model_name: str, spec: FeatureSpec, cfg: CTRConfig, seed: int) -
         n_dedicated=cfg.adaptor_dedicated_experts,
         hidden=cfg.adaptor_hidden_dim,
     )
-    linear, dnn, fields = feature_columns(spec, adaptor.output_dims, cfg.embedding_dim, backbone_def)
+    copy = resolve_vector_dnn_copy(backbone_def, cfg.vector_dnn_copy)
+    linear, dnn, fields = feature_columns(spec, adaptor.output_dims, cfg.embedding_dim, backbone_def, copy)
     backbone = backbone_def.build(linear, dnn, seed=seed, knowledge_fields=fields)
-    return KnowledgeCTRModel(backbone, adaptor, spec, backbone_def)
+    return KnowledgeCTRModel(backbone, adaptor, spec, backbone_def, copy)

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from recaug.ctr_models.data import CTRData, FeatureSpec, SplitArrays, build_ctr_data
 from recaug.ctr_models.metrics import auc, gauc, logloss
-from recaug.ctr_models.network import KnowledgeCTRModel, build_model
+from recaug.ctr_models.network import KnowledgeCTRModel, build_model, resolve_vector_dnn_copy
+from recaug.ctr_models.zoo import get_backbone
 from recaug.core.config import CTRConfig
 from recaug.core.errors import UsageError
 
@@ -95,7 +96,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 # what checkpoints written before a setting existed were trained with
-_LEGACY_CTR_CONFIG = {"adaptor_hidden_dim": 128}
+_LEGACY_CTR_CONFIG = {"adaptor_hidden_dim": 128, "vector_dnn_copy": True}
 
 
 def _checkpoint_ctr_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
@@ -110,6 +111,10 @@ def _check_warm_start(ckpt: Mapping[str, Any], model_name: str, cfg: CTRConfig, 
     for key in ("adaptor", "embedding_dim", "adaptor_shared_experts", "adaptor_dedicated_experts", "adaptor_hidden_dim"):
         if key in old_cfg and old_cfg[key] != getattr(cfg, key):
             differences.append(f"{key} {old_cfg[key]!r} vs {getattr(cfg, key)!r}")
+    backbone = get_backbone(model_name)
+    old_copy = resolve_vector_dnn_copy(backbone, old_cfg["vector_dnn_copy"])
+    if cfg.vector_dnn_copy is not None and old_copy != resolve_vector_dnn_copy(backbone, cfg.vector_dnn_copy):
+        differences.append(f"vector_dnn_copy {old_copy!r} vs {cfg.vector_dnn_copy!r} (null keeps the checkpoint's)")
     if differences:
         raise WarmStartError(
             f"cannot warm-start from {source}: {'; '.join(differences)}. "
@@ -281,6 +286,8 @@ def train_on_data(
             ckpt = warm_start if isinstance(warm_start, Mapping) else load_checkpoint(warm_start)
             source = "<checkpoint>" if isinstance(warm_start, Mapping) else str(warm_start)
             _check_warm_start(ckpt, model_name, cfg, source)
+            if cfg.vector_dnn_copy is None:  # continue the checkpoint's layout, whatever the backbone's default
+                cfg = cfg.model_copy(update={"vector_dnn_copy": _checkpoint_ctr_config(ckpt)["vector_dnn_copy"]})
 
         seed_everything(seed)
         model = build_model(model_name, data.spec, cfg, seed)
@@ -362,7 +369,8 @@ def train_on_data(
                     "format": CHECKPOINT_FORMAT,
                     "model_name": model_name,
                     "adaptor": cfg.adaptor,
-                    "ctr_config": cfg.model_dump(mode="json"),
+                    # the layout as built, so loading never depends on a backbone's default of the day
+                    "ctr_config": cfg.model_copy(update={"vector_dnn_copy": model.vector_dnn_copy}).model_dump(mode="json"),
                     "feature_spec": _spec_for_checkpoint(data.spec, model),
                     "state_dict": model.state_dict(),
                     "lineage": payload_lineage,

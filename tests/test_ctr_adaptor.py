@@ -102,7 +102,9 @@ def test_adaptor_outputs_reach_each_backbone(data384, model_name, adaptor):
     sparse_list, dense_list = model.backbone.input_from_feature_columns(
         X, model.backbone.dnn_feature_columns, model.backbone.embedding_dict
     )
-    assert sum(t.shape[1] for t in dense_list) == n_vec * (out_dim + 1)
+    # the DNN takes the missing flags, and the outputs themselves unless they reach it only as fields
+    assert sum(t.shape[1] for t in dense_list) == n_vec * ((out_dim if model.vector_dnn_copy else 0) + 1)
+    assert model.vector_dnn_copy == (backbone_def.vector_dnn_copy or not backbone_def.knowledge_fields)
     fields = [fc for fc in model.backbone.dnn_feature_columns if isinstance(fc, SparseFeat) and fc.name.endswith("__field")]
     assert len(fields) == (n_vec if backbone_def.knowledge_fields else 0)
     # the embedding list holds the SparseFeat columns first, in declaration order

@@ -214,6 +214,49 @@ def test_checkpoints_from_before_the_hidden_width_setting_load_with_kars_width(d
         train_on_data(data, cfg, "deepfm", seed=0, warm_start=path, num_threads=THREADS)
 
 
+def test_deepfm_feeds_its_dnn_the_vectors_through_their_fields_and_old_checkpoints_keep_their_layout(data, tmp_path):
+    """DeepFM's DNN sees each adaptor output through its FM field only (`ctr.vector_dnn_copy` null); a
+    checkpoint written before the setting existed also fed the outputs to the DNN, and loads and
+    warm-starts with that layout."""
+    new = build_model("deepfm", data.spec, CTRConfig(adaptor="hybrid"), seed=0)
+    old = build_model("deepfm", data.spec, CTRConfig(adaptor="hybrid", vector_dnn_copy=True), seed=0)
+    assert (new.vector_dnn_copy, old.vector_dnn_copy) == (False, True)
+    n_vec = len(data.spec.vectors)
+    width = {m: m.backbone.dnn.linears[0].in_features for m in (new, old)}
+    assert width[old] - width[new] == n_vec * 32
+    # the linear part still reads every output; the missing flags still enter the DNN
+    assert new.backbone.linear_model.weight.shape == old.backbone.linear_model.weight.shape
+    assert all(f"{v.slug}__missing" in {c.name for c in new.backbone.dnn_feature_columns} for v in data.spec.vectors)
+    # a backbone without knowledge fields keeps its only dense route whatever the setting
+    assert build_model("din", data.spec, CTRConfig(adaptor="hybrid", vector_dnn_copy=False), seed=0).vector_dnn_copy
+
+    ctr_config = CTRConfig(adaptor="hybrid").model_dump(mode="json")
+    del ctr_config["vector_dnn_copy"]
+    path = save_checkpoint(tmp_path / "old.pt", {
+        "format": "recaug.ctr_checkpoint/1", "model_name": "deepfm", "adaptor": "hybrid", "ctr_config": ctr_config,
+        "feature_spec": data.spec.to_dict(), "state_dict": old.state_dict(), "lineage": {"seed": 0},
+    })
+    loaded, _, _ = load_model(path)
+    assert loaded.vector_dnn_copy
+    ids = data.split("valid").ids[:32]
+    vectors, missing = data.gather_vectors(ids)
+    old.eval()
+    torch.testing.assert_close(loaded(ids, vectors, missing), old(ids, vectors, missing))
+
+    # the daily warm start continues the checkpoint's layout, and its checkpoint says which it is
+    warm = train_on_data(data, CTRConfig(adaptor="hybrid", **FAST), "deepfm", seed=0, warm_start=path,
+                         checkpoint_dir=tmp_path / "warm", num_threads=THREADS)
+    assert "also enter the DNN" in warm.data_summary["vector_routes"]
+    assert load_checkpoint(warm.checkpoint_path)["ctr_config"]["vector_dnn_copy"] is True
+    with pytest.raises(WarmStartError, match="vector_dnn_copy True vs False"):
+        train_on_data(data, CTRConfig(adaptor="hybrid", vector_dnn_copy=False, **FAST), "deepfm", seed=0,
+                      warm_start=path, num_threads=THREADS)
+    cold = train_on_data(data, CTRConfig(adaptor="hybrid", **FAST), "deepfm", seed=0, checkpoint_dir=tmp_path / "cold",
+                         num_threads=THREADS)
+    assert load_checkpoint(cold.checkpoint_path)["ctr_config"]["vector_dnn_copy"] is False
+    assert cold.data_summary["vector_routes"] == "dense (linear) and FM fields (FM + DNN)"
+
+
 def test_history_is_prompt_then_earlier_train_positives():
     split = conform(
         pa.table(
