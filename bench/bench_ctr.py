@@ -149,8 +149,9 @@ def _per_sample_predict(model, data, split, batch_size: int = 4096):
 
 def _train_epochs(datasets, cfg, paths, repeats: int, base: str, epochs: int = 3) -> dict[str, dict]:
     """paths: label -> (adaptor kind, dataset name, hidden width, variant, adaptor_update_every);
-    variant is "" (the training path), "per-sample" (vectors gathered per sample and passed in) or
-    "previous" (the adaptor and optimizer before the speed work). Each run builds every path's model and
+    variant is "" (the training path), "per-sample" (vectors gathered per sample and passed in),
+    "dnn-copy" (the adaptor outputs also fed to the DNN: ctr.vector_dnn_copy true) or "previous" (the
+    adaptor, optimizer and DNN inputs before the speed work). Each run builds every path's model and
     trains one untimed epoch of each (validation AUC and prediction speed after it), then `epochs`
     timed rounds of one epoch per path, the order reversed every other round. A path's speed is its
     median epoch; its ratio to `base` is the median over rounds of the two epochs' ratio within a round,
@@ -178,10 +179,11 @@ def _train_epochs(datasets, cfg, paths, repeats: int, base: str, epochs: int = 3
             for label, (adaptor, which, hidden, variant, every) in paths.items():
                 data = datasets[which]
                 seed_everything(0)
-                # the layout before: each adaptor output also entered DeepFM's DNN as a dense input
+                # the layout before: each adaptor output also entered DeepFM's DNN as a dense input; raw
+                # in the default adaptor's layout, as the ceiling of the default
+                copy = True if variant in ("previous", "dnn-copy") else (False if adaptor == "raw" else None)
                 run_cfg = cfg.model_copy(update={"adaptor": adaptor, "adaptor_hidden_dim": hidden,
-                                                 "adaptor_update_every": every,
-                                                 "vector_dnn_copy": True if variant in ("previous", "dnn-copy") else None})
+                                                 "adaptor_update_every": every, "vector_dnn_copy": copy})
                 model = build_model("deepfm", data.spec, run_cfg, seed=0)
                 if variant == "previous":
                     model.adaptor.__class__ = previous_cls
@@ -445,7 +447,8 @@ def run(quick: bool = False, repeats: int | None = None, toy_seeds: int | None =
                "outputs also as DNN inputs: ctr.vector_dnn_copy true, DeepFM's layout before 7 December 2026 (each "
                "32-d adaptor output entered the DNN as well as its FM field, which reaches the DNN anyway)",
                "adaptor raw over PCA-32: the vectors enter DeepFM as the hybrid adaptor's 32-d outputs would "
-               "(linear inputs, FM fields), with nothing computed before them: the ceiling of any adaptor",
+               "(linear inputs, FM fields; ctr.vector_dnn_copy false, the default adaptor's layout), with "
+               "nothing computed before them: the ceiling of the default adaptor",
                f"adaptor steps every {every} batches (ctr.adaptor_update_every, the default): the adaptor runs once "
                f"over the distinct users and items of {every} batches and steps once on their summed gradient at "
                f"{every}x the learning rate; the backbone steps every batch. Code before, per sample and every "

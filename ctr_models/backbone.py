@@ -1,7 +1,7 @@
 """What a backbone file in `zoo/` provides, and the mixin that adds knowledge *fields* to a deepctr model.
 
-Every backbone receives the adaptor outputs as DenseFeat inputs (its DNN part sees them). Models
-whose core is a field interaction (FM, CIN, multi-head self-attention, cross network) can also
+Every backbone receives the adaptor outputs as DenseFeat inputs (of its linear part and, unless
+`ctr.vector_dnn_copy` says otherwise, of its DNN). Models whose core is a field interaction (FM, CIN, multi-head self-attention, cross network) can also
 take each adaptor output as one more *field*: the output is projected to `embedding_dim` and
 stands in the embedding list where a placeholder SparseFeat was declared. Declaring the
 placeholder as a SparseFeat makes deepctr size everything by itself (field counts of CIN and
@@ -36,9 +36,11 @@ class Backbone:
     uses_history: bool  # needs the hist_item_id sequence (DIN)
     uses_linear: bool  # has a wide/linear part that reads linear_feature_columns
     vector_routes: str  # where the adaptor outputs go, for docs and reports
-    # with knowledge fields: whether each adaptor output also enters the DNN as a dense input (its
-    # field reaches the DNN already). The default of `ctr.vector_dnn_copy`
+    # with knowledge fields: whether each learnt adaptor output (hybrid, mlp) also enters the DNN as a
+    # dense input besides its field, which the DNN reads in embedding_dim. The default of
+    # `ctr.vector_dnn_copy`; `vector_routes_fields_only` says where the outputs go without the copy
     vector_dnn_copy: bool = True
+    vector_routes_fields_only: str = ""
 
 
 class KnowledgeFieldsMixin:

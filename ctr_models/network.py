@@ -28,7 +28,7 @@ from recaug.core.config import CTRConfig
 
 
 def feature_columns(
-    spec: FeatureSpec, adaptor_dims: Sequence[int], embedding_dim: int, backbone: Backbone, vector_dnn_copy: bool = True
+    spec: FeatureSpec, adaptor_dims: Sequence[int], embedding_dim: int, backbone: Backbone, *, vector_dnn_copy: bool
 ) -> tuple[list, list, list[KnowledgeField]]:
     """(linear_columns, dnn_columns, knowledge_fields) for one backbone. `vector_dnn_copy` False: a
     backbone with knowledge fields gets the adaptor outputs as dense inputs of its linear part only
@@ -63,12 +63,16 @@ def feature_columns(
     return linear, dnn, fields
 
 
-def resolve_vector_dnn_copy(backbone: Backbone, setting: bool | None) -> bool:
+def resolve_vector_dnn_copy(backbone: Backbone, setting: bool | None, adaptor: str) -> bool:
     """Whether the backbone's DNN takes the adaptor outputs as dense inputs (`ctr.vector_dnn_copy`;
-    None = the backbone's choice). Always for a backbone without knowledge fields: its DNN is their route."""
-    if not backbone.knowledge_fields:
+    None = the backbone's choice for a learnt adaptor, the copy for `raw`, whose d-dim vectors would
+    otherwise reach the DNN only in embedding_dim). Always for a backbone without knowledge fields (its
+    DNN is their route) and without vectors (both layouts are the same model)."""
+    if not backbone.knowledge_fields or adaptor == "none":
         return True
-    return backbone.vector_dnn_copy if setting is None else bool(setting)
+    if setting is not None:
+        return bool(setting)
+    return True if adaptor == "raw" else backbone.vector_dnn_copy
 
 
 def distinct_with_inverse(values: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,17 +164,21 @@ class RoutedInputs(torch.Tensor):
 
 
 class KnowledgeCTRModel(nn.Module):
-    def __init__(self, backbone: BaseModel, adaptor: KnowledgeAdaptor, spec: FeatureSpec, backbone_def: Backbone,
-                 vector_dnn_copy: bool | None = None):
+    def __init__(self, backbone: BaseModel, adaptor: KnowledgeAdaptor, spec: FeatureSpec, backbone_def: Backbone):
         super().__init__()
         self.backbone = backbone
         self.adaptor = adaptor
         self.model_name = backbone_def.name
-        # the layout this model was built with (checkpoints record it: ctr.vector_dnn_copy)
-        self.vector_dnn_copy = resolve_vector_dnn_copy(backbone_def, vector_dnn_copy)
+        # the layout as built (checkpoints record it as ctr.vector_dnn_copy): do the adaptor outputs
+        # enter the DNN as dense inputs? Trivially yes without vectors
+        dnn_dense = {c.name for c in backbone.dnn_feature_columns if isinstance(c, DenseFeat)}
+        slugs_used = [v.slug for v in spec.vectors] if adaptor.output_dims else []
+        self.vector_dnn_copy = all(s in dnn_dense for s in slugs_used)
+        if not self.vector_dnn_copy and any(s in dnn_dense for s in slugs_used):
+            raise RuntimeError("some adaptor outputs enter the DNN and some do not; feature_columns builds one layout")
         routes = backbone_def.vector_routes
-        if backbone_def.knowledge_fields and self.vector_dnn_copy != backbone_def.vector_dnn_copy:
-            routes += "; the dense outputs also enter the DNN" if self.vector_dnn_copy else "; no dense copy in the DNN"
+        if not self.vector_dnn_copy:
+            routes = backbone_def.vector_routes_fields_only or f"{routes}, no dense copy in the DNN"
         self.vector_routes = routes if adaptor.output_dims else "none"
         # which source fills each column range of X, in column order
         id_cols = spec.id_columns()
@@ -333,7 +341,7 @@ def build_model(model_name: str, spec: FeatureSpec, cfg: CTRConfig, seed: int) -
         n_dedicated=cfg.adaptor_dedicated_experts,
         hidden=cfg.adaptor_hidden_dim,
     )
-    copy = resolve_vector_dnn_copy(backbone_def, cfg.vector_dnn_copy)
-    linear, dnn, fields = feature_columns(spec, adaptor.output_dims, cfg.embedding_dim, backbone_def, copy)
+    copy = resolve_vector_dnn_copy(backbone_def, cfg.vector_dnn_copy, cfg.adaptor)
+    linear, dnn, fields = feature_columns(spec, adaptor.output_dims, cfg.embedding_dim, backbone_def, vector_dnn_copy=copy)
     backbone = backbone_def.build(linear, dnn, seed=seed, knowledge_fields=fields)
-    return KnowledgeCTRModel(backbone, adaptor, spec, backbone_def, copy)
+    return KnowledgeCTRModel(backbone, adaptor, spec, backbone_def)

@@ -100,7 +100,10 @@ _LEGACY_CTR_CONFIG = {"adaptor_hidden_dim": 128, "vector_dnn_copy": True}
 
 
 def _checkpoint_ctr_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    return {**_LEGACY_CTR_CONFIG, **ckpt["ctr_config"]}
+    out = {**_LEGACY_CTR_CONFIG, **ckpt["ctr_config"]}
+    if out["vector_dnn_copy"] is None:  # checkpoints record the layout as built; null is not one
+        out["vector_dnn_copy"] = _LEGACY_CTR_CONFIG["vector_dnn_copy"]
+    return out
 
 
 def _check_warm_start(ckpt: Mapping[str, Any], model_name: str, cfg: CTRConfig, source: str) -> None:
@@ -112,8 +115,8 @@ def _check_warm_start(ckpt: Mapping[str, Any], model_name: str, cfg: CTRConfig, 
         if key in old_cfg and old_cfg[key] != getattr(cfg, key):
             differences.append(f"{key} {old_cfg[key]!r} vs {getattr(cfg, key)!r}")
     backbone = get_backbone(model_name)
-    old_copy = resolve_vector_dnn_copy(backbone, old_cfg["vector_dnn_copy"])
-    if cfg.vector_dnn_copy is not None and old_copy != resolve_vector_dnn_copy(backbone, cfg.vector_dnn_copy):
+    old_copy = resolve_vector_dnn_copy(backbone, old_cfg["vector_dnn_copy"], cfg.adaptor)
+    if cfg.vector_dnn_copy is not None and old_copy != resolve_vector_dnn_copy(backbone, cfg.vector_dnn_copy, cfg.adaptor):
         differences.append(f"vector_dnn_copy {old_copy!r} vs {cfg.vector_dnn_copy!r} (null keeps the checkpoint's)")
     if differences:
         raise WarmStartError(

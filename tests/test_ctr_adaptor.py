@@ -75,12 +75,17 @@ def _batch(data, n=6):
     return ids, vectors, missing
 
 
+@pytest.mark.parametrize("dnn_copy", [None, True, False])
 @pytest.mark.parametrize("adaptor", ["hybrid", "mlp", "raw", "none"])
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
-def test_adaptor_outputs_reach_each_backbone(data384, model_name, adaptor):
-    cfg = CTRConfig(adaptor=adaptor, embedding_dim=8)
+def test_adaptor_outputs_reach_each_backbone(data384, model_name, adaptor, dnn_copy):
+    cfg = CTRConfig(adaptor=adaptor, embedding_dim=8, vector_dnn_copy=dnn_copy)
     model = build_model(model_name, data384.spec, cfg, seed=0)
     backbone_def = get_backbone(model_name)
+    # the layout: a field backbone's own choice for learnt outputs, the copy for raw vectors, else the setting
+    fields_only = backbone_def.knowledge_fields and adaptor != "none" and (
+        dnn_copy is False or (dnn_copy is None and adaptor != "raw" and not backbone_def.vector_dnn_copy))
+    assert model.vector_dnn_copy is not fields_only
     ids, vectors, missing = _batch(data384)
     n_vec = len(data384.spec.vectors) if adaptor != "none" else 0
     out_dim = {"hybrid": 32, "mlp": 32, "raw": D, "none": 0}[adaptor]
@@ -94,7 +99,7 @@ def test_adaptor_outputs_reach_each_backbone(data384, model_name, adaptor):
     for k, vec in enumerate(data384.spec.vectors[:n_vec]):
         a, b = fi[vec.slug]
         assert b - a == out_dim
-        torch.testing.assert_close(X[:, a:b], outputs[k])  # the DNN's dense input is the adaptor output
+        torch.testing.assert_close(X[:, a:b], outputs[k])  # the dense input is the adaptor output
         a, b = fi[f"{vec.slug}__missing"]
         torch.testing.assert_close(X[:, a], missing[:, k])
 
@@ -103,8 +108,9 @@ def test_adaptor_outputs_reach_each_backbone(data384, model_name, adaptor):
         X, model.backbone.dnn_feature_columns, model.backbone.embedding_dict
     )
     # the DNN takes the missing flags, and the outputs themselves unless they reach it only as fields
-    assert sum(t.shape[1] for t in dense_list) == n_vec * ((out_dim if model.vector_dnn_copy else 0) + 1)
-    assert model.vector_dnn_copy == (backbone_def.vector_dnn_copy or not backbone_def.knowledge_fields)
+    assert sum(t.shape[1] for t in dense_list) == n_vec * ((0 if fields_only else out_dim) + 1)
+    assert model.backbone.dnn.linears[0].in_features == sum(t.shape[1] for t in dense_list) + sum(
+        t.shape[1] * t.shape[2] for t in sparse_list)
     fields = [fc for fc in model.backbone.dnn_feature_columns if isinstance(fc, SparseFeat) and fc.name.endswith("__field")]
     assert len(fields) == (n_vec if backbone_def.knowledge_fields else 0)
     # the embedding list holds the SparseFeat columns first, in declaration order
@@ -125,14 +131,16 @@ def test_adaptor_outputs_reach_each_backbone(data384, model_name, adaptor):
         assert grads and any(float(g.abs().sum()) > 0 for g in grads)
 
 
+@pytest.mark.parametrize("dnn_copy", [True, False])
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
-def test_routed_inputs_give_every_backbone_the_gradients_of_one_input_tensor(data384, model_name):
+def test_routed_inputs_give_every_backbone_the_gradients_of_one_input_tensor(data384, model_name, dnn_copy):
     """With the adaptor outputs routed (`RoutedInputs`: each backbone read of their columns returns the
     output itself) every weight gets exactly the gradient it gets when X is one tensor with gradient:
     no backbone reads those columns in a way the routes miss."""
     from recaug.ctr_models.network import RoutedInputs
 
-    model = build_model(model_name, data384.spec, CTRConfig(adaptor="hybrid", embedding_dim=8), seed=0)
+    cfg = CTRConfig(adaptor="hybrid", embedding_dim=8, vector_dnn_copy=dnn_copy)
+    model = build_model(model_name, data384.spec, cfg, seed=0)
     model.attach_vectors(data384.vectors)
     ids = data384.split("train").ids[:64]
     assert isinstance(model.assemble_inputs(ids), RoutedInputs) and not model.assemble_inputs(ids).requires_grad

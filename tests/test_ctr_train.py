@@ -227,8 +227,10 @@ def test_deepfm_feeds_its_dnn_the_vectors_through_their_fields_and_old_checkpoin
     # the linear part still reads every output; the missing flags still enter the DNN
     assert new.backbone.linear_model.weight.shape == old.backbone.linear_model.weight.shape
     assert all(f"{v.slug}__missing" in {c.name for c in new.backbone.dnn_feature_columns} for v in data.spec.vectors)
-    # a backbone without knowledge fields keeps its only dense route whatever the setting
+    # a backbone without knowledge fields keeps its only dense route whatever the setting; raw vectors
+    # (d-dim) keep the copy unless told otherwise
     assert build_model("din", data.spec, CTRConfig(adaptor="hybrid", vector_dnn_copy=False), seed=0).vector_dnn_copy
+    assert build_model("deepfm", data.spec, CTRConfig(adaptor="raw"), seed=0).vector_dnn_copy
 
     ctr_config = CTRConfig(adaptor="hybrid").model_dump(mode="json")
     del ctr_config["vector_dnn_copy"]
@@ -246,7 +248,7 @@ def test_deepfm_feeds_its_dnn_the_vectors_through_their_fields_and_old_checkpoin
     # the daily warm start continues the checkpoint's layout, and its checkpoint says which it is
     warm = train_on_data(data, CTRConfig(adaptor="hybrid", **FAST), "deepfm", seed=0, warm_start=path,
                          checkpoint_dir=tmp_path / "warm", num_threads=THREADS)
-    assert "also enter the DNN" in warm.data_summary["vector_routes"]
+    assert warm.data_summary["vector_routes"] == "dense (linear + DNN) and FM fields"
     assert load_checkpoint(warm.checkpoint_path)["ctr_config"]["vector_dnn_copy"] is True
     with pytest.raises(WarmStartError, match="vector_dnn_copy True vs False"):
         train_on_data(data, CTRConfig(adaptor="hybrid", vector_dnn_copy=False, **FAST), "deepfm", seed=0,
@@ -255,6 +257,18 @@ def test_deepfm_feeds_its_dnn_the_vectors_through_their_fields_and_old_checkpoin
                          num_threads=THREADS)
     assert load_checkpoint(cold.checkpoint_path)["ctr_config"]["vector_dnn_copy"] is False
     assert cold.data_summary["vector_routes"] == "dense (linear) and FM fields (FM + DNN)"
+    assert not load_model(cold.checkpoint_path)[0].vector_dnn_copy
+
+    # a null in a hand-built checkpoint is the layout before, not today's default
+    ctr_config["vector_dnn_copy"] = None
+    nulled = save_checkpoint(tmp_path / "null.pt", {**load_checkpoint(path), "ctr_config": ctr_config})
+    assert load_model(nulled)[0].vector_dnn_copy
+    # without vectors both layouts are one model: a baseline's warm start is never refused over it
+    base = train_on_data(data, CTRConfig(adaptor="none", **FAST), "deepfm", seed=0, checkpoint_dir=tmp_path / "base",
+                         num_threads=THREADS)
+    again = train_on_data(data, CTRConfig(adaptor="none", vector_dnn_copy=False, **FAST), "deepfm", seed=0,
+                          warm_start=base.checkpoint_path, num_threads=THREADS)
+    assert again.metrics["warm_start_valid_auc"] == pytest.approx(base.metrics["valid_auc"], abs=1e-9)
 
 
 def test_history_is_prompt_then_earlier_train_positives():

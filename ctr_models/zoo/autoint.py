@@ -35,4 +35,5 @@ BACKBONE = Backbone(
     uses_history=False,
     uses_linear=True,
     vector_routes="dense (linear + DNN) and self-attention fields",
+    vector_routes_fields_only="dense (linear) and self-attention fields (attention + DNN)",
 )

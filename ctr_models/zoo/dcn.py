@@ -34,4 +34,5 @@ BACKBONE = Backbone(
     uses_history=False,
     uses_linear=True,
     vector_routes="dense (linear + cross + DNN) and cross-net fields",
+    vector_routes_fields_only="dense (linear) and cross-net fields (cross + DNN)",
 )

@@ -4,7 +4,8 @@ Knowledge vectors: dense inputs of the linear part, and one extra FM field each 
 projected to embedding_dim), so they interact pairwise with every id field; the DNN sees them through
 those fields, as it sees every field. Feeding the 32-d outputs to the DNN as well (the layout before
 `ctr.vector_dnn_copy` existed) widened its first layer from 146 to 210 inputs and cost about 7% of a
-training step with the adaptor, at the same AUC (docs/ctr-models.md).
+training step with the adaptor (6-10% in two bench runs), at the same AUC (docs/ctr-models.md). The
+`raw` adaptor keeps the copy: without it the DNN would see a d-dim vector only in embedding_dim.
 """
 
 from recaug.ctr_models.backbone import Backbone, KnowledgeFieldsMixin
@@ -29,6 +30,7 @@ BACKBONE = Backbone(
     knowledge_fields=True,
     uses_history=False,
     uses_linear=True,
-    vector_routes="dense (linear) and FM fields (FM + DNN)",
+    vector_routes="dense (linear + DNN) and FM fields",
     vector_dnn_copy=False,
+    vector_routes_fields_only="dense (linear) and FM fields (FM + DNN)",
 )

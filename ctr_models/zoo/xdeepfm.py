@@ -33,4 +33,5 @@ BACKBONE = Backbone(
     uses_history=False,
     uses_linear=True,
     vector_routes="dense (linear + DNN) and CIN fields",
+    vector_routes_fields_only="dense (linear) and CIN fields (CIN + DNN)",
 )
