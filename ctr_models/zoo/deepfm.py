@@ -3,8 +3,8 @@
 Knowledge vectors: dense inputs of the linear part, and one extra FM field each (the adaptor output
 projected to embedding_dim), so they interact pairwise with every id field; the DNN sees them through
 those fields, as it sees every field. Feeding the 32-d outputs to the DNN as well (the layout before
-`ctr.vector_dnn_copy` existed) widened its first layer from 146 to 210 inputs and cost about 7% of a
-training step with the adaptor (6-10% in two bench runs), at the same AUC (docs/ctr-models.md). The
+`ctr.vector_dnn_copy` existed) widened its first layer from 146 to 210 inputs and cost 6-10% of a training
+step with the adaptor in two bench runs, at the same AUC (docs/ctr-models.md). The
 `raw` adaptor keeps the copy: without it the DNN would see a d-dim vector only in embedding_dim.
 """
 
