@@ -195,10 +195,11 @@ def _decode(data, rows) -> list[list[str]]:
 
 
 def test_checkpoints_from_before_the_hidden_width_setting_load_with_kars_width(data, tmp_path):
-    """Checkpoints written before `adaptor_hidden_dim` existed were trained with experts of width 128."""
-    old = build_model("deepfm", data.spec, CTRConfig(adaptor="hybrid", adaptor_hidden_dim=128), seed=0)
+    """Checkpoints written before `adaptor_hidden_dim` existed were trained with experts of width 128
+    (and, being older than `vector_dnn_copy` too, with the adaptor outputs in DeepFM's DNN)."""
+    old = build_model("deepfm", data.spec, CTRConfig(adaptor="hybrid", adaptor_hidden_dim=128, vector_dnn_copy=True), seed=0)
     ctr_config = CTRConfig(adaptor="hybrid", adaptor_hidden_dim=32).model_dump(mode="json")
-    del ctr_config["adaptor_hidden_dim"]
+    del ctr_config["adaptor_hidden_dim"], ctr_config["vector_dnn_copy"]
     path = save_checkpoint(tmp_path / "old.pt", {
         "format": "recaug.ctr_checkpoint/1", "model_name": "deepfm", "adaptor": "hybrid", "ctr_config": ctr_config,
         "feature_spec": data.spec.to_dict(), "state_dict": old.state_dict(), "lineage": {"seed": 0},
