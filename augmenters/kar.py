@@ -52,6 +52,6 @@ def kar_item_knowledge() -> Augmenter:
         # 2: shared free-text helper: white space collapsed, whole sentences, no repeats;
         # 3: sentence ends from core/sentences.py (an initial or "Dr." does not end a sentence)
         parser_version="3",
-        max_sentences=2,  # the prompt asks for one or two sentences
+        max_sentences=1,  # the prompt asks for one sentence
         description="item factual knowledge along the domain's factors (free text)",
     )

@@ -60,7 +60,7 @@ def test_requests_cross_a_process_boundary_with_their_limit():
 
 def test_sentence_limit_comes_from_the_augmenter_or_the_config_and_never_cuts_json():
     kar = get_augmenter("kar_item_knowledge")
-    assert sentence_limit(kar, AugmenterConfig(name=kar.name)) == 2
+    assert sentence_limit(kar, AugmenterConfig(name=kar.name)) == 1  # the prompt asks for one sentence
     assert sentence_limit(kar, AugmenterConfig(name=kar.name, max_sentences=4)) == 4
     once = get_augmenter("once_content_summary")
     assert sentence_limit(once, AugmenterConfig(name=once.name)) is None
