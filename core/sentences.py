@@ -4,7 +4,8 @@
 A sentence ends at `.`, `!` or `?` (optionally followed by closing quotes or brackets) that is followed
 by white space, and at a line break after a line with text: a small model asked for "one or two
 sentences" that answers with a list ("Title: ...\nGenre: ...") has written its units one per line. Not an end: an initial or a one-letter abbreviation ("John C. Reilly", "U.S. Army"), a
-common title or abbreviation ("Mr.", "Dr.", "vs.", "e.g."), a decimal point ("1.5") or an ellipsis. The
+common title or abbreviation ("Mr.", "Dr.", "vs.", "e.g."), a decimal point ("1.5"), an ellipsis, or a
+"!" or "?" followed by a lower-case word: a title's own ("That Darn Cat! is a 1997 film"). The
 white space is required, so while an answer is being written its last "sentence" only counts once the
 next word has started: "directed by John C." is not yet known to be complete.
 
@@ -44,6 +45,8 @@ def sentence_end_offsets(text: str) -> list[int]:
                 continue  # an initial: "C." in "John C. Reilly"
             if word.lower() in _ABBREVIATIONS or (len(word) >= 3 and word[-2] == "." and word[-1].isalpha()):
                 continue  # "Dr.", "e.g.", "U.S."
+        elif text[m.end():].lstrip()[:1].islower():
+            continue  # "Airplane! is a 1980 comedy": the title's "!", not the sentence's
         ends.append(m.end())
     return ends
 

@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 from recaug.core.config import OutputGateConfig
 from recaug.core.memory import release_memory
 from recaug.core.errors import NothingPublished
-from recaug.core.sentences import LOOP_REPEATS, repeated_run
+from recaug.core.sentences import LOOP_REPEATS, repeated_run, split_sentences
 from recaug.schemas.tables import EMBEDDING_METADATA_KEYS
 
 
@@ -524,10 +524,25 @@ def _normalised(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+# words an answer may wrap a title in and still say nothing else ("The movie, titled "Heat"")
+_TITLE_WRAPPING = frozenset(
+    "a an the this that is it its titled called named entitled title movie movies film films book books "
+    "article articles news story item items".split())
+_WORD = re.compile(r"[^\W_]+")
+
+
 def prompt_echo(answer: str, messages: Sequence[dict[str, str]], title: str | None = None) -> str | None:
     """The reason when an answer begins by repeating the prompt (its first line, up to 40 characters,
-    occurs in a user message: "Describe the movie below..." or "Title: Heat"), else None. A first
-    line that is only the item's title (a heading, "**Heat**") is not an echo: the next line is judged."""
+    occurs in a user message: "Describe the movie below..." or "Title: Heat"), says nothing but the
+    item's title ("That Darn Cat!", "The movie Shall We Dance?"), or only asks questions (the
+    prompt's own closing one, reworded), else None. A first line that is only the item's title (a
+    heading, "**Heat**") is not an echo: the next line is judged."""
+    words = _WORD.findall(answer.lower())
+    if title and words and set(words) <= set(_WORD.findall(title.lower())) | _TITLE_WRAPPING:
+        return f"{TEXT_REASON_PREFIX}prompt echo: the answer says nothing but the title"
+    sentences, rest = split_sentences(answer)
+    if sentences and not rest and all(s.rstrip("\"')]\u201d\u2019").endswith("?") for s in sentences):
+        return f"{TEXT_REASON_PREFIX}prompt echo: the answer only asks a question ({_normalised(sentences[0])[:30]!r}...)"
     lines = [line for line in answer.strip().splitlines() if line.strip()]
     heading = _normalised(title or "")
     while heading and lines and _normalised(lines[0]).strip("#*_\"' :") == heading:

@@ -17,6 +17,8 @@ from recaug.pipelines.engines.base import FINISH_ERROR, FINISH_LENGTH, FINISH_ST
     ("Gaslight is a 1944 film. It stars John C. Reilly and Dr. Watson. It", ["Gaslight is a 1944 film.", "It stars John C. Reilly and Dr. Watson."], "It"),
     ("Made in the U.S. by 1.5 studios... It won! Did it? Yes", ["Made in the U.S. by 1.5 studios... It won!", "Did it?"], "Yes"),
     ('He said "go." Then left.', ['He said "go."', "Then left."], ""),
+    # a title's own "!" or "?" goes on in lower case; the sentence's does not
+    ("That Darn Cat! is a 1997 film. Shall We Dance? is too. Wow! It", ["That Darn Cat! is a 1997 film.", "Shall We Dance? is too.", "Wow!"], "It"),
     # a list answer: each line with text is a unit, an empty line is not
     ("Title: Emma\n\nGenre: Comedy  \nDirector: Douglas", ["Title: Emma", "Genre: Comedy"], "Director: Douglas"),
     ("The movie is great.\nThe director: M. Night", ["The movie is great."], "The director: M. Night"),

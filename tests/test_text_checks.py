@@ -35,6 +35,24 @@ def test_prompt_echo_is_recognised_and_a_real_answer_is_not():
     assert "prompt echo" in prompt_echo("Heat\nTitle: Heat\nYear: 1995", PROMPT, title="Heat")
 
 
+@pytest.mark.parametrize("answer, title", [
+    ("That Darn Cat!", "That Darn Cat!"), ("**Two Much**", "Two Much"), ("The Truman Show, The.", "Truman Show, The"),
+    ("The movie Shall We Dance?", "Shall We Dance?"),
+    ('The movie, titled "To Wong Foo, Thanks for Everything!"', "To Wong Foo, Thanks for Everything! Julie Newmar"),
+])
+def test_an_answer_that_says_nothing_but_the_title_is_an_echo(answer, title):
+    assert "says nothing but the title" in prompt_echo(answer, PROMPT, title=title)
+    # with one fact more it is an answer
+    assert prompt_echo(answer.rstrip(".!?\"") + " is a 1990s comedy.", PROMPT, title=title) is None
+
+
+def test_an_answer_that_only_asks_a_question_is_an_echo():
+    assert "only asks a question" in prompt_echo("In one short sentence, what is not known about this movie?", PROMPT, title="Heat")
+    assert "only asks a question" in prompt_echo("What is Heat about? Who made it?", PROMPT)
+    assert prompt_echo("Heat is a crime film. Who could forget it?", PROMPT) is None
+    assert prompt_echo("What's Eating Gilbert Grape? is a 1993 drama.", PROMPT, title="What's Eating Gilbert Grape") is None
+
+
 def test_a_loop_is_recognised_and_repetition_in_language_is_not():
     assert "loops: says 'Horror'" in looping("Heat is a crime film. Horror, Horror, Horror, Horror, Hor")
     assert "'Drama, Thriller'" in looping("Genres: Drama, Thriller, Drama, Thriller, Drama, Thriller, Drama, Thriller")
