@@ -40,6 +40,10 @@ def tiny_demo_config(tmp_path: Path, runner: str) -> Path:
     kept = {a["name"] for a in data["augmenters"]}
     floors = data.get("output_gate", {}).get("augmenters", {})
     data["output_gate"]["augmenters"] = {name: f for name, f in floors.items() if name in kept}
+    # five item answers cut at 12 tokens: two of them may say no more than the title (a dead letter by
+    # text check); this test compares the runners' snapshots, not the answers, so the floor leaves room
+    for name in kept:
+        data["output_gate"]["augmenters"].setdefault(name, {})["max_text_rejected_share"] = 0.5
     path = tmp_path / f"ml100k-{runner}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
